@@ -1,0 +1,85 @@
+"""Every fixed guest-physical address and port of the minivmm PC machine.
+
+One place for each fact: the VMM, the boot loaders and the shipped guests
+(guests/build.py turns this module into an assembler include) all read these.
+
+Low memory as the VMM fills it before the first instruction::
+
+    0x000500  boot GDT (GDT_ENTRIES descriptors)
+    0x001000  boot stack, grows down from BOOT_STACK_TOP
+    0x007000  boot info: multiboot info (or the Linux zero page)
+    0x008000  boot info extras: memory map, module list, loader name, strings
+    0x009000  PML4, then PDPT, then 2 MiB page directories (ELF64 boot only)
+    0x020000  kernel command line (CMDLINE_MAX bytes)
+    0x021000  free for the guest, up to the EBDA
+    0x09fc00  EBDA: MP floating pointer and MP configuration table
+    0x0a0000  legacy VGA/ROM hole (with -bios: its last 128 KiB at 0xe0000)
+    0x100000  kernels usually load here
+"""
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+PAGE_SIZE = 4 * KiB
+
+# --- boot structures in low RAM -------------------------------------------
+GDT_ADDR = 0x500
+BOOT_STACK_TOP = 0x7000
+BOOT_INFO_ADDR = 0x7000
+BOOT_INFO_EXTRA_ADDR = 0x8000
+BOOT_INFO_EXTRA_SIZE = 0x1000
+PML4_ADDR = 0x9000
+PDPT_ADDR = 0xA000
+PD_ADDR = 0xB000
+PD_AREA_END = 0x20000  # PDs for 2 MiB pages fit below here: 21 GiB mapped
+CMDLINE_ADDR = 0x20000
+CMDLINE_MAX = 4096
+GUEST_FREE_LOW = 0x21000  # first byte the VMM never writes below 1 MiB
+EBDA_ADDR = 0x9FC00
+MPTABLE_ADDR = EBDA_ADDR
+LOW_RAM_END = 0xA0000  # end of conventional memory (640 KiB)
+BIOS_ALIAS_END = 0x100000
+BIOS_ALIAS_MAX = 128 * KiB  # the "isa-bios" alias below 1 MiB
+HIGH_RAM_START = 1 * MiB
+KERNEL_LOAD_ADDR = 1 * MiB
+
+# --- boot GDT selectors (the Linux boot protocol's, crosvm's layout) -------
+SEL_CODE64 = 0x10  # ELF64 boot: 64-bit code; multiboot: 32-bit code
+SEL_DATA = 0x18
+SEL_TSS = 0x20
+
+# --- 32-bit MMIO hole and top-of-4G addresses ------------------------------
+FOUR_GIB = 4 * GiB
+# RAM of at least this size is split around the hole (QEMU's pc machine,
+# gigabyte-aligned): 3 GiB below 4 GiB, the rest from 4 GiB up.
+RAM_SPLIT_THRESHOLD = 0xE0000000
+RAM_BELOW_4G_WHEN_SPLIT = 0xC0000000
+MMIO_HOLE_START = RAM_BELOW_4G_WHEN_SPLIT
+IOAPIC_ADDR = 0xFEC00000
+LAPIC_ADDR = 0xFEE00000
+IDENTITY_MAP_ADDR = 0xFFFBC000  # one page, for KVM_SET_IDENTITY_MAP_ADDR
+TSS_ADDR = 0xFFFBD000  # three pages, for KVM_SET_TSS_ADDR
+BIOS_MAX_SIZE = 16 * MiB  # -bios images end at 4 GiB; bounded below the TSS
+
+# --- x86 reset vector ---------------------------------------------------------
+RESET_VECTOR = 0xFFFFFFF0
+
+# --- legacy I/O ports ----------------------------------------------------------
+PORT_PIC_MASTER = 0x20
+PORT_PIC_SLAVE = 0xA0
+PORT_PIT = 0x40
+PORT_I8042_DATA = 0x60
+PORT_I8042_CMD = 0x64
+PORT_CMOS = 0x70  # index at 0x70, data at 0x71
+PORT_POST = 0x80  # boot-phase marker (POST code)
+PORT_A20 = 0x92  # "fast A20" / system control port A
+PORT_DEBUG_EXIT_DEFAULT = 0x501  # QEMU's isa-debug-exit default iobase
+PORT_ACPI_PM1A_CNT = 0x604  # QEMU's PM1a control: outw 0x2000 powers off
+PORT_COM1 = 0x3F8
+IRQ_COM1 = 4
+IRQ_PIT = 0
+
+# --- multiboot v1 -----------------------------------------------------------
+MULTIBOOT_HEADER_MAGIC = 0x1BADB002
+MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002
+MULTIBOOT_SEARCH = 8192

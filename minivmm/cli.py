@@ -1,0 +1,386 @@
+"""minivmm's command line, spelled as QEMU's.
+
+QEMU options are not GNU options: every option has one dash (two are
+accepted), and an option that takes a value always takes the next word, even
+one starting with a dash (``-append -v``). argparse cannot express that, so
+the options are scanned from a table here; each value is then parsed with the
+keyval/size helpers in options.py. Errors are one line naming the option and
+exit with status 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import __version__, guests
+from .arch.x86.cpuid import CpuModel, CpuModelError
+from .config import ChardevConfig, DeviceConfig, MachineConfig, MemoryBackendConfig
+from .options import OptionError, parse_bool, parse_keyval, parse_object, parse_size
+
+USAGE = """\
+usage: minivmm [options]
+
+Boots a guest on KVM with QEMU's command-line conventions.
+
+Machine:
+  -m SIZE                  guest RAM (plain numbers are MiB; K/M/G/T suffixes), default 128M
+  -smp N                   number of vCPUs (also cpus=N,sockets=..,cores=..,threads=..)
+  -cpu host[,+feat|-feat]  CPUID as KVM supports it, with features added or removed
+  -machine [pc,]KEY=VAL    accel=kvm, memory-backend=ID, aux-ram-share=on|off
+  -object memory-backend-memfd,id=ID,size=SIZE[,share=on|off][,hugetlb=on]
+  -object memory-backend-file,id=ID,size=SIZE,mem-path=PATH[,share=on|off]
+  -object memory-backend-ram,id=ID,size=SIZE[,share=on|off]
+  -accel kvm | -enable-kvm the only accelerator
+Boot:
+  -kernel FILE             multiboot (ELF32) or ELF64 kernel; default: the built-in guest
+  -append CMDLINE          kernel command line
+  -initrd "FILE [ARGS][,FILE [ARGS]]"  multiboot modules
+  -bios FILE               flat real-mode firmware, mapped to end at 4 GiB
+Devices:
+  -serial stdio|null|none|file:PATH|unix:PATH,server=on[,wait=off]|chardev:ID  (default stdio)
+  -chardev stdio|null|file|socket,id=ID[,path=PATH][,server=on][,wait=off][,append=on]
+  -device isa-debug-exit[,iobase=0x501][,iosize=2]
+Control:
+  -S                       start with the vCPUs paused
+  -no-reboot               exit instead of resetting the machine
+  -name NAME  -pidfile FILE  -nodefaults  -display none  -nographic
+  -d postcode              print every write to port 0x80 with its time
+  -version  -help
+"""
+
+
+class CliError(Exception):
+    """``minivmm: <option> <value>: <what is wrong>``, exit status 1."""
+
+
+@dataclass
+class _Parsed:
+    config: MachineConfig = field(default_factory=MachineConfig)
+    chardevs: dict[str, ChardevConfig] = field(default_factory=dict)
+    serial_specs: list[str] = field(default_factory=list)
+    machine_props: dict[str, tuple[str, str]] = field(default_factory=dict)
+    pidfile: str | None = None
+    show: str | None = None  # "help" or "version"
+
+
+def _size_option(opt: str, value: str) -> int:
+    text = value
+    if "=" in value:
+        props = parse_keyval(value)
+        if "size" not in props:
+            raise CliError(f"{opt} {value}: missing 'size'")
+        text = props["size"]
+    return parse_size(text, default_unit="M")
+
+
+def _opt_m(p: _Parsed, opt: str, value: str) -> None:
+    p.config.ram_size = _size_option(opt, value)
+    p.config.ram_size_option = value
+
+
+def _opt_smp(p: _Parsed, opt: str, value: str) -> None:
+    props = parse_keyval(value, "cpus")
+    unknown = set(props) - {"cpus", "sockets", "cores", "threads", "maxcpus", "dies"}
+    if unknown:
+        raise OptionError(f"Invalid parameter '{unknown.pop()}'")
+    try:
+        nums = {k: int(v) for k, v in props.items()}
+    except ValueError:
+        raise OptionError("CPU counts must be integers") from None
+    topology = nums.get("sockets", 1) * nums.get("dies", 1) * nums.get("cores", 1) * nums.get("threads", 1)
+    cpus = nums.get("cpus", topology)
+    if cpus < 1:
+        raise OptionError("Invalid CPU topology: the number of CPUs must be at least 1")
+    if "maxcpus" in nums and nums["maxcpus"] != cpus:
+        raise OptionError("CPU hotplug is not supported: maxcpus must equal cpus")
+    p.config.smp = cpus
+
+
+def _opt_cpu(p: _Parsed, opt: str, value: str) -> None:
+    try:
+        p.config.cpu = CpuModel.parse(value)
+    except CpuModelError as e:
+        raise OptionError(str(e)) from None
+
+
+_MACHINE_TYPES = ("pc", "pc-i440fx", "microvm", "none")
+
+
+def _opt_machine(p: _Parsed, opt: str, value: str) -> None:
+    for key, val in parse_keyval(value, "type").items():
+        p.machine_props[key] = (val, f"{opt} {value}")
+
+
+def _apply_machine(p: _Parsed) -> None:
+    cfg = p.config
+    for key, (value, where) in p.machine_props.items():
+        try:
+            if key == "type":
+                if value not in ("pc", "q35") and not value.startswith("pc-"):
+                    raise OptionError(f"unsupported machine type '{value}' (minivmm models a PC: use 'pc')")
+            elif key == "accel":
+                if value != "kvm":
+                    raise OptionError(f"invalid accelerator '{value}' (minivmm only has kvm)")
+            elif key == "memory-backend":
+                cfg.memory_backend = value
+            elif key == "aux-ram-share":
+                cfg.aux_ram_share = parse_bool(key, value)
+            else:
+                raise OptionError(f"Property 'pc-machine.{key}' not found")
+        except OptionError as e:
+            raise CliError(f"{where}: {e}") from None
+
+
+def _opt_accel(p: _Parsed, opt: str, value: str) -> None:
+    props = parse_keyval(value, "accel")
+    if props.get("accel") != "kvm":
+        raise OptionError(f"invalid accelerator '{props.get('accel')}' (minivmm only has kvm)")
+
+
+def _opt_object(p: _Parsed, opt: str, value: str) -> None:
+    props = parse_object(value, "qom-type")
+    where = f"{opt} {value}"
+    qom_type = props.pop("qom-type", None)
+    kinds = {"memory-backend-memfd": "memfd", "memory-backend-file": "file", "memory-backend-ram": "ram"}
+    if qom_type not in kinds:
+        raise OptionError(f"invalid object type: {qom_type}")
+    kind = kinds[qom_type]
+    obj_id = props.pop("id", None)
+    if not obj_id:
+        raise OptionError("Parameter 'id' is missing")
+    if obj_id in p.config.backends:
+        raise OptionError(f"attempt to add duplicate property '{obj_id}' to object (type 'container')")
+    if "size" not in props:
+        raise OptionError("can't create backend with size 0")
+    size = parse_size(props.pop("size"))
+    share = parse_bool("share", props.pop("share", "on" if kind == "memfd" else "off"))
+    hugetlb = parse_bool("hugetlb", props.pop("hugetlb", "off")) if kind == "memfd" else False
+    mem_path = props.pop("mem-path", None) if kind == "file" else None
+    if kind == "file" and not mem_path:
+        raise OptionError("mem-path property not set")
+    props.pop("prealloc", None)
+    if props:
+        raise OptionError(f"Property '{qom_type}.{next(iter(props))}' not found")
+    p.config.backends[obj_id] = MemoryBackendConfig(obj_id, kind, size, share, hugetlb, mem_path, where)
+
+
+def _chardev_from_props(chardev_id: str, backend: str, props: dict[str, str], where: str) -> ChardevConfig:
+    cc = ChardevConfig(chardev_id, backend, option=where)
+    if backend in ("stdio", "null"):
+        props.pop("signal", None)
+    elif backend == "file":
+        cc.path = props.pop("path", None)
+        cc.append = parse_bool("append", props.pop("append", "off"))
+        if not cc.path:
+            raise OptionError("chardev: file: no filename given")
+    elif backend == "socket":
+        cc.path = props.pop("path", None)
+        if not cc.path:
+            raise OptionError("chardev: socket: only unix sockets (path=...) are supported")
+        cc.server = parse_bool("server", props.pop("server", "off"))
+        cc.wait = parse_bool("wait", props.pop("wait", "on"))
+        if not cc.server:
+            raise OptionError("chardev: socket: only server=on is supported")
+    else:
+        raise OptionError(f"'{backend}' is not a valid char driver name")
+    if props:
+        raise OptionError(f"Invalid parameter '{next(iter(props))}'")
+    return cc
+
+
+def _opt_chardev(p: _Parsed, opt: str, value: str) -> None:
+    props = parse_keyval(value, "backend")
+    chardev_id = props.pop("id", None)
+    if not chardev_id:
+        raise OptionError("Parameter 'id' is missing")
+    if chardev_id in p.chardevs:
+        raise OptionError(f"Duplicate chardev ID '{chardev_id}'")
+    p.chardevs[chardev_id] = _chardev_from_props(chardev_id, props.pop("backend"), props, f"{opt} {value}")
+
+
+def _opt_serial(p: _Parsed, opt: str, value: str) -> None:
+    p.serial_specs.append(value)
+
+
+def _serial_config(p: _Parsed, index: int, value: str) -> ChardevConfig:
+    where = f"-serial {value}"
+    chardev_id = f"serial{index}"
+    if value.startswith("chardev:"):
+        name = value[len("chardev:") :]
+        if name not in p.chardevs:
+            raise CliError(f"{where}: chardev '{name}' not found")
+        return p.chardevs[name]
+    if value in ("stdio", "null", "none"):
+        return ChardevConfig(chardev_id, value, option=where)
+    kind, _, rest = value.partition(":")
+    try:
+        if kind == "file" and rest:
+            return _chardev_from_props(chardev_id, "file", {"path": rest}, where)
+        if kind == "unix" and rest:
+            props = parse_keyval(rest, "path")
+            return _chardev_from_props(chardev_id, "socket", props, where)
+    except OptionError as e:
+        raise CliError(f"{where}: {e}") from None
+    raise CliError(f"{where}: '{kind}' is not a valid char driver name")
+
+
+def _opt_device(p: _Parsed, opt: str, value: str) -> None:
+    props = parse_keyval(value, "driver")
+    p.config.devices.append(DeviceConfig(props.pop("driver"), props, f"{opt} {value}"))
+
+
+def _opt_display(p: _Parsed, opt: str, value: str) -> None:
+    if parse_keyval(value, "type").get("type") != "none":
+        raise OptionError(f"Display '{value}' is not available (minivmm has no display: use -display none)")
+
+
+def _opt_name(p: _Parsed, opt: str, value: str) -> None:
+    props = parse_keyval(value, "guest")
+    p.config.name = props.get("guest")
+
+
+def _opt_d(p: _Parsed, opt: str, value: str) -> None:
+    for item in value.split(","):
+        if item != "postcode":
+            raise OptionError(f"unknown log item '{item}' (minivmm knows: postcode)")
+        p.config.trace.add(item)
+
+
+def _setter(attr: str, value: object = None) -> Callable[[_Parsed, str, str | None], None]:
+    def set_(p: _Parsed, opt: str, arg: str | None) -> None:
+        setattr(p.config, attr, arg if value is None else value)
+
+    return set_
+
+
+def _set_pidfile(p: _Parsed, opt: str, value: str) -> None:
+    p.pidfile = value
+
+
+def _ignore(p: _Parsed, opt: str, value: str | None) -> None:
+    pass
+
+
+def _show(what: str) -> Callable[[_Parsed, str, None], None]:
+    def show(p: _Parsed, opt: str, value: None) -> None:
+        p.show = what
+
+    return show
+
+
+# option name -> (takes a value, handler)
+OPTIONS: dict[str, tuple[bool, Callable]] = {
+    "m": (True, _opt_m),
+    "smp": (True, _opt_smp),
+    "cpu": (True, _opt_cpu),
+    "machine": (True, _opt_machine),
+    "M": (True, _opt_machine),
+    "accel": (True, _opt_accel),
+    "enable-kvm": (False, _ignore),
+    "object": (True, _opt_object),
+    "kernel": (True, _setter("kernel")),
+    "append": (True, _setter("append")),
+    "initrd": (True, _setter("initrd")),
+    "bios": (True, _setter("bios")),
+    "serial": (True, _opt_serial),
+    "chardev": (True, _opt_chardev),
+    "device": (True, _opt_device),
+    "S": (False, _setter("start_paused", True)),
+    "no-reboot": (False, _setter("no_reboot", True)),
+    "name": (True, _opt_name),
+    "pidfile": (True, _set_pidfile),
+    "nodefaults": (False, _ignore),
+    "display": (True, _opt_display),
+    "nographic": (False, _ignore),
+    "d": (True, _opt_d),
+    "version": (False, _show("version")),
+    "help": (False, _show("help")),
+    "h": (False, _show("help")),
+}
+
+
+def parse(argv: list[str]) -> _Parsed:
+    p = _Parsed()
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if not word.startswith("-") or word in ("-", "--"):
+            raise CliError(f"{word}: unexpected argument (minivmm takes no disk images)")
+        name = word[2:] if word.startswith("--") else word[1:]
+        value = None
+        if name not in OPTIONS:
+            raise CliError(f"{word}: invalid option")
+        takes_value, handler = OPTIONS[name]
+        if takes_value and value is None:
+            if i + 1 >= len(argv):
+                raise CliError(f"-{name}: requires an argument")
+            i += 1
+            value = argv[i]
+        try:
+            handler(p, f"-{name}", value)
+        except OptionError as e:
+            raise CliError(f"-{name} {value}: {e}") from None
+        i += 1
+    _apply_machine(p)
+    cfg = p.config
+    cfg.serials = [_serial_config(p, n, spec) for n, spec in enumerate(p.serial_specs)]
+    if cfg.kernel is None and cfg.bios is None:
+        for opt in ("append", "initrd"):
+            if getattr(cfg, opt) is not None:
+                raise CliError(f"-{opt} {getattr(cfg, opt)}: only allowed with -kernel")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        p = parse(argv)
+    except CliError as e:
+        print(f"minivmm: {e}", file=sys.stderr)
+        return 1
+    if p.show == "help":
+        print(USAGE, end="")
+        return 0
+    if p.show == "version":
+        print(f"minivmm version {__version__}")
+        return 0
+    cfg = p.config
+    if cfg.kernel is None and cfg.bios is None:
+        cfg.kernel = guests.path(guests.DEFAULT)
+        print(f"minivmm: no -kernel given: booting the built-in guest {guests.DEFAULT}", file=sys.stderr)
+    from .machine import Machine, MachineError
+    from .kvm.system import KvmError
+
+    try:
+        machine = Machine(cfg)
+    except MachineError as e:
+        print(f"minivmm: {e}", file=sys.stderr)
+        return 1
+    except KvmError as e:
+        print(f"minivmm: {e}", file=sys.stderr)
+        return 1
+    try:
+        if p.pidfile:
+            _write_pidfile(p.pidfile)
+        return machine.run()
+    except OSError as e:
+        print(f"minivmm: {e}", file=sys.stderr)
+        return 1
+    finally:
+        machine.close()
+        if p.pidfile:
+            try:
+                os.unlink(p.pidfile)
+            except OSError:
+                pass
+
+
+def _write_pidfile(path: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError as e:
+        raise OSError(f"-pidfile {path}: cannot create pid file: {e.strerror}") from None

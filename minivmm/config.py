@@ -1,0 +1,65 @@
+"""What a machine is made of, as parsed from the command line: plain data,
+validated by cli.py, consumed by machine.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .arch.x86.cpuid import CpuModel
+
+DEFAULT_RAM_SIZE = 128 << 20  # QEMU's default
+
+
+@dataclass
+class MemoryBackendConfig:
+    """-object memory-backend-{memfd,file,ram},id=ID,size=SIZE,..."""
+
+    id: str
+    kind: str  # "memfd", "file" or "ram"
+    size: int
+    share: bool
+    hugetlb: bool = False
+    mem_path: str | None = None
+    option: str = ""  # the option text, for error messages
+
+
+@dataclass
+class ChardevConfig:
+    """-serial / -chardev: a back-end and its settings."""
+
+    id: str
+    backend: str  # "stdio", "file", "null", "socket" or "none"
+    path: str | None = None
+    server: bool = True
+    wait: bool = False
+    append: bool = False
+    option: str = ""
+
+
+@dataclass
+class DeviceConfig:
+    driver: str
+    props: dict[str, str]
+    option: str = ""
+
+
+@dataclass
+class MachineConfig:
+    ram_size: int = DEFAULT_RAM_SIZE
+    ram_size_option: str | None = None  # the -m text when given
+    smp: int = 1
+    cpu: CpuModel = field(default_factory=CpuModel)
+    memory_backend: str | None = None
+    aux_ram_share: bool = False
+    backends: dict[str, MemoryBackendConfig] = field(default_factory=dict)
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str | None = None
+    bios: str | None = None
+    serials: list[ChardevConfig] = field(default_factory=list)
+    devices: list[DeviceConfig] = field(default_factory=list)
+    no_reboot: bool = False
+    start_paused: bool = False
+    name: str | None = None
+    trace: set[str] = field(default_factory=set)

@@ -1,0 +1,27 @@
+"""The PM1a control register of QEMU's PC ACPI (port 0x604): writing SLP_EN
+powers the machine off, which is how tiny guests shut QEMU down
+(``outw(0x604, 0x2000)``). Sleep types other than S5 are treated as off too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+SLP_EN = 1 << 13
+
+
+@dataclass
+class AcpiPm:
+    poweroff: Callable[[], None]
+    name: str = "acpi-pm"
+    control: int = 0
+
+    def read(self, offset: int, size: int) -> int:
+        return (self.control >> (8 * offset)) & ((1 << (8 * size)) - 1)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        value = (value << (8 * offset)) & 0xFFFF
+        if value & SLP_EN:
+            self.poweroff()
+        self.control = value & ~SLP_EN

@@ -1,0 +1,20 @@
+"""QEMU's isa-debug-exit: a write of v ends minivmm with exit status (v << 1) | 1."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass
+class DebugExit:
+    exit: Callable[[int], None]  # called with the process exit status
+    iobase: int
+    iosize: int
+    name: str = "isa-debug-exit"
+
+    def read(self, offset: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.exit((value << 1) | 1)

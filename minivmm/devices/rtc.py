@@ -1,0 +1,138 @@
+"""The MC146818 CMOS RTC at 0x70/0x71: the wall clock and 128 bytes of CMOS
+RAM, with the memory-size bytes QEMU's PC stores there.
+
+The clock is the host's UTC plus an offset the guest sets by writing the time
+registers. Update-in-progress is never reported and no RTC interrupt (IRQ 8)
+is raised: periodic and alarm interrupts are not emulated.
+"""
+
+from __future__ import annotations
+
+import calendar
+import threading
+import time
+from dataclasses import dataclass, field
+
+from minivmm.arch.x86 import layout
+
+SECONDS, MINUTES, HOURS, WEEKDAY, DAY, MONTH, YEAR = 0, 2, 4, 6, 7, 8, 9
+REG_A, REG_B, REG_C, REG_D = 0x0A, 0x0B, 0x0C, 0x0D
+CENTURY = 0x32
+REG_B_24H, REG_B_BINARY, REG_B_SET = 0x02, 0x04, 0x80
+REG_D_VALID = 0x80
+NMI_DISABLE = 0x80
+_TIME_REGS = {SECONDS, MINUTES, HOURS, WEEKDAY, DAY, MONTH, YEAR, CENTURY}
+
+
+def _cmos_memory(ram_below_4g: int, ram_above_4g: int) -> dict[int, int]:
+    """The memory-size bytes QEMU's pc_cmos_init writes."""
+    base_kib = layout.LOW_RAM_END // 1024
+    ext_kib = min(max(ram_below_4g - layout.HIGH_RAM_START, 0) // 1024, 0xFFFF)
+    above_16m = min(max(ram_below_4g - 16 * layout.MiB, 0) // (64 * 1024), 0xFFFF)
+    high = ram_above_4g // (64 * 1024)
+    return {
+        0x15: base_kib & 0xFF,
+        0x16: base_kib >> 8,
+        0x17: ext_kib & 0xFF,
+        0x18: ext_kib >> 8,
+        0x30: ext_kib & 0xFF,
+        0x31: ext_kib >> 8,
+        0x34: above_16m & 0xFF,
+        0x35: above_16m >> 8,
+        0x5B: high & 0xFF,
+        0x5C: (high >> 8) & 0xFF,
+        0x5D: (high >> 16) & 0xFF,
+    }
+
+
+@dataclass
+class RtcState:
+    index: int = 0
+    cmos: bytearray = field(default_factory=lambda: bytearray(128))
+    offset_s: int = 0  # guest time minus host time, in seconds
+
+
+class Rtc:
+    name = "rtc"
+
+    def __init__(self, ram_below_4g: int, ram_above_4g: int) -> None:
+        self.s = RtcState()
+        self.s.cmos[REG_A] = 0x26  # 32.768 kHz time base, 1024 Hz rate
+        self.s.cmos[REG_B] = REG_B_24H
+        self.s.cmos[REG_D] = REG_D_VALID
+        for reg, value in _cmos_memory(ram_below_4g, ram_above_4g).items():
+            self.s.cmos[reg] = value
+        self.lock = threading.Lock()
+
+    def _encode(self, value: int) -> int:
+        return value if self.s.cmos[REG_B] & REG_B_BINARY else (value // 10) * 16 + value % 10
+
+    def _decode(self, value: int) -> int:
+        return value if self.s.cmos[REG_B] & REG_B_BINARY else (value >> 4) * 10 + (value & 0xF)
+
+    def _now(self) -> time.struct_time:
+        return time.gmtime(time.time() + self.s.offset_s)
+
+    def _time_reg(self, reg: int) -> int:
+        t = self._now()
+        if reg == HOURS:
+            hour = t.tm_hour
+            if not self.s.cmos[REG_B] & REG_B_24H:
+                pm = hour >= 12
+                hour = hour % 12 or 12
+                return self._encode(hour) | (0x80 if pm else 0)
+            return self._encode(hour)
+        value = {
+            SECONDS: t.tm_sec,
+            MINUTES: t.tm_min,
+            WEEKDAY: (t.tm_wday + 1) % 7 + 1,
+            DAY: t.tm_mday,
+            MONTH: t.tm_mon,
+            YEAR: t.tm_year % 100,
+            CENTURY: t.tm_year // 100,
+        }[reg]
+        return self._encode(value)
+
+    def read(self, offset: int, size: int) -> int:
+        if offset == 0:
+            return 0xFF
+        with self.lock:
+            reg = self.s.index
+            if reg in _TIME_REGS:
+                return self._time_reg(reg)
+            if reg == REG_C:
+                value, self.s.cmos[REG_C] = self.s.cmos[REG_C], 0
+                return value
+            return self.s.cmos[reg]
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        value &= 0xFF
+        with self.lock:
+            if offset == 0:
+                self.s.index = value & ~NMI_DISABLE & 0x7F
+                return
+            reg = self.s.index
+            if reg in _TIME_REGS:
+                self._set_time(reg, value)
+            elif reg == REG_A:
+                self.s.cmos[REG_A] = value & 0x7F  # UIP is read-only
+            elif reg not in (REG_C, REG_D):
+                self.s.cmos[reg] = value
+
+    def _set_time(self, reg: int, value: int) -> None:
+        """Move the guest clock so that ``reg`` reads ``value``."""
+        t = list(self._now())
+        decoded = self._decode(value & 0x7F if reg == HOURS else value)
+        if reg == HOURS and not self.s.cmos[REG_B] & REG_B_24H:
+            decoded = decoded % 12 + (12 if value & 0x80 else 0)
+        field_index = {SECONDS: 5, MINUTES: 4, HOURS: 3, DAY: 2, MONTH: 1}.get(reg)
+        if reg == YEAR:
+            t[0] = t[0] // 100 * 100 + decoded
+        elif reg == CENTURY:
+            t[0] = decoded * 100 + t[0] % 100
+        elif field_index is not None:
+            t[field_index] = decoded
+        else:
+            return  # the weekday follows from the date
+        wanted = calendar.timegm(tuple(t[:6]) + (0, 0, 0))
+        self.s.offset_s = int(wanted - time.time())

@@ -1,0 +1,1 @@
+"""Vendored KVM bindings: structures, ioctl numbers and thin fd wrappers (no policy)."""

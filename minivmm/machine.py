@@ -1,0 +1,431 @@
+"""The machine: a KVM VM with its RAM, devices and vCPU threads, built from a
+MachineConfig, and the run state that the main loop drives.
+
+Build order matters to KVM: TSS and identity-map addresses, irqchip and PIT
+before any vCPU; all vCPUs (with CPUID, then MSRs, then LAPIC) before the
+first KVM_RUN. Every vCPU's state right after creation is kept: a reset
+restores it, reloads the boot images and enters the guest again.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .arch.x86 import boot, cpuid, inspect, layout, modes, msr, vcpu_state
+from .chardev import Chardev, ChardevError, FileChardev, SocketChardev, StdioChardev, message
+from .config import ChardevConfig, MachineConfig, MemoryBackendConfig
+from .devices.acpi_pm import AcpiPm
+from .devices.bus import Bus
+from .devices.debug_exit import DebugExit
+from .devices.i8042 import I8042
+from .devices.postcode import PostCode
+from .devices.rtc import Rtc
+from .devices.serial import Serial
+from .kvm import constants as c
+from .kvm.structs import kvm_fpu, kvm_regs
+from .kvm.system import Kvm, Vcpu
+from .mainloop import MainLoop
+from .memory import GuestMemory, GuestMemoryError, RamBlock
+from .vcpu import VcpuExit, VcpuThread, install_kick_handler
+
+COM_PORTS = ((0x3F8, 4), (0x2F8, 3), (0x3E8, 4), (0x2E8, 3))
+APIC_LVT0, APIC_LVT1 = 0x350, 0x360
+APIC_MODE_EXTINT, APIC_MODE_NMI = 0x700, 0x400
+
+
+class MachineError(Exception):
+    """A machine cannot be built; ``option`` names the culprit on the command line."""
+
+    def __init__(self, option: str, text: str) -> None:
+        super().__init__(f"{option}: {text}" if option else text)
+        self.option = option
+
+
+@dataclass(frozen=True)
+class ExitRequest:
+    status: int
+    message: str | None
+    reason: str  # QEMU's SHUTDOWN event reason: guest-shutdown, host-signal, ...
+
+
+def host_memory_limit() -> int:
+    """Bytes of RAM plus swap: more than this cannot be backed."""
+    total = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, value = line.split(":", 1)
+            if key in ("MemTotal", "SwapTotal"):
+                total += int(value.split()[0]) * 1024
+    return total
+
+
+def ram_ranges(size: int) -> list[tuple[int, int]]:
+    """(guest-physical base, size) of RAM: split around the 32-bit MMIO hole when large."""
+    if size < layout.RAM_SPLIT_THRESHOLD:
+        return [(0, size)]
+    below = layout.RAM_BELOW_4G_WHEN_SPLIT
+    return [(0, below), (layout.FOUR_GIB, size - below)]
+
+
+def _size_text(size: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift:
+            return f"{size / (1 << shift):.4g} {unit}"
+    return f"{size} B"
+
+
+class Machine:
+    def __init__(self, config: MachineConfig, loop: MainLoop | None = None) -> None:
+        self.config = config
+        self.loop = loop or MainLoop()
+        self.runstate = "prelaunch"
+        self.exit_request: ExitRequest | None = None
+        self._request_lock = threading.Lock()
+        self._reset_pending = False
+        self.chardevs: list[Chardev] = []
+        self.vcpus: list[VcpuThread] = []
+        self.memory = GuestMemory()
+        self.image = self._prepare_boot()
+        try:
+            self.kvm = Kvm()
+        except FileNotFoundError:
+            raise MachineError("", "Could not access KVM kernel module: No such file or directory (/dev/kvm)") from None
+        except PermissionError:
+            raise MachineError("", "Could not access KVM kernel module: Permission denied (/dev/kvm)") from None
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- building ---------------------------------------------------------------
+    def _prepare_boot(self) -> boot.BootImage:
+        cfg = self.config
+        try:
+            return boot.prepare(cfg.kernel, cfg.append, cfg.initrd, cfg.bios)
+        except boot.BootError as e:
+            raise MachineError("", str(e)) from None
+
+    def _build(self) -> None:
+        cfg = self.config
+        max_vcpus = self.kvm.check_extension(c.KVM_CAP_MAX_VCPUS) or self.kvm.check_extension(c.KVM_CAP_NR_VCPUS)
+        if not 1 <= cfg.smp <= max_vcpus:
+            raise MachineError(f"-smp {cfg.smp}", f"the number of CPUs must be between 1 and {max_vcpus} (KVM's limit)")
+        self.vm = self.kvm.create_vm()
+        self.vm.set_tss_addr(layout.TSS_ADDR)
+        self.vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+        self.initial_irqchips = [self.vm.get_irqchip(i) for i in range(3)]
+        self.initial_pit = self.vm.get_pit2()
+        self.ram_ranges = ram_ranges(self._ram_size())
+        self._build_memory()
+        self.pio = Bus("port I/O")
+        self.mmio = Bus("MMIO")
+        self._build_devices()
+        self._build_vcpus()
+        self._load_boot()
+
+    def _ram_size(self) -> int:
+        cfg = self.config
+        if cfg.memory_backend is None:
+            return cfg.ram_size
+        backend = cfg.backends.get(cfg.memory_backend)
+        if backend is None:
+            raise MachineError(
+                f"-machine memory-backend={cfg.memory_backend}",
+                f"Device '{cfg.memory_backend}' not found (no -object with that id)",
+            )
+        if cfg.ram_size_option is not None and backend.size != cfg.ram_size:
+            raise MachineError(
+                f"-m {cfg.ram_size_option}",
+                f"Memory size does not match the size of the memory backend '{backend.id}' "
+                f"(-m is {cfg.ram_size} bytes, the backend {backend.size} bytes)",
+            )
+        return backend.size
+
+    def _make_block(self, name: str, size: int, backend: MemoryBackendConfig | None, option: str) -> RamBlock:
+        limit = host_memory_limit()
+        if size > limit:
+            raise MachineError(
+                option,
+                f"cannot set up guest memory '{name}': {_size_text(size)} is more than the host has "
+                f"({_size_text(limit)} of RAM and swap)",
+            )
+        try:
+            if backend is None:
+                return RamBlock.memfd(name, size, shared=self.config.aux_ram_share)
+            if backend.kind == "memfd":
+                return RamBlock.memfd(name, size, shared=backend.share, hugetlb=backend.hugetlb)
+            if backend.kind == "file":
+                return RamBlock.file(name, size, backend.mem_path, shared=backend.share)
+            return RamBlock.anonymous(name, size, shared=backend.share)
+        except GuestMemoryError as e:
+            raise MachineError(option, str(e)) from None
+
+    def _build_memory(self) -> None:
+        cfg = self.config
+        size = self._ram_size()
+        if cfg.memory_backend is not None:
+            backend = cfg.backends[cfg.memory_backend]
+            ram = self._make_block(backend.id, size, backend, backend.option)
+        else:
+            ram = self._make_block("pc.ram", size, None, f"-m {cfg.ram_size_option or size >> 20}")
+        self.memory.add_block(ram)
+        offset = 0
+        for gpa, length in self.ram_ranges:
+            self.memory.map(gpa, length, ram, offset)
+            offset += length
+        if self.image.kind == "bios":
+            fw = self.image.firmware
+            rom_size = -(-len(fw) // layout.PAGE_SIZE) * layout.PAGE_SIZE
+            rom = self._make_block("pc.bios", rom_size, None, f"-bios {cfg.bios}")
+            rom.readonly = True
+            rom.mem[rom_size - len(fw) :] = fw
+            self.memory.add_block(rom)
+            self.memory.map(layout.FOUR_GIB - rom_size, rom_size, rom, 0)
+            alias = min(rom_size, layout.BIOS_ALIAS_MAX)
+            self.memory.map(layout.BIOS_ALIAS_END - alias, alias, rom, rom_size - alias)
+        for slot, m in enumerate(self.memory.mappings):
+            flags = c.KVM_MEM_READONLY if m.block.readonly else 0
+            self.vm.set_user_memory_region(slot, m.gpa, m.size, m.block.host_addr + m.offset, flags)
+
+    def _open_chardev(self, cc: ChardevConfig) -> Chardev:
+        try:
+            if cc.backend == "stdio":
+                return StdioChardev(cc.id)
+            if cc.backend == "file":
+                return FileChardev(cc.id, cc.path, cc.append)
+            if cc.backend == "socket":
+                return SocketChardev(cc.id, cc.path, cc.wait, message)
+            return Chardev(cc.id)
+        except ChardevError as e:
+            raise MachineError(cc.option, str(e)) from None
+
+    def _build_devices(self) -> None:
+        cfg = self.config
+        serials = cfg.serials or [ChardevConfig("serial0", "stdio", option="-serial stdio")]
+        if len(serials) > len(COM_PORTS):
+            raise MachineError(serials[len(COM_PORTS)].option, f"at most {len(COM_PORTS)} serial ports")
+        for index, cc in enumerate(serials):
+            if cc.backend == "none":
+                continue
+            chardev = self._open_chardev(cc)
+            self.chardevs.append(chardev)
+            port, irq = COM_PORTS[index]
+            uart = Serial(
+                chardev.write,
+                lambda level, irq=irq: self.vm.irq_line(irq, level),
+                name=f"serial{index}",
+                room_available=chardev.frontend_ready,
+            )
+            chardev.attach(self.loop, uart)
+            self.pio.register(port, 8, uart)
+        self.postcode = PostCode(trace="postcode" in cfg.trace)
+        ram_below = self.ram_ranges[0][1]
+        ram_above = sum(size for _, size in self.ram_ranges[1:])
+        self.pio.register(layout.PORT_POST, 1, self.postcode)
+        self.pio.register(layout.PORT_I8042_DATA, 5, I8042(lambda: self.request_reset("guest-reset")))
+        self.pio.register(layout.PORT_CMOS, 2, Rtc(ram_below, ram_above))
+        self.pio.register(layout.PORT_ACPI_PM1A_CNT, 2, AcpiPm(lambda: self.request_exit(0, None, "guest-shutdown")))
+        for dev in cfg.devices:
+            self._add_device(dev)
+
+    def _add_device(self, dev) -> None:
+        from .devices.bus import BusError
+
+        if dev.driver != "isa-debug-exit":
+            raise MachineError(dev.option, f"'{dev.driver}' is not a valid device model name")
+        props = dict(dev.props)
+        try:
+            iobase = int(props.pop("iobase", str(layout.PORT_DEBUG_EXIT_DEFAULT)), 0)
+            iosize = int(props.pop("iosize", "2"), 0)
+        except ValueError as e:
+            raise MachineError(dev.option, f"iobase and iosize take numbers ({e})") from None
+        if props:
+            raise MachineError(dev.option, f"Property '{dev.driver}.{next(iter(props))}' not found")
+        if not (0 <= iobase and 1 <= iosize and iobase + iosize <= 0x10000):
+            raise MachineError(dev.option, f"port range {iobase:#x}+{iosize:#x} is outside 0-0xffff")
+        device = DebugExit(lambda status: self.request_exit(status, None, "guest-shutdown"), iobase, iosize)
+        try:
+            self.pio.register(iobase, iosize, device)
+        except BusError as e:
+            raise MachineError(dev.option, str(e)) from None
+
+    def _build_vcpus(self) -> None:
+        cfg = self.config
+        supported = self.kvm.supported_cpuid()
+        self.cpuid = cfg.cpu.apply(supported, warn=message)
+        leaf1 = next(e for e in self.cpuid if e.function == 1)
+        self.cpu_signature, self.cpu_features = leaf1.eax, leaf1.edx
+        xsave2 = self.kvm.check_extension(c.KVM_CAP_XSAVE2)
+        self.state_caps = vcpu_state.StateCaps(
+            xsave_size=xsave2 or (4096 if self.kvm.check_extension(c.KVM_CAP_XSAVE) else 0),
+            xcrs=bool(self.kvm.check_extension(c.KVM_CAP_XCRS)),
+            msr_indices=tuple(self.kvm.msr_index_list()),
+        )
+        self.initial_states = []
+        for index in range(cfg.smp):
+            vcpu = self.vm.create_vcpu(index)
+            vcpu.set_cpuid2(cpuid.for_vcpu(self.cpuid, index, cfg.smp))
+            vcpu.set_msrs(msr.boot_msrs())
+            lapic = vcpu.get_lapic()
+            regs = bytearray(lapic.regs)
+            regs[APIC_LVT0 : APIC_LVT0 + 4] = APIC_MODE_EXTINT.to_bytes(4, "little")
+            regs[APIC_LVT1 : APIC_LVT1 + 4] = APIC_MODE_NMI.to_bytes(4, "little")
+            lapic.regs = bytes(regs)
+            vcpu.set_lapic(lapic)
+            self.initial_states.append(vcpu_state.save(vcpu, self.state_caps))
+            self.vcpus.append(VcpuThread(vcpu, self.pio, self.mmio, self._on_vcpu_exit, self._describe))
+
+    def _load_boot(self) -> None:
+        try:
+            entry = boot.load(
+                self.image,
+                self.memory,
+                self.ram_ranges,
+                ncpus=self.config.smp,
+                cpu_signature=self.cpu_signature,
+                cpu_features=self.cpu_features,
+                gib_pages=cpuid.has_feature(self.cpuid, "pdpe1gb"),
+            )
+        except boot.BootError as e:
+            raise MachineError("", str(e)) from None
+        self._enter(self.vcpus[0].vcpu, entry)
+
+    def _enter(self, vcpu: Vcpu, entry: boot.Entry) -> None:
+        """Put the boot CPU in the state ``entry`` asks for."""
+        if entry.mode == "reset":
+            return
+        sregs = vcpu.get_sregs()
+        if entry.mode == "protected":
+            gdt = modes.protected_mode(sregs)
+        else:
+            gdt = modes.long_mode(sregs, layout.PML4_ADDR)
+        self.memory.write(layout.GDT_ADDR, gdt)
+        vcpu.set_sregs(sregs)
+        vcpu.set_regs(kvm_regs(rip=entry.rip, rax=entry.rax, rbx=entry.rbx, rsp=entry.rsp, rflags=2))
+        fpu = kvm_fpu(fcw=0x37F, mxcsr=0x1F80)
+        vcpu.set_fpu(fpu)
+
+    def _describe(self, thread: VcpuThread) -> str:
+        return inspect.describe(thread.vcpu, self.memory)
+
+    # --- running ----------------------------------------------------------------
+    def start(self) -> None:
+        """Start the vCPU threads; they run unless the machine starts paused (-S)."""
+        install_kick_handler()
+        for t in self.vcpus:
+            t.start()
+        if not self.config.start_paused:
+            self.resume()
+
+    def pause(self) -> None:
+        """Stop every vCPU and wait until all are out of KVM_RUN (any thread but a vCPU's)."""
+        for t in self.vcpus:
+            t.request_pause()
+        for t in self.vcpus:
+            t.wait_paused()
+        if self.runstate == "running":
+            self.runstate = "paused"
+
+    def resume(self) -> None:
+        self.runstate = "running"
+        for t in self.vcpus:
+            t.resume()
+
+    def reset(self) -> None:
+        """A system reset: power-on vCPU and irqchip state, boot images reloaded (vCPUs paused)."""
+        for t, state in zip(self.vcpus, self.initial_states):
+            vcpu_state.restore(t.vcpu, state)
+        for chip in self.initial_irqchips:
+            self.vm.set_irqchip(chip)
+        self.vm.set_pit2(self.initial_pit)
+        self._load_boot()
+
+    def request_exit(self, status: int, text: str | None, reason: str) -> None:
+        """End the machine with process status ``status`` (any thread; the first request wins)."""
+        with self._request_lock:
+            if self.exit_request is not None:
+                return
+            self.exit_request = ExitRequest(status, text, reason)
+        for t in self.vcpus:
+            t.request_pause()
+        self.loop.stop()
+
+    def request_reset(self, reason: str) -> None:
+        if self.config.no_reboot:
+            self.request_exit(0, None, reason)
+            return
+        with self._request_lock:
+            if self._reset_pending or self.exit_request is not None:
+                return
+            self._reset_pending = True
+        for t in self.vcpus:
+            t.request_pause()
+        self.loop.call_soon_threadsafe(self._do_reset)
+
+    def _do_reset(self) -> None:
+        self.pause()
+        with self._request_lock:
+            self._reset_pending = False
+            if self.exit_request is not None:
+                return
+        self.reset()
+        self.resume()
+
+    def _on_vcpu_exit(self, thread: VcpuThread, why: VcpuExit) -> None:
+        where = f"vcpu{thread.index}: {why.message}"
+        if why.kind == "shutdown":
+            if self.config.no_reboot:
+                self.request_exit(1, f"{where}; -no-reboot was given, so minivmm exits", "guest-reset")
+            else:
+                self.request_reset("guest-reset")
+        elif why.kind == "system-event" and why.data == c.KVM_SYSTEM_EVENT_SHUTDOWN:
+            self.request_exit(0, None, "guest-shutdown")
+        elif why.kind == "system-event" and why.data == c.KVM_SYSTEM_EVENT_RESET:
+            self.request_reset("guest-reset")
+        else:
+            self.runstate = "internal-error"
+            self.request_exit(1, where, "guest-panic" if why.kind == "system-event" else "host-error")
+
+    def run(self, on_started: Callable[[], None] | None = None) -> int:
+        """Run until the guest or the host ends the machine; the process exit status."""
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            self.start()
+            if on_started is not None:
+                on_started()
+            if self.exit_request is None:
+                self.loop.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.pause()
+        request = self.exit_request or ExitRequest(0, None, "host-qmp-quit")
+        if request.message:
+            message(request.message)
+        if self.runstate != "internal-error":
+            self.runstate = "shutdown"
+        return request.status
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.request_exit(0, f"terminating on signal {signum}", "host-signal")
+
+    def close(self) -> None:
+        for t in self.vcpus:
+            t.quit()
+        for chardev in self.chardevs:
+            chardev.close()
+        self.memory.close()
+        for t in self.vcpus:
+            t.vcpu.close()
+        if getattr(self, "vm", None) is not None:
+            self.vm.close()
+        if getattr(self, "kvm", None) is not None:
+            self.kvm.close()
+        sys.stdout.flush()

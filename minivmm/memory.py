@@ -1,0 +1,206 @@
+"""Guest RAM: named RAM blocks in memfds (or files), their guest-physical map,
+and bounds-checked access from the VMM.
+
+A RamBlock is what QEMU calls a RAMBlock: one host mapping with a stable name
+("pc.ram", a backend id, "pc.bios"). CPR keeps these fds and maps them again in
+the next process, so everything that identifies a block lives here. The
+GuestMemory map places (parts of) blocks at guest-physical addresses and is
+what the KVM memory slots are made from.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from dataclasses import dataclass, field
+
+MFD_CLOEXEC = 0x1
+MFD_HUGETLB = 0x4
+PAGE_SIZE = mmap.PAGESIZE
+
+
+class GuestMemoryError(Exception):
+    """A guest-physical access outside RAM, or RAM that cannot be set up."""
+
+
+@dataclass
+class RamBlock:
+    """A named host mapping of guest RAM.
+
+    ``fd`` is the memfd or file behind it (-1 for anonymous memory); ``shared``
+    says the mapping is MAP_SHARED, so the fd's pages *are* guest RAM and a new
+    process mapping the same fd sees the same memory (the CPR requirement).
+    """
+
+    name: str
+    size: int
+    fd: int
+    shared: bool
+    kind: str  # "memfd", "file" or "ram": what QEMU's backend type would be
+    path: str | None = None
+    readonly: bool = False  # read-only for the guest (a ROM); the VMM may still write it
+    mem: mmap.mmap = field(repr=False, default=None)  # type: ignore[assignment]
+    host_addr: int = 0
+
+    @classmethod
+    def memfd(cls, name: str, size: int, *, shared: bool, hugetlb: bool = False) -> RamBlock:
+        flags = MFD_CLOEXEC | (MFD_HUGETLB if hugetlb else 0)
+        try:
+            fd = os.memfd_create(name, flags)
+        except OSError as e:
+            raise GuestMemoryError(f"cannot create memfd for '{name}': {e.strerror}") from None
+        try:
+            os.ftruncate(fd, size)
+        except OSError as e:
+            os.close(fd)
+            raise GuestMemoryError(f"cannot set up guest memory '{name}': {e.strerror}") from None
+        return cls._mapped(cls(name, size, fd, shared, "memfd"))
+
+    @classmethod
+    def file(cls, name: str, size: int, path: str, *, shared: bool) -> RamBlock:
+        """A file-backed block (memory-backend-file): the file outlives the process."""
+        if os.path.isdir(path):
+            fd = os.open(path, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+        else:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                raise GuestMemoryError(f"can't open backing store {path} for guest RAM: {e.strerror}") from None
+        try:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+        except OSError as e:
+            os.close(fd)
+            raise GuestMemoryError(f"cannot set up guest memory '{name}': {e.strerror}") from None
+        return cls._mapped(cls(name, size, fd, shared, "file", path=path))
+
+    @classmethod
+    def anonymous(cls, name: str, size: int, *, shared: bool) -> RamBlock:
+        return cls._mapped(cls(name, size, -1, shared, "ram"))
+
+    @classmethod
+    def from_fd(cls, name: str, size: int, fd: int, *, shared: bool, kind: str) -> RamBlock:
+        """Map an fd handed over by a previous minivmm (CPR): its contents are kept."""
+        return cls._mapped(cls(name, size, fd, shared, kind))
+
+    @classmethod
+    def _mapped(cls, block: RamBlock) -> RamBlock:
+        flags = mmap.MAP_SHARED if block.shared else mmap.MAP_PRIVATE
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        try:
+            if block.fd >= 0:
+                block.mem = mmap.mmap(block.fd, block.size, flags, prot)
+            else:
+                block.mem = mmap.mmap(-1, block.size, flags | mmap.MAP_ANONYMOUS, prot)
+        except OSError as e:
+            block.close()
+            raise GuestMemoryError(f"cannot set up guest memory '{block.name}': {e.strerror}") from None
+        anchor = ctypes.c_char.from_buffer(block.mem)
+        block.host_addr = ctypes.addressof(anchor)
+        del anchor  # an exported buffer would keep mmap.close() from working
+        return block
+
+    def close(self) -> None:
+        if self.mem is not None:
+            self.mem.close()
+            self.mem = None  # type: ignore[assignment]
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """``size`` bytes of ``block`` from ``offset`` appear at guest-physical ``gpa``."""
+
+    gpa: int
+    size: int
+    block: RamBlock
+    offset: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+class GuestMemory:
+    """The guest-physical memory map and bounds-checked access to it.
+
+    Mappings added later take precedence where they overlap earlier ones
+    (the BIOS alias below 1 MiB punches a hole into RAM), so the final map is
+    a list of disjoint ranges, one KVM memory slot each.
+    """
+
+    def __init__(self) -> None:
+        self.blocks: list[RamBlock] = []
+        self.mappings: list[Mapping] = []
+
+    def add_block(self, block: RamBlock) -> RamBlock:
+        if any(b.name == block.name for b in self.blocks):
+            raise GuestMemoryError(f"RAM block '{block.name}' already exists")
+        self.blocks.append(block)
+        return block
+
+    def block(self, name: str) -> RamBlock:
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+    def map(self, gpa: int, size: int, block: RamBlock, offset: int = 0) -> None:
+        if gpa % PAGE_SIZE or size % PAGE_SIZE or offset % PAGE_SIZE or offset + size > block.size:
+            raise GuestMemoryError(
+                f"bad mapping of '{block.name}' at {gpa:#x}+{size:#x} (offset {offset:#x}, block size {block.size:#x})"
+            )
+        kept: list[Mapping] = []
+        for m in self.mappings:
+            if m.end <= gpa or m.gpa >= gpa + size:
+                kept.append(m)
+                continue
+            if m.gpa < gpa:
+                kept.append(Mapping(m.gpa, gpa - m.gpa, m.block, m.offset))
+            if m.end > gpa + size:
+                cut = gpa + size - m.gpa
+                kept.append(Mapping(gpa + size, m.end - gpa - size, m.block, m.offset + cut))
+        kept.append(Mapping(gpa, size, block, offset))
+        self.mappings = sorted(kept, key=lambda m: m.gpa)
+
+    def _find(self, gpa: int, length: int) -> tuple[Mapping, int]:
+        for m in self.mappings:
+            if m.gpa <= gpa < m.end:
+                if length > m.end - gpa:
+                    break
+                return m, m.offset + gpa - m.gpa
+        raise GuestMemoryError(f"guest-physical range {gpa:#x}+{length:#x} is not RAM")
+
+    def read(self, gpa: int, length: int) -> bytes:
+        if length < 0 or gpa < 0:
+            raise GuestMemoryError(f"bad guest-physical range {gpa:#x}+{length:#x}")
+        m, off = self._find(gpa, length)
+        return m.block.mem[off : off + length]
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        m, off = self._find(gpa, len(data))
+        m.block.mem[off : off + len(data)] = data
+
+    def read_cstring(self, gpa: int, limit: int = 4096) -> bytes:
+        """A NUL-terminated string the guest points at, bounded by ``limit`` and by RAM."""
+        m, off = self._find(gpa, 1)
+        end = min(off + limit, m.offset + m.size)
+        raw = m.block.mem[off:end]
+        nul = raw.find(b"\0")
+        return raw if nul < 0 else raw[:nul]
+
+    def is_ram(self, gpa: int, length: int = 1) -> bool:
+        try:
+            self._find(gpa, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def close(self) -> None:
+        for b in self.blocks:
+            b.close()
+        self.blocks.clear()
+        self.mappings.clear()

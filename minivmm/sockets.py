@@ -1,0 +1,40 @@
+"""Unix listening sockets created 0600 without a window where they are not."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import tempfile
+
+
+def unix_listen(path: str, backlog: int = 4) -> socket.socket:
+    """Bind ``path`` (replacing a stale socket) with mode 0600.
+
+    The socket is bound in a fresh 0700 directory next to ``path``, chmod'ed,
+    then renamed into place, so no other user can ever connect to it and the
+    process umask is never touched (other threads may be creating files).
+    """
+    path = os.path.abspath(path)
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket")
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    tmpdir = tempfile.mkdtemp(prefix=".minivmm-", dir=os.path.dirname(path))
+    try:
+        tmp = os.path.join(tmpdir, "s")
+        sock.bind(tmp)
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    sock.listen(backlog)
+    return sock

@@ -1,0 +1,215 @@
+"""vCPU threads: the KVM_RUN loop and the pause/resume handshake.
+
+Each vCPU runs in its own thread. Another thread pauses it by setting
+``kvm_run.immediate_exit`` and sending SIG_KICK to the thread: if the vCPU is
+inside KVM_RUN the signal makes it return EINTR, and if it is not, the next
+KVM_RUN returns EINTR at once (after completing any pending I/O, so the
+state KVM reports is consistent). On EINTR the thread parks until resumed.
+
+The exit loop is the hot path: exits are decoded with precompiled structs
+from the mmap'd kvm_run rather than through ctypes attributes, and devices
+are found through the bus's per-address cache.
+"""
+
+from __future__ import annotations
+
+import errno
+import signal
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .devices.bus import Bus
+from .kvm import constants as c
+from .kvm import ioctls
+from .kvm.structs import RUN_OFFSET_EXIT, RUN_OFFSET_EXIT_REASON, RUN_OFFSET_IMMEDIATE_EXIT
+from .kvm.system import KvmError, Vcpu, _ioctl, get_errno
+
+SIG_KICK = signal.SIGUSR1
+
+_EXIT_REASON = struct.Struct("<I")
+_IO = struct.Struct("<BBHIQ")
+_MMIO = struct.Struct("<Q8sIB")
+
+
+def install_kick_handler() -> None:
+    """SIG_KICK must have a handler (else it kills) that does nothing; main thread only."""
+    signal.signal(SIG_KICK, lambda signum, frame: None)
+
+
+@dataclass
+class VcpuExit:
+    """Why a vCPU stopped for good: the machine decides what happens next."""
+
+    kind: str  # "shutdown" (triple fault), "internal-error", "fail-entry", "system-event", "unknown"
+    message: str
+    data: int = 0
+
+
+class VcpuThread:
+    def __init__(
+        self,
+        vcpu: Vcpu,
+        pio: Bus,
+        mmio: Bus,
+        on_exit: Callable[[VcpuThread, VcpuExit], None],
+        describe: Callable[[VcpuThread], str],
+    ) -> None:
+        self.vcpu = vcpu
+        self.index = vcpu.id
+        self.pio = pio
+        self.mmio = mmio
+        self.on_exit = on_exit  # called in this thread when the guest cannot go on
+        self.describe = describe  # "RIP=... " context for error messages
+        self.cond = threading.Condition()
+        self.want_pause = True  # threads are created paused
+        self.paused = False
+        self.want_quit = False
+        self.exits = 0  # number of KVM_RUN returns, for statistics
+        self.thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
+
+    # --- control, from any thread -------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def request_pause(self) -> None:
+        with self.cond:
+            self.want_pause = True
+            self.vcpu.run_mmap[RUN_OFFSET_IMMEDIATE_EXIT] = 1
+            ident = self.thread.ident
+        if ident is not None and self.thread.is_alive() and ident != threading.get_ident():
+            try:
+                signal.pthread_kill(ident, SIG_KICK)
+            except ProcessLookupError:
+                pass
+
+    def wait_paused(self, timeout: float | None = None) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: self.paused or not self.thread.is_alive(), timeout)
+
+    def resume(self) -> None:
+        with self.cond:
+            self.want_pause = False
+            self.cond.notify_all()
+
+    def quit(self, timeout: float = 5.0) -> None:
+        """End the thread (from another thread) and wait for it."""
+        with self.cond:
+            self.want_quit = True
+            self.cond.notify_all()
+        self.request_pause()
+        if self.thread.is_alive() and self.thread.ident != threading.get_ident():
+            self.thread.join(timeout)
+
+    # --- the thread ----------------------------------------------------------------
+    def _park(self) -> bool:
+        """Wait while a pause is wanted. False when the thread should end."""
+        with self.cond:
+            self.vcpu.run_mmap[RUN_OFFSET_IMMEDIATE_EXIT] = 0
+            if not self.want_pause and not self.want_quit:
+                return True
+            self.paused = True
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: not self.want_pause or self.want_quit)
+            self.paused = False
+            self.cond.notify_all()
+            return not self.want_quit
+
+    def _main(self) -> None:
+        while self._park():
+            stop = self._run()
+            if stop is not None:
+                with self.cond:
+                    self.want_pause = True
+                self.on_exit(self, stop)
+
+    def _run(self) -> VcpuExit | None:
+        """Run the guest until a pause is requested (None) or it cannot go on."""
+        fd = self.vcpu.fd
+        run = self.vcpu.run_mmap
+        view = memoryview(run)
+        kvm_run = ioctls.KVM_RUN
+        ioctl = _ioctl
+        exit_reason = _EXIT_REASON.unpack_from
+        io_exit = _IO.unpack_from
+        pio_lookup = self.pio.lookup
+        reason_at, exit_at = RUN_OFFSET_EXIT_REASON, RUN_OFFSET_EXIT
+        exit_io, exit_mmio, out = c.KVM_EXIT_IO, c.KVM_EXIT_MMIO, c.KVM_EXIT_IO_OUT
+        exits = 0
+        try:
+            while True:
+                if ioctl(fd, kvm_run, None) < 0:
+                    err = get_errno()
+                    if err in (errno.EINTR, errno.EAGAIN):
+                        return None
+                    raise KvmError("KVM_RUN", err)
+                exits += 1
+                reason = exit_reason(view, reason_at)[0]
+                if reason == exit_io:
+                    direction, size, port, count, offset = io_exit(view, exit_at)
+                    hit = pio_lookup(port)
+                    if direction == out:
+                        if hit is None:
+                            continue
+                        device, devoff = hit
+                        if count == 1 and size == 1:
+                            device.write(devoff, 1, view[offset])
+                        else:
+                            for i in range(count):
+                                at = offset + i * size
+                                device.write(devoff, size, int.from_bytes(view[at : at + size], "little"))
+                    else:
+                        for i in range(count):
+                            at = offset + i * size
+                            value = hit[0].read(hit[1], size) if hit else (1 << (8 * size)) - 1
+                            view[at : at + size] = value.to_bytes(size, "little")
+                elif reason == exit_mmio:
+                    self._mmio(view)
+                else:
+                    return self._other_exit(reason)
+        finally:
+            self.exits += exits
+            view.release()
+
+    def _mmio(self, view: memoryview) -> None:
+        addr, data, length, is_write = _MMIO.unpack_from(view, RUN_OFFSET_EXIT)
+        if is_write:
+            self.mmio.write(addr, length, int.from_bytes(data[:length], "little"))
+        else:
+            value = self.mmio.read(addr, length)
+            at = RUN_OFFSET_EXIT + 8
+            view[at : at + length] = value.to_bytes(length, "little")
+
+    def _other_exit(self, reason: int) -> VcpuExit:
+        run = self.vcpu.run
+        where = self.describe(self)
+        name = c.EXIT_NAMES.get(reason, str(reason))
+        if reason == c.KVM_EXIT_SHUTDOWN:
+            return VcpuExit("shutdown", f"triple fault (KVM_EXIT_SHUTDOWN) at {where}")
+        if reason == c.KVM_EXIT_INTERNAL_ERROR:
+            err = run.exit.internal
+            what = c.INTERNAL_ERROR_NAMES.get(err.suberror, "unknown")
+            extra = ""
+            if err.suberror == c.KVM_INTERNAL_ERROR_EMULATION:
+                ef = run.exit.emulation_failure
+                if ef.flags & c.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES and ef.insn_size:
+                    size = min(ef.insn_size, 15)
+                    extra = "; instruction bytes " + " ".join(f"{b:02x}" for b in ef.insn_bytes[:size])
+            data = " ".join(f"{err.data[i]:#x}" for i in range(min(err.ndata, 16)))
+            return VcpuExit(
+                "internal-error",
+                f"KVM internal error, suberror {err.suberror} ({what}) at {where}{extra}"
+                + (f"; data: {data}" if data else ""),
+                err.suberror,
+            )
+        if reason == c.KVM_EXIT_FAIL_ENTRY:
+            fe = run.exit.fail_entry
+            return VcpuExit(
+                "fail-entry",
+                f"KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {fe.hardware_entry_failure_reason:#x} "
+                f"on cpu {fe.cpu} at {where}",
+            )
+        if reason == c.KVM_EXIT_SYSTEM_EVENT:
+            return VcpuExit("system-event", f"system event {run.exit.system_event.type}", run.exit.system_event.type)
+        return VcpuExit("unknown", f"unexpected exit KVM_EXIT_{name} ({reason}) at {where}", reason)
