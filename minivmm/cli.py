@@ -348,9 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minivmm version {__version__}")
         return 0
     cfg = p.config
-    if cfg.kernel is None and cfg.bios is None:
+    builtin = cfg.kernel is None and cfg.bios is None
+    if builtin:
         cfg.kernel = guests.path(guests.DEFAULT)
-        print(f"minivmm: no -kernel given: booting the built-in guest {guests.DEFAULT}", file=sys.stderr)
     from .machine import Machine, MachineError
     from .kvm.system import KvmError
 
@@ -362,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     except KvmError as e:
         print(f"minivmm: {e}", file=sys.stderr)
         return 1
+    if builtin:
+        print(f"minivmm: no -kernel given: booting the built-in guest {guests.DEFAULT}", file=sys.stderr)
     try:
         if p.pidfile:
             _write_pidfile(p.pidfile)

@@ -28,8 +28,9 @@ from .kvm.system import KvmError, Vcpu, _ioctl, get_errno
 
 SIG_KICK = signal.SIGUSR1
 
-_EXIT_REASON = struct.Struct("<I")
-_IO = struct.Struct("<BBHIQ")
+# exit_reason (offset 8) and, 24 bytes on, the io member of the exit union
+_EXIT = struct.Struct("<I20xBBHIQ")
+assert RUN_OFFSET_EXIT - RUN_OFFSET_EXIT_REASON == 24
 _MMIO = struct.Struct("<Q8sIB")
 
 
@@ -127,14 +128,10 @@ class VcpuThread:
     def _run(self) -> VcpuExit | None:
         """Run the guest until a pause is requested (None) or it cannot go on."""
         fd = self.vcpu.fd
-        run = self.vcpu.run_mmap
-        view = memoryview(run)
-        kvm_run = ioctls.KVM_RUN
-        ioctl = _ioctl
-        exit_reason = _EXIT_REASON.unpack_from
-        io_exit = _IO.unpack_from
-        pio_lookup = self.pio.lookup
-        reason_at, exit_at = RUN_OFFSET_EXIT_REASON, RUN_OFFSET_EXIT
+        view = memoryview(self.vcpu.run_mmap)
+        kvm_run, ioctl = ioctls.KVM_RUN, _ioctl
+        decode = _EXIT.unpack_from
+        pio_cache_get, pio_lookup = self.pio.cache.get, self.pio.lookup
         exit_io, exit_mmio, out = c.KVM_EXIT_IO, c.KVM_EXIT_MMIO, c.KVM_EXIT_IO_OUT
         exits = 0
         try:
@@ -145,25 +142,18 @@ class VcpuThread:
                         return None
                     raise KvmError("KVM_RUN", err)
                 exits += 1
-                reason = exit_reason(view, reason_at)[0]
+                reason, direction, size, port, count, offset = decode(view, RUN_OFFSET_EXIT_REASON)
                 if reason == exit_io:
-                    direction, size, port, count, offset = io_exit(view, exit_at)
-                    hit = pio_lookup(port)
+                    device, devoff = pio_cache_get(port) or pio_lookup(port)
                     if direction == out:
-                        if hit is None:
-                            continue
-                        device, devoff = hit
                         if count == 1 and size == 1:
                             device.write(devoff, 1, view[offset])
                         else:
-                            for i in range(count):
-                                at = offset + i * size
+                            for at in range(offset, offset + count * size, size):
                                 device.write(devoff, size, int.from_bytes(view[at : at + size], "little"))
                     else:
-                        for i in range(count):
-                            at = offset + i * size
-                            value = hit[0].read(hit[1], size) if hit else (1 << (8 * size)) - 1
-                            view[at : at + size] = value.to_bytes(size, "little")
+                        for at in range(offset, offset + count * size, size):
+                            view[at : at + size] = device.read(devoff, size).to_bytes(size, "little")
                 elif reason == exit_mmio:
                     self._mmio(view)
                 else:

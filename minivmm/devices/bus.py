@@ -32,14 +32,35 @@ class Range:
         return self.base + self.length
 
 
+class Unclaimed:
+    """What answers at an address no device claims: reads are all ones, writes vanish."""
+
+    name = "unclaimed"
+
+    def read(self, offset: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+
+UNCLAIMED = Unclaimed()
+_CACHE_LIMIT = 4096
+
+
 class Bus:
-    """Address ranges -> devices. Unclaimed reads return all ones, writes vanish."""
+    """Address ranges -> devices.
+
+    ``cache`` maps addresses already seen to (device, offset), unclaimed ones
+    included, so the vCPU loop's common case is one dict lookup; it is
+    cleared when a range is added and bounded for MMIO's large space.
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.ranges: list[Range] = []
         self._bases: list[int] = []
-        self._cache: dict[int, tuple[Device, int]] = {}
+        self.cache: dict[int, tuple[Device, int]] = {}
 
     def register(self, base: int, length: int, device: Device) -> None:
         if length <= 0:
@@ -54,31 +75,29 @@ class Bus:
         i = bisect.bisect(self._bases, base)
         self.ranges.insert(i, new)
         self._bases.insert(i, base)
-        self._cache.clear()
+        self.cache.clear()
 
-    def lookup(self, addr: int) -> tuple[Device, int] | None:
-        """(device, offset) for ``addr``, or None when nothing claims it."""
-        hit = self._cache.get(addr)
+    def lookup(self, addr: int) -> tuple[Device, int]:
+        """(device, offset) for ``addr``; UNCLAIMED when no device claims it."""
+        hit = self.cache.get(addr)
         if hit is not None:
             return hit
+        hit = (UNCLAIMED, 0)
         i = bisect.bisect(self._bases, addr) - 1
-        if i >= 0:
-            r = self.ranges[i]
-            if addr < r.end:
-                hit = self._cache[addr] = (r.device, addr - r.base)
-                return hit
-        return None
+        if i >= 0 and addr < self.ranges[i].end:
+            hit = (self.ranges[i].device, addr - self.ranges[i].base)
+        if len(self.cache) >= _CACHE_LIMIT:
+            self.cache.clear()
+        self.cache[addr] = hit
+        return hit
 
     def read(self, addr: int, size: int) -> int:
-        hit = self.lookup(addr)
-        if hit is None:
-            return (1 << (8 * size)) - 1
-        return hit[0].read(hit[1], size)
+        device, offset = self.lookup(addr)
+        return device.read(offset, size)
 
     def write(self, addr: int, size: int, value: int) -> None:
-        hit = self.lookup(addr)
-        if hit is not None:
-            hit[0].write(hit[1], size, value)
+        device, offset = self.lookup(addr)
+        device.write(offset, size, value)
 
     def devices(self) -> list[Device]:
         return [r.device for r in self.ranges]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 ELFCLASS32, ELFCLASS64 = 1, 2
 EM_386, EM_X86_64 = 3, 62
 PT_LOAD = 1
+ET_EXEC = 2
 
 
 class ElfError(ValueError):
@@ -51,6 +52,10 @@ def parse(data: bytes) -> ElfImage:
     elf_class, endian = data[4], data[5]
     if endian != 1:
         raise ElfError("not a little-endian ELF file")
+    e_type = struct.unpack_from("<H", data, 16)[0]
+    if e_type != ET_EXEC:
+        kind = {1: "a relocatable object", 3: "a shared object or PIE program", 4: "a core dump"}.get(e_type, "")
+        raise ElfError(f"not an executable ELF file ({kind or f'type {e_type}'}); kernels are linked ET_EXEC")
     if elf_class == ELFCLASS64:
         if len(data) < 64:
             raise ElfError("truncated ELF header")

@@ -1,0 +1,306 @@
+/*
+ * timer.S - multiboot ELF32 guest that takes hardware interrupts: the PIT
+ * through the 8259 PIC, the local APIC timer, or the serial port.
+ *
+ * Run:    qemu-system-x86_64 -kernel timer.elf -append "pit 100"
+ * Command line (one of):
+ *         pit N     PIT channel 0 at 1000 Hz on IRQ 0 (vector 0x20); after N
+ *                   ticks prints "timer: pit ticks=N".  The default, with
+ *                   N = 100, when no word is given.
+ *         lapic N   LAPIC timer, periodic, 1 ms (1000000 counts of KVM's
+ *                   1 GHz APIC bus, divide by 1), vector 0x40; after N
+ *                   interrupts prints "timer: lapic ticks=N".
+ *         serial    COM1 receive interrupts on IRQ 4 (vector 0x24); prints
+ *                   "timer: got X" for every byte received and, after "q",
+ *                   "timer: serial done".
+ *         (N missing or 0 means 100.)
+ * Exits:  debug-exit value 0x10 (status 33).
+ *
+ * Interrupts only: no exceptions, no "int $n" (PVM cannot deliver those).
+ * And no iret: KVM's instruction emulator implements IRET only in real
+ * mode, so on PVM (where CPL0 code is emulated) an iret in protected mode
+ * stops the VM with an emulation failure.  The handlers return with
+ * IRET_SAME_CPL instead (below).
+ */
+#include "guest.h"
+
+	.equ CODE_SEL, SEL_CODE64	/* multiboot's 32-bit code selector */
+	.equ DEFAULT_TICKS, 100
+	.equ PIC_VECTOR, 0x20		/* IRQ 0-7 -> 0x20-0x27, 8-15 -> 0x28-0x2f */
+	.equ LAPIC_TIMER_VECTOR, 0x40
+	.equ SPURIOUS_VECTOR, 0xff
+	.equ PIC_EOI, 0x20
+	.equ PIT_HZ, 1193182
+	.equ PIT_DIVISOR, (PIT_HZ + 500) / 1000	/* 1000 Hz */
+	.equ PIT_CMD, PORT_PIT + 3
+	.equ PIT_CH0_MODE2, 0x34	/* channel 0, lo/hi byte, mode 2, binary */
+	.equ LAPIC_EOI, LAPIC_ADDR + 0xb0
+	.equ LAPIC_SVR, LAPIC_ADDR + 0xf0
+	.equ LAPIC_LVT_TIMER, LAPIC_ADDR + 0x320
+	.equ LAPIC_TIMER_INIT, LAPIC_ADDR + 0x380
+	.equ LAPIC_TIMER_DIV, LAPIC_ADDR + 0x3e0
+	.equ LVT_PERIODIC, 1 << 17
+	.equ LVT_MASKED, 1 << 16
+	.equ LAPIC_TICK_COUNT, 1000000	/* 1 ms at 1 GHz */
+	.equ IER_RX, 0x01		/* interrupt on received data */
+	.equ MCR_DTR_RTS_OUT2, 0x0b	/* OUT2 gates the UART IRQ on a PC */
+
+/* IRET_SAME_CPL: what iret does when the interrupted code ran at our own
+ * privilege level (CPL0, so CS does not change).  The stack holds EIP, CS,
+ * EFLAGS: copy EFLAGS to the top (push with an ESP-based operand computes
+ * the address before the push), pop it into EFLAGS (this restores IF), then
+ * pop EIP and drop CS and EFLAGS.  An interrupt that arrives between popfl
+ * and ret just nests on a consistent stack. */
+#define IRET_SAME_CPL pushl 8(%esp); popfl; ret $8
+
+	MULTIBOOT_HEADER
+
+	.code32
+	.text
+	.globl _start
+_start:
+	mov $stack_top, %esp
+	mov %ebx, %ebp			/* multiboot information */
+	cld
+
+	lgdt gdt_ptr			/* our own GDT: gates need a known CS */
+	ljmp $CODE_SEL, $1f
+1:	mov $SEL_DATA, %ax
+	mov %ax, %ds
+	mov %ax, %es
+	mov %ax, %ss
+	mov %ax, %fs
+	mov %ax, %gs
+
+	xor %eax, %eax			/* every vector: just return */
+1:	mov $ignore_irq, %edx
+	call set_gate
+	inc %eax
+	cmp $256, %eax
+	jb 1b
+	lidt idt_ptr
+
+	call pic_init			/* all IRQs masked at vectors 0x20-0x2f */
+
+	xor %esi, %esi			/* which test? */
+	testl $MBI_FLAG_CMDLINE, MBI_FLAGS(%ebp)
+	jz 1f
+	mov MBI_CMDLINE(%ebp), %esi
+1:	mov $word_lapic, %edi
+	call cmd_find
+	test %eax, %eax
+	jnz lapic_test
+	mov $word_serial, %edi
+	call cmd_find
+	test %eax, %eax
+	jnz serial_test
+	mov $word_pit, %edi
+	call cmd_find			/* no "pit" either: rAX = 0, N = 100 */
+
+/* ---- pit N ---- */
+pit_test:
+	call ticks_arg
+	mov $PIC_VECTOR + IRQ_PIT, %eax
+	mov $pit_irq, %edx
+	call set_gate
+	mov $PIT_CH0_MODE2, %al		/* rate generator, 1000 Hz */
+	out %al, $PIT_CMD
+	mov $PIT_DIVISOR & 0xff, %al
+	out %al, $PORT_PIT
+	mov $PIT_DIVISOR >> 8, %al
+	out %al, $PORT_PIT
+	mov $~(1 << IRQ_PIT) & 0xff, %al	/* unmask IRQ 0 only */
+	out %al, $PORT_PIC_MASTER + 1
+	call wait_ticks
+	mov $0xff, %al			/* mask it again */
+	out %al, $PORT_PIC_MASTER + 1
+	PRINT("timer: pit ticks=")
+	mov ticks, %eax
+	call putdec
+	PUTC('\n')
+	jmp done
+
+/* ---- lapic N ---- */
+lapic_test:
+	call ticks_arg
+	mov $LAPIC_TIMER_VECTOR, %eax
+	mov $lapic_irq, %edx
+	call set_gate
+	movl $0x100 | SPURIOUS_VECTOR, LAPIC_SVR	/* software enable */
+	movl $0xb, LAPIC_TIMER_DIV	/* divide by 1 */
+	movl $LVT_PERIODIC | LAPIC_TIMER_VECTOR, LAPIC_LVT_TIMER
+	movl $LAPIC_TICK_COUNT, LAPIC_TIMER_INIT	/* starts the timer */
+	call wait_ticks
+	movl $LVT_MASKED, LAPIC_LVT_TIMER	/* stop it */
+	movl $0, LAPIC_TIMER_INIT
+	PRINT("timer: lapic ticks=")
+	mov ticks, %eax
+	call putdec
+	PUTC('\n')
+	jmp done
+
+/* ---- serial ---- */
+serial_test:
+	mov $PIC_VECTOR + IRQ_COM1, %eax
+	mov $serial_irq, %edx
+	call set_gate
+	mov $MCR_DTR_RTS_OUT2, %al
+	mov $COM1_MCR, %dx
+	out %al, %dx
+	mov $IER_RX, %al
+	mov $COM1_IER, %dx
+	out %al, %dx
+	mov $~(1 << IRQ_COM1) & 0xff, %al	/* unmask IRQ 4 only */
+	out %al, $PORT_PIC_MASTER + 1
+1:	sti				/* sti; hlt: no wake-up is lost */
+	hlt
+	cli
+	cmpb $0, serial_done
+	je 1b
+	mov $0xff, %al
+	out %al, $PORT_PIC_MASTER + 1
+	xor %al, %al
+	mov $COM1_IER, %dx
+	out %al, %dx
+	PRINT("timer: serial done\n")
+
+done:
+	mov $0x10, %al
+	jmp guest_exit
+
+/* ticks_arg: eax = address after the command-line word, or 0.
+ * Sets target = the number that follows it, or DEFAULT_TICKS. */
+ticks_arg:
+	push %esi
+	mov %eax, %esi
+	test %esi, %esi
+	jz 1f
+	call parse_dec
+	test %eax, %eax
+	jnz 2f
+1:	mov $DEFAULT_TICKS, %eax
+2:	mov %eax, target
+	movl $0, ticks
+	pop %esi
+	ret
+
+/* wait_ticks: sleep until the interrupt handler has counted target ticks. */
+wait_ticks:
+	push %eax
+1:	sti				/* the instruction after sti runs */
+	hlt				/* before any interrupt: no lost wake-up */
+	cli
+	mov ticks, %eax
+	cmp target, %eax
+	jb 1b
+	pop %eax
+	ret
+
+/* pic_init: program both 8259s (ICW1-ICW4): IRQ 0-7 at vectors 0x20-0x27,
+ * IRQ 8-15 at 0x28-0x2f, slave on IRQ 2, 8086 mode; mask every IRQ. */
+pic_init:
+	mov $0x11, %al			/* ICW1: edge, cascade, ICW4 follows */
+	out %al, $PORT_PIC_MASTER
+	out %al, $PORT_PIC_SLAVE
+	mov $PIC_VECTOR, %al		/* ICW2: vector base */
+	out %al, $PORT_PIC_MASTER + 1
+	mov $PIC_VECTOR + 8, %al
+	out %al, $PORT_PIC_SLAVE + 1
+	mov $1 << 2, %al		/* ICW3: slave on IRQ 2 ... */
+	out %al, $PORT_PIC_MASTER + 1
+	mov $2, %al			/* ... which is its cascade identity */
+	out %al, $PORT_PIC_SLAVE + 1
+	mov $0x01, %al			/* ICW4: 8086 mode, normal EOI */
+	out %al, $PORT_PIC_MASTER + 1
+	out %al, $PORT_PIC_SLAVE + 1
+	mov $0xff, %al			/* OCW1: mask everything */
+	out %al, $PORT_PIC_MASTER + 1
+	out %al, $PORT_PIC_SLAVE + 1
+	ret
+
+/* set_gate: IDT entry eax -> handler edx (32-bit interrupt gate, DPL 0). */
+set_gate:
+	push %ecx
+	mov %edx, %ecx
+	and $0xffff, %ecx		/* offset 15:0 */
+	or $CODE_SEL << 16, %ecx	/* selector */
+	mov %ecx, idt(, %eax, 8)
+	mov %edx, %ecx
+	and $0xffff0000, %ecx		/* offset 31:16 */
+	or $0x8e00, %ecx		/* present, DPL 0, 32-bit interrupt gate */
+	mov %ecx, idt + 4(, %eax, 8)
+	pop %ecx
+	ret
+
+/* ---- interrupt handlers ---- */
+ignore_irq:				/* spurious interrupts need no EOI */
+	IRET_SAME_CPL
+
+pit_irq:
+	push %eax
+	incl ticks
+	mov $PIC_EOI, %al
+	out %al, $PORT_PIC_MASTER
+	pop %eax
+	IRET_SAME_CPL
+
+lapic_irq:
+	incl ticks
+	movl $0, LAPIC_EOI
+	IRET_SAME_CPL
+
+serial_irq:
+	pushal
+1:	mov $COM1_LSR, %dx		/* every byte that is there */
+	in %dx, %al
+	test $LSR_DATA_READY, %al
+	jz 2f
+	mov $COM1_DATA, %dx
+	in %dx, %al
+	mov %al, %bl
+	PRINT("timer: got ")
+	call putc
+	PUTC('\n')
+	cmp $'q', %bl
+	jne 1b
+	movb $1, serial_done
+	jmp 1b
+2:	mov $PIC_EOI, %al
+	out %al, $PORT_PIC_MASTER
+	popal
+	IRET_SAME_CPL
+
+#include "serial.S"
+#include "cmdline.S"
+
+	.section .rodata
+word_pit:	.asciz "pit"
+word_lapic:	.asciz "lapic"
+word_serial:	.asciz "serial"
+	.balign 8
+gdt:
+	.quad 0				/* 0x00 null */
+	.quad 0				/* 0x08 unused */
+	.quad 0x00cf9b000000ffff	/* 0x10 = CODE_SEL: 32-bit code, flat */
+	.quad 0x00cf93000000ffff	/* 0x18 = SEL_DATA: data, flat */
+gdt_end:
+	.balign 4
+	.word 0				/* so that the base is 4-aligned */
+gdt_ptr:
+	.word gdt_end - gdt - 1
+	.long gdt
+idt_ptr:
+	.word 256 * 8 - 1
+	.long idt
+
+	.data
+ticks:		.long 0
+target:		.long 0
+serial_done:	.byte 0
+
+	.bss
+	.balign 8
+idt:	.space 256 * 8
+	.balign 16
+	.space 4096
+stack_top:

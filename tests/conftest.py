@@ -1,0 +1,99 @@
+"""Shared helpers: run minivmm as a real process against /dev/kvm, always in
+its own process group, always killed at the end of the test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from minivmm import guests
+
+REPO = Path(__file__).resolve().parent.parent
+DEBUG_EXIT = ["-device", "isa-debug-exit,iobase=0xf4,iosize=0x4"]
+GUEST_EXIT_OK = (0x10 << 1) | 1  # the shipped guests write 0x10 to debug-exit when they succeed
+
+
+def guest(name: str) -> str:
+    return guests.path(name)
+
+
+@dataclass
+class Result:
+    status: int
+    stdout: str
+    stderr: str
+
+
+class Vmm:
+    """Starts minivmm processes and kills every one of them (by process group) at teardown."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.cwd = cwd
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, *args: str, stdin=subprocess.DEVNULL, env: dict | None = None, **kw) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "minivmm", *args],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=self.cwd,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+            **kw,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def run(self, *args: str, timeout: float = 60, input: bytes | None = None, **kw) -> Result:
+        proc = self.start(*args, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL, **kw)
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(proc)
+            out, err = proc.communicate()
+            pytest.fail(f"minivmm {' '.join(args)} did not finish in {timeout}s; stdout={out!r} stderr={err!r}")
+        return Result(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+    @staticmethod
+    def kill(proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            self.kill(proc)
+            for stream in (proc.stdout, proc.stderr, proc.stdin):
+                if stream is not None:
+                    stream.close()
+
+
+@pytest.fixture
+def vmm(tmp_path: Path) -> Iterator[Vmm]:
+    v = Vmm(tmp_path)
+    try:
+        yield v
+    finally:
+        v.cleanup()
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")

@@ -1,0 +1,130 @@
+"""Bad input: one line naming the option and what is wrong, exit status 1, no traceback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import guest
+
+KERNEL = ["-kernel", guest("hello32.elf")]
+
+
+def _one_line_error(result, *fragments):
+    assert result.status == 1, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("minivmm: ") and "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (["-foo"], ["-foo: invalid option"]),
+        (["-m"], ["-m: requires an argument"]),
+        (["-m", "abc"], ["-m abc: invalid size 'abc'"]),
+        (["-m", "64T"], ["-m 64T: cannot set up guest memory 'pc.ram'", "more than the host has"]),
+        (["-smp", "0"], ["-smp 0:", "at least 1"]),
+        (["-smp", "5000"], ["-smp 5000:", "between 1 and"]),
+        (["-smp", "cpus=2,bogus=1"], ["-smp cpus=2,bogus=1: Invalid parameter 'bogus'"]),
+        (["-cpu", "host,+nosuchfeature"], ["-cpu host,+nosuchfeature:", "unknown CPU feature 'nosuchfeature'"]),
+        (["-cpu", "qemu64"], ["-cpu qemu64: unable to find CPU model 'qemu64'"]),
+        (["-machine", "foo=bar"], ["-machine foo=bar: Property 'pc-machine.foo' not found"]),
+        (["-machine", "memory-backend=ram0"], ["memory-backend=ram0", "'ram0' not found"]),
+        (["-machine", "aux-ram-share=maybe"], ["aux-ram-share=maybe: Parameter 'aux-ram-share' expects"]),
+        (["-machine", "accel=tcg"], ["accel=tcg: invalid accelerator 'tcg'"]),
+        (["-object", "memory-backend-memfd,id=r,size=1G", "-machine", "memory-backend=r", "-m", "512"],
+         ["-m 512: Memory size does not match the size of the memory backend 'r'", "536870912", "1073741824"]),
+        (["-object", "memory-backend-memfd,id=r"], ["can't create backend with size 0"]),
+        (["-object", "memory-backend-memfd,id=r,size=1G,colour=red"],
+         ["Property 'memory-backend-memfd.colour' not found"]),
+        (["-object", "secret,id=s"], ["invalid object type: secret"]),
+        (["-object", "memory-backend-file,id=f,size=1M"], ["mem-path property not set"]),
+        (["-kernel", "/nonexistent/kernel"], ["-kernel /nonexistent/kernel: could not open: No such file"]),
+        (["-kernel", "/etc/hostname"], ["-kernel /etc/hostname: not a multiboot, ELF64 or Linux kernel image"]),
+        (["-kernel", sys.executable], ["not an executable ELF file"]),
+        (["-bios", "/etc/hostname", *KERNEL], ["-kernel", "cannot be combined with -bios"]),
+        (["-bios", "/nonexistent"], ["-bios /nonexistent: could not open"]),
+        (["-initrd", "/etc/hostname"], ["-initrd /etc/hostname: only allowed with -kernel"]),
+        ([*KERNEL, "-initrd", "/nonexistent/module"], ["-initrd /nonexistent/module: could not open"]),
+        ([*KERNEL, "-append", "x" * 5000], ["-append", "longer than 4095 bytes"]),
+        ([*KERNEL, "-device", "e1000"], ["-device e1000: 'e1000' is not a valid device model name"]),
+        ([*KERNEL, "-device", "isa-debug-exit,iobase=0x3fc"], ["isa-debug-exit at 0x3fc-0x3fd overlaps serial0"]),
+        ([*KERNEL, "-device", "isa-debug-exit,colour=1"], ["Property 'isa-debug-exit.colour' not found"]),
+        ([*KERNEL, "-serial", "tcp:localhost:4444"], ["-serial tcp:localhost:4444: 'tcp' is not a valid char driver"]),
+        ([*KERNEL, "-serial", "chardev:nope"], ["-serial chardev:nope: chardev 'nope' not found"]),
+        ([*KERNEL, "-serial", "file:/nonexistent/dir/log"], ["file:/nonexistent/dir/log", "Could not open"]),
+        ([*KERNEL, "-display", "gtk"], ["-display gtk: Display 'gtk' is not available"]),
+        ([*KERNEL, "-d", "everything"], ["-d everything: unknown log item 'everything'"]),
+        (["disk.img"], ["disk.img: unexpected argument"]),
+    ],
+)
+def test_bad_input_is_one_clear_line(vmm, args, fragments):
+    _one_line_error(vmm.run(*args, timeout=30), *fragments)
+
+
+def test_bzimage_is_recognised_but_not_supported_yet(vmm, tmp_path):
+    image = bytearray(0x1000)
+    image[0x202:0x206] = b"HdrS"
+    (tmp_path / "bzImage").write_bytes(image)
+    _one_line_error(vmm.run("-kernel", str(tmp_path / "bzImage")), "Linux bzImage kernels are not supported yet")
+
+
+def _run_in_private_mount_namespace(setup: str, args: list[str], cwd) -> subprocess.CompletedProcess:
+    """Run minivmm after ``setup`` (Python) changed /dev in a private mount namespace."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("setpriv") is None:
+        pytest.skip("needs root and util-linux unshare/setpriv to change /dev/kvm in a private mount namespace")
+    code = f"import os, subprocess, sys\n{setup}\n"
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_kvm_device_missing(tmp_path):
+    # An empty tmpfs over /dev: /dev/kvm really is missing.
+    setup = (
+        "subprocess.run(['mount', '-t', 'tmpfs', 'none', '/dev'], check=True)\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'minivmm', *sys.argv[1:]])"
+    )
+    r = _run_in_private_mount_namespace(setup, KERNEL, tmp_path)
+    assert (r.returncode, r.stdout, r.stderr) == (
+        1,
+        "",
+        "minivmm: Could not access KVM kernel module: No such file or directory (/dev/kvm)\n",
+    )
+
+
+def test_kvm_device_not_accessible(tmp_path):
+    # A mode-000 copy of the device node over /dev/kvm, and root without CAP_DAC_OVERRIDE.
+    setup = (
+        "node = os.path.join(os.getcwd(), 'kvm-node')\n"
+        "os.mknod(node, 0o020000, os.stat('/dev/kvm').st_rdev)\n"
+        "os.chmod(node, 0)\n"
+        "subprocess.run(['mount', '--bind', node, '/dev/kvm'], check=True)\n"
+        "os.execvp('setpriv', ['setpriv', '--bounding-set', '-dac_override,-dac_read_search',"
+        " sys.executable, '-m', 'minivmm', *sys.argv[1:]])"
+    )
+    r = _run_in_private_mount_namespace(setup, KERNEL, tmp_path)
+    assert (r.returncode, r.stdout, r.stderr) == (
+        1,
+        "",
+        "minivmm: Could not access KVM kernel module: Permission denied (/dev/kvm)\n",
+    )
+
+
+@pytest.mark.parametrize("flag,text", [("-version", "minivmm version"), ("-help", "usage: minivmm")])
+def test_version_and_help(vmm, flag, text):
+    r = vmm.run(flag)
+    assert r.status == 0 and text in r.stdout

@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Port-I/O exit cost of minivmm's run loop against a C loop, in one run.
+
+Both loops drive the same vCPU of the same VM running the same guest code
+(the shipped long64 guest with ``-append bench``: ``out %al, $0x80`` forever).
+The C loop is compiled on the fly with gcc and called through ctypes on
+vCPU 0 before its thread starts; minivmm's loop is the real one (VcpuThread,
+bus, post-code device). Rounds alternate and medians are reported, with the
+ratio (target: minivmm within 1.5x of C).
+
+Also measured, each against a baseline taken in the same invocation:
+process start to the first serial byte of the default guest (baseline: a
+bare ``python -c pass``), and the VMM's own memory (RSS minus guest RAM;
+baseline: a bare Python interpreter's RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from minivmm import guests  # noqa: E402
+from minivmm.config import ChardevConfig, MachineConfig  # noqa: E402
+from minivmm.machine import Machine  # noqa: E402
+
+C_LOOP = r"""
+#include <errno.h>
+#include <linux/kvm.h>
+#include <sys/ioctl.h>
+#include <time.h>
+/* KVM_RUN n times; every exit must be port I/O. Returns elapsed ns or -errno. */
+long run_loop(int fd, struct kvm_run *run, long n)
+{
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (long i = 0; i < n; i++) {
+        if (ioctl(fd, KVM_RUN, 0) < 0)
+            return -errno;
+        if (run->exit_reason != KVM_EXIT_IO)
+            return -1000 - (long)run->exit_reason;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    return (b.tv_sec - a.tv_sec) * 1000000000L + (b.tv_nsec - a.tv_nsec);
+}
+"""
+
+
+def build_c_loop(workdir: str) -> ctypes.CDLL:
+    src, lib = os.path.join(workdir, "loop.c"), os.path.join(workdir, "loop.so")
+    Path(src).write_text(C_LOOP)
+    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", lib, src], check=True)
+    dll = ctypes.CDLL(lib)
+    dll.run_loop.restype = ctypes.c_long
+    dll.run_loop.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_long]
+    return dll
+
+
+def bench_exits(rounds: int, exits: int) -> tuple[float, float]:
+    """Median microseconds per exit: (C loop, minivmm loop)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        dll = build_c_loop(tmp)
+        config = MachineConfig(
+            kernel=guests.path("long64.elf"), append="bench", serials=[ChardevConfig("serial0", "null")]
+        )
+        machine = Machine(config)
+        try:
+            vcpu = machine.vcpus[0]
+            run_addr = ctypes.addressof(vcpu.vcpu.run)
+            dll.run_loop(vcpu.vcpu.fd, run_addr, 1000)  # warm up: boot into the loop
+            machine.start()
+            machine.pause()
+            c_times, py_times = [], []
+            for _ in range(rounds):
+                ns = dll.run_loop(vcpu.vcpu.fd, run_addr, exits)
+                if ns < 0:
+                    raise SystemExit(f"C loop failed: {ns}")
+                c_times.append(ns / exits / 1000)
+                before, t0 = vcpu.exits, time.perf_counter()
+                machine.resume()
+                time.sleep(exits * c_times[-1] * 1.3e-6)
+                machine.pause()
+                py_times.append((time.perf_counter() - t0) / (vcpu.exits - before) * 1e6)
+            return statistics.median(c_times), statistics.median(py_times)
+        finally:
+            machine.close()
+
+
+def _first_byte_latency(argv: list[str]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        proc.stdout.read(1)
+        return time.perf_counter() - t0
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+
+
+def bench_start(rounds: int) -> tuple[float, float]:
+    """Median seconds: (python -c print, minivmm to first serial byte)."""
+    base = [sys.executable, "-c", "print('x')"]
+    vmm = [sys.executable, "-m", "minivmm", "-display", "none"]
+    b = [_first_byte_latency(base) for _ in range(rounds)]
+    v = [_first_byte_latency(vmm) for _ in range(rounds)]
+    return statistics.median(b), statistics.median(v)
+
+
+def _rss_kib(pid: int, exclude: str | None) -> int:
+    total, skip = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):
+                skip = exclude is not None and exclude in line
+            elif first == "Rss:" and not skip:
+                total += int(line.split()[1])
+    return total
+
+
+def bench_memory(ram: str) -> tuple[int, int]:
+    """KiB: (bare interpreter RSS, minivmm RSS minus guest RAM) with the A-B walker running."""
+    base = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    vmm = subprocess.Popen(
+        [sys.executable, "-m", "minivmm", "-m", ram, "-kernel", guests.path("abwalk.elf")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        vmm.stdout.read(2)  # "A" then the first "B": the walker has touched all of RAM
+        time.sleep(0.5)
+        return _rss_kib(base.pid, None), _rss_kib(vmm.pid, "memfd:pc.ram")
+    finally:
+        for p in (base, vmm):
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        vmm.stdout.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--exits", type=int, default=100_000)
+    ap.add_argument("--ram", default="256M")
+    args = ap.parse_args()
+
+    c_us, py_us = bench_exits(args.rounds, args.exits)
+    print(f"port-I/O exit round trip, median of {args.rounds} x {args.exits} exits:")
+    print(f"  C loop       {c_us:7.2f} us/exit  {1e6 / c_us:9.0f} exits/s")
+    print(f"  minivmm loop {py_us:7.2f} us/exit  {1e6 / py_us:9.0f} exits/s")
+    print(f"  ratio        {py_us / c_us:7.2f}x  (target <= 1.5x)")
+    base_s, vmm_s = bench_start(args.rounds)
+    print(f"start to first serial byte, median of {args.rounds}:")
+    print(f"  python -c print  {base_s * 1000:7.1f} ms")
+    print(f"  minivmm          {vmm_s * 1000:7.1f} ms  ({vmm_s / base_s:.1f}x the bare interpreter)")
+    base_kib, vmm_kib = bench_memory(args.ram)
+    print(f"VMM memory with a {args.ram} guest (RSS minus guest RAM):")
+    print(f"  python interpreter {base_kib / 1024:6.1f} MiB")
+    print(f"  minivmm            {vmm_kib / 1024:6.1f} MiB  ({vmm_kib / base_kib:.1f}x the bare interpreter)")
+
+
+if __name__ == "__main__":
+    main()
