@@ -351,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     builtin = cfg.kernel is None and cfg.bios is None
     if builtin:
         cfg.kernel = guests.path(guests.DEFAULT)
-    from .machine import Machine, MachineError
     from .kvm.system import KvmError
+    from .machine import Machine, MachineError
 
     try:
         machine = Machine(cfg)

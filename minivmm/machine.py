@@ -248,7 +248,7 @@ class Machine:
             raise MachineError(dev.option, f"iobase and iosize take numbers ({e})") from None
         if props:
             raise MachineError(dev.option, f"Property '{dev.driver}.{next(iter(props))}' not found")
-        if not (0 <= iobase and 1 <= iosize and iobase + iosize <= 0x10000):
+        if not (iobase >= 0 and iosize >= 1 and iobase + iosize <= 0x10000):
             raise MachineError(dev.option, f"port range {iobase:#x}+{iosize:#x} is outside 0-0xffff")
         device = DebugExit(lambda status: self.request_exit(status, None, "guest-shutdown"), iobase, iosize)
         try:

@@ -107,13 +107,12 @@ class VcpuThread:
     def _park(self) -> bool:
         """Wait while a pause is wanted. False when the thread should end."""
         with self.cond:
-            self.vcpu.run_mmap[RUN_OFFSET_IMMEDIATE_EXIT] = 0
-            if not self.want_pause and not self.want_quit:
-                return True
-            self.paused = True
-            self.cond.notify_all()
-            self.cond.wait_for(lambda: not self.want_pause or self.want_quit)
+            while self.want_pause and not self.want_quit:
+                self.paused = True
+                self.cond.notify_all()
+                self.cond.wait()
             self.paused = False
+            self.vcpu.run_mmap[RUN_OFFSET_IMMEDIATE_EXIT] = 0  # a request after this sets it again
             self.cond.notify_all()
             return not self.want_quit
 

@@ -204,8 +204,9 @@ def test_serial_null_and_none(vmm):
 
 def test_serial_unix_socket_server(vmm, tmp_path):
     path = tmp_path / "serial.sock"
-    proc = vmm.start("-kernel", guest("hello32.elf"), "-append", "echo", "-serial", f"unix:{path},server=on,wait=on",
-                     *DEBUG_EXIT)
+    proc = vmm.start(
+        "-kernel", guest("hello32.elf"), "-append", "echo", "-serial", f"unix:{path},server=on,wait=on", *DEBUG_EXIT
+    )
     wait_for(path.exists, what="the serial socket")
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     with socket.socket(socket.AF_UNIX) as client:
@@ -253,8 +254,18 @@ def _ram_fd_and_map(pid: int, name: str) -> tuple[str, str]:
         (["-m", "64"], "pc.ram", False),
         (["-m", "64", "-machine", "aux-ram-share=on"], "pc.ram", True),
         (["-object", "memory-backend-memfd,id=ram0,size=64M", "-machine", "memory-backend=ram0"], "ram0", True),
-        (["-object", '{"qom-type":"memory-backend-memfd","id":"j","size":67108864,"share":false}',
-          "-machine", "pc,memory-backend=j", "-m", "64M"], "j", False),
+        (
+            [
+                "-object",
+                '{"qom-type":"memory-backend-memfd","id":"j","size":67108864,"share":false}',
+                "-machine",
+                "pc,memory-backend=j",
+                "-m",
+                "64M",
+            ],
+            "j",
+            False,
+        ),
     ],
 )
 def test_ram_is_a_named_memfd(vmm, args, name, shared):
@@ -285,8 +296,17 @@ def test_file_backend_holds_guest_ram(vmm, tmp_path):
 def test_hugetlb_memfd(vmm):
     with open("/proc/sys/vm/nr_hugepages") as f:
         hugepages = int(f.read())
-    r = vmm.run("-object", "memory-backend-memfd,id=h,size=4M,hugetlb=on", "-machine", "memory-backend=h",
-                "-kernel", guest("hello32.elf"), "-m", "4M", *DEBUG_EXIT)
+    r = vmm.run(
+        "-object",
+        "memory-backend-memfd,id=h,size=4M,hugetlb=on",
+        "-machine",
+        "memory-backend=h",
+        "-kernel",
+        guest("hello32.elf"),
+        "-m",
+        "4M",
+        *DEBUG_EXIT,
+    )
     if hugepages >= 2:
         assert r.status == GUEST_EXIT_OK, r
     else:

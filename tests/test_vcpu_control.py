@@ -46,7 +46,7 @@ def test_pause_stops_guest_ram_and_resume_restarts_it(machines):
         assert read_status(fd) == frozen  # not one more byte walked
         assert check_invariant(fd, 64 << 20) == (64 - 2) * 256
         m.resume()
-        wait_for(lambda: read_status(fd).passes > frozen.passes, what="the walker to go on")
+        wait_for(lambda f=frozen: read_status(fd).passes > f.passes, what="the walker to go on")
     assert read_status(fd).passes > first.passes
 
 

@@ -81,6 +81,7 @@ def bench_exits(rounds: int, exits: int) -> tuple[float, float]:
             machine.pause()
             c_times, py_times = [], []
             for _ in range(rounds):
+                vcpu.vcpu.run.immediate_exit = 0  # the paused thread may have left it set
                 ns = dll.run_loop(vcpu.vcpu.fd, run_addr, exits)
                 if ns < 0:
                     raise SystemExit(f"C loop failed: {ns}")

@@ -21,13 +21,11 @@ KVM_MAX_XCRS = 16
 KVM_XSAVE_LEGACY_SIZE = 4096
 
 
+_GPRS = "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags"
+
+
 class kvm_regs(Structure):
-    _fields_ = [
-        (name, u64)
-        for name in (
-            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
-        )
-    ]
+    _fields_ = [(name, u64) for name in _GPRS.split()]
 
 
 class kvm_segment(Structure):
@@ -52,7 +50,7 @@ class kvm_dtable(Structure):
     _fields_ = [("base", u64), ("limit", u16), ("padding", u16 * 3)]
 
 
-_SEGMENTS = "cs ds es fs gs ss tr ldt".split()
+_SEGMENTS = ["cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"]
 
 
 class kvm_sregs(Structure):
@@ -116,9 +114,7 @@ class kvm_msrs(Structure):
 
 @cache
 def msrs_with(n: int) -> type[Structure]:
-    return type(
-        f"kvm_msrs_{n}", (Structure,), {"_fields_": [*kvm_msrs._fields_, ("entries", kvm_msr_entry * n)]}
-    )
+    return type(f"kvm_msrs_{n}", (Structure,), {"_fields_": [*kvm_msrs._fields_, ("entries", kvm_msr_entry * n)]})
 
 
 class kvm_msr_list(Structure):
@@ -127,9 +123,7 @@ class kvm_msr_list(Structure):
 
 @cache
 def msr_list_with(n: int) -> type[Structure]:
-    return type(
-        f"kvm_msr_list_{n}", (Structure,), {"_fields_": [*kvm_msr_list._fields_, ("indices", u32 * n)]}
-    )
+    return type(f"kvm_msr_list_{n}", (Structure,), {"_fields_": [*kvm_msr_list._fields_, ("indices", u32 * n)]})
 
 
 class kvm_cpuid_entry2(Structure):
@@ -203,14 +197,14 @@ class kvm_debugregs(Structure):
     _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64), ("reserved", u64 * 9)]
 
 
+_PIC_FIELDS = (
+    "last_irr irr imr isr priority_add irq_base read_reg_select poll special_mask "
+    "init_state auto_eoi rotate_on_auto_eoi special_fully_nested_mode init4 elcr elcr_mask"
+)
+
+
 class kvm_pic_state(Structure):
-    _fields_ = [
-        (name, u8)
-        for name in (
-            "last_irr irr imr isr priority_add irq_base read_reg_select poll special_mask "
-            "init_state auto_eoi rotate_on_auto_eoi special_fully_nested_mode init4 elcr elcr_mask"
-        ).split()
-    ]
+    _fields_ = [(name, u8) for name in _PIC_FIELDS.split()]
 
 
 class kvm_ioapic_state(Structure):

@@ -28,9 +28,7 @@ _LEAF7_ECX = (
 )
 _LEAF7_EDX = "- - avx512-4vnniw avx512-4fmaps fsrm - - - avx512-vp2intersect - md-clear - - - serialize - tsx-ldtrk"
 _EXT1_ECX = "lahf-lm cmp-legacy svm extapic cr8legacy abm sse4a misalignsse 3dnowprefetch osvw ibs xop skinit wdt"
-_EXT1_EDX = (
-    "- - - - - - - - - - - syscall - - - - - - - - nx - mmxext - - fxsr-opt pdpe1gb rdtscp - lm 3dnowext 3dnow"
-)
+_EXT1_EDX = "- - - - - - - - - - - syscall - - - - - - - - nx - mmxext - - fxsr-opt pdpe1gb rdtscp - lm 3dnowext 3dnow"
 _XSAVE1_EAX = "xsaveopt xsavec xgetbv1 xsaves"
 
 FEATURES: dict[str, tuple[int, int, str, int]] = {}

@@ -23,9 +23,7 @@ def build(ncpus: int, cpu_signature: int, cpu_features: int) -> bytes:
     entries = []
     for apic_id in range(ncpus):
         flags = 1 | (2 if apic_id == 0 else 0)  # enabled, bootstrap processor
-        entries.append(
-            struct.pack("<BBBBII8x", 0, apic_id, _APIC_VERSION, flags, cpu_signature, cpu_features)
-        )
+        entries.append(struct.pack("<BBBBII8x", 0, apic_id, _APIC_VERSION, flags, cpu_signature, cpu_features))
     entries.append(struct.pack("<BB6s", 1, 0, b"ISA   "))
     ioapic_id = ncpus
     entries.append(struct.pack("<BBBBI", 2, ioapic_id, _IOAPIC_VERSION, 1, layout.IOAPIC_ADDR))

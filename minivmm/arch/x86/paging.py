@@ -26,9 +26,7 @@ def identity_map(limit: int, gib_pages: bool) -> list[tuple[int, bytes]]:
     if layout.PD_ADDR + n_gib * layout.PAGE_SIZE > layout.PD_AREA_END:
         most = (layout.PD_AREA_END - layout.PD_ADDR) // layout.PAGE_SIZE
         raise ValueError(f"2 MiB page tables cover at most {most} GiB without pdpe1gb; the guest needs {n_gib} GiB")
-    pdpt = struct.pack(
-        f"<{n_gib}Q", *((layout.PD_ADDR + i * layout.PAGE_SIZE) | _FLAGS for i in range(n_gib))
-    )
+    pdpt = struct.pack(f"<{n_gib}Q", *((layout.PD_ADDR + i * layout.PAGE_SIZE) | _FLAGS for i in range(n_gib)))
     n_pde = n_gib * 512
     pds = struct.pack(f"<{n_pde}Q", *((i << 21) | _FLAGS | PTE_PS for i in range(n_pde)))
     return [(layout.PML4_ADDR, pml4), (layout.PDPT_ADDR, pdpt), (layout.PD_ADDR, pds)]

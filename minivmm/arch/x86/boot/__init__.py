@@ -61,16 +61,16 @@ def split_modules(spec: str) -> list[str]:
     return [m.replace("\0", ",") for m in spec.replace(",,", "\0").split(",") if m]
 
 
-def prepare(
-    kernel: str | None, append: str | None, initrd: str | None, bios: str | None
-) -> BootImage:
+def prepare(kernel: str | None, append: str | None, initrd: str | None, bios: str | None) -> BootImage:
     if bios is not None:
         for opt, val in (("-kernel", kernel), ("-initrd", initrd), ("-append", append)):
             if val is not None:
                 raise BootError(opt, val, "cannot be combined with -bios (minivmm has no firmware to load a kernel)")
         data = _read("-bios", bios)
         if not data or len(data) > layout.BIOS_MAX_SIZE:
-            raise BootError("-bios", bios, f"firmware must be 1 byte to {layout.BIOS_MAX_SIZE >> 20} MiB, not {len(data)}")
+            raise BootError(
+                "-bios", bios, f"firmware must be 1 byte to {layout.BIOS_MAX_SIZE >> 20} MiB, not {len(data)}"
+            )
         return BootImage("bios", bios, firmware=data)
     if kernel is None:
         raise BootError("-kernel", "", "no kernel given")
@@ -141,6 +141,4 @@ def load(
             mem.write(gpa, blob)
     except (GuestMemoryError, ValueError) as e:
         raise BootError(opt, "", f"does not fit in guest RAM: {e}") from None
-    return Entry(
-        "long", image.entry, layout.MULTIBOOT_BOOTLOADER_MAGIC, layout.BOOT_INFO_ADDR, layout.BOOT_STACK_TOP
-    )
+    return Entry("long", image.entry, layout.MULTIBOOT_BOOTLOADER_MAGIC, layout.BOOT_INFO_ADDR, layout.BOOT_STACK_TOP)

@@ -101,9 +101,7 @@ def mem_upper_kib(ram_ranges: list[tuple[int, int]]) -> int:
     return 0
 
 
-def build_info(
-    ram_ranges: list[tuple[int, int]], modules: list[tuple[int, int, bytes]]
-) -> list[tuple[int, bytes]]:
+def build_info(ram_ranges: list[tuple[int, int]], modules: list[tuple[int, int, bytes]]) -> list[tuple[int, bytes]]:
     """The info structure and its extras as (gpa, bytes) pieces.
 
     ``modules`` are (start, end, command line) of modules already in RAM; the
