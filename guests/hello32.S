@@ -25,6 +25,8 @@
 	.equ FIRST_MAX, 32		/* bytes of each module to show */
 	.equ CMOS_BOOTS, 0x40		/* a CMOS RAM byte no one else uses */
 	.equ I8042_RESET, 0xfe
+	.equ POST_STARTED, 0x32		/* written to port 0x80 at entry ... */
+	.equ POST_DONE, 0x33		/* ... and just before exiting */
 
 	MULTIBOOT_HEADER
 
@@ -34,6 +36,8 @@
 _start:
 	mov $stack_top, %esp		/* multiboot leaves ESP undefined */
 	mov %eax, %edi			/* the magic */
+	mov $POST_STARTED, %al		/* boot-phase markers: -d postcode shows them */
+	out %al, $PORT_POST
 	mov %ebx, %ebp			/* ebp = multiboot information */
 
 	PRINT("hello32: protected mode\n")
@@ -178,6 +182,9 @@ echo_done:
 1:	hlt				/* the reset takes effect at once */
 	jmp 1b
 reboot_done:
+
+	mov $POST_DONE, %al
+	out %al, $PORT_POST
 
 /* "exit=HH": the exit value. */
 	mov cmdline, %esi

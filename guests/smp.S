@@ -33,7 +33,7 @@
 	.equ ICR_BUSY, 1 << 12		/* delivery status */
 	.equ ICR_INIT, 5 << 8
 	.equ ICR_STARTUP, 6 << 8
-	.equ WAIT_SPINS, 300000		/* each spin reads a port: >= 1 us */
+	.equ WAIT_SPINS, 3000000	/* each spin reads a port (an exit): seconds in all */
 
 	MULTIBOOT_HEADER
 
@@ -157,8 +157,11 @@ mp_scan:
 	ret
 
 /* send_ipi: write eax to the ICR, wait until it is delivered, then pause
- * a little (hardware wants 10 ms after INIT; KVM needs nothing). */
+ * a little (hardware wants 10 ms after INIT; KVM needs nothing).  Keeps
+ * eax: the second SIPI reuses it, and a SIPI with vector 0 would win over
+ * the first if the AP has not taken that one yet. */
 send_ipi:
+	push %eax
 	push %ecx
 	mov %eax, LAPIC_ICR_LO
 1:	testl $ICR_BUSY, LAPIC_ICR_LO
@@ -167,6 +170,7 @@ send_ipi:
 2:	in $PORT_POST, %al
 	loop 2b
 	pop %ecx
+	pop %eax
 	ret
 
 #include "serial.S"

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 
 import pytest
 
@@ -114,7 +115,7 @@ def test_triple_fault_with_no_reboot_exits_with_a_message(vmm):
     r = vmm.run("-kernel", guest("long64.elf"), "-append", "fault", "-no-reboot")
     assert r.status == 1
     assert re.match(
-        r"minivmm: vcpu0: triple fault \(KVM_EXIT_SHUTDOWN\) at RIP=0x[0-9a-f]+ CS=0x0010 \(long mode, CPL0\)",
+        r"minivmm: vcpu0: triple fault \(KVM_EXIT_SHUTDOWN\) at RIP=0x[0-9a-f]+ CS=0x0010 base 0x0 \(long mode, CPL0\)",
         r.stderr,
     ), r.stderr
     assert "-no-reboot" in r.stderr
@@ -313,3 +314,84 @@ def test_hugetlb_memfd(vmm):
         assert r.status == 1
         assert r.stderr.startswith("minivmm: -object memory-backend-memfd,id=h,size=4M,hugetlb=on: ")
         assert "cannot set up guest memory 'h'" in r.stderr
+
+
+# --- other boot details ----------------------------------------------------------------------------
+
+
+def test_post_codes_are_traced_with_d_postcode(vmm):
+    r = vmm.run("-kernel", guest("hello32.elf"), "-d", "postcode", "-serial", "null", *DEBUG_EXIT)
+    assert r.status == GUEST_EXIT_OK
+    codes = re.findall(r"^minivmm: post code (0x[0-9a-f]{2}) at [0-9.]+ ms$", r.stderr, re.M)
+    assert codes == ["0x32", "0x33"]
+
+
+def test_qemu_options_minivmm_has_nothing_to_do_for(vmm):
+    r = vmm.run(
+        "-kernel",
+        guest("hello32.elf"),
+        "-accel",
+        "kvm",
+        "-enable-kvm",
+        "-machine",
+        "pc,accel=kvm",
+        "-M",
+        "pc",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-nographic",
+        "-name",
+        "guest=test,debug-threads=on",
+        "--m",
+        "64",
+        *DEBUG_EXIT,
+    )
+    assert r.status == GUEST_EXIT_OK, r
+    assert "mem_upper=64512" in r.stdout  # --m 64 took effect
+
+
+AOUT_KLUDGE_GUEST = r"""
+    .code32
+    .text
+header:                             # multiboot header with the a.out kludge (flags bit 16)
+    .long 0x1BADB002, 0x00010000, -(0x1BADB002 + 0x00010000)
+    .long header                    # header_addr
+    .long header                    # load_addr
+    .long load_end                  # load_end_addr
+    .long bss_end                   # bss_end_addr
+    .long entry                     # entry_addr
+entry:
+    cmpl $0, bss_word               # the bss must come zeroed
+    jne 2f
+    mov $msg, %esi
+1:  lodsb
+    test %al, %al
+    jz 2f
+    mov $0x3f8, %dx
+    out %al, %dx
+    jmp 1b
+2:  mov $0x10, %al
+    out %al, $0xf4
+    hlt
+msg: .asciz "a.out kludge ok\n"
+load_end:
+    .bss
+bss_word: .long 0
+    .space 4096
+bss_end:
+"""
+
+
+def test_multiboot_aout_kludge_image(vmm, tmp_path):
+    (tmp_path / "k.S").write_text(AOUT_KLUDGE_GUEST)
+    subprocess.run(["as", "--32", "-o", "k.o", "k.S"], cwd=tmp_path, check=True)
+    subprocess.run(
+        ["ld", "-m", "elf_i386", "-Ttext=0x100000", "--oformat", "binary", "-e", "entry", "-o", "k.bin", "k.o"],
+        cwd=tmp_path,
+        check=True,
+    )
+    image = (tmp_path / "k.bin").read_bytes()
+    (tmp_path / "k.bin").write_bytes(image + b"\xff" * 64)  # junk past load_end must not be loaded
+    r = vmm.run("-kernel", str(tmp_path / "k.bin"), *DEBUG_EXIT)
+    assert (r.status, r.stdout) == (GUEST_EXIT_OK, "a.out kludge ok\n"), r

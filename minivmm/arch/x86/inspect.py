@@ -39,7 +39,10 @@ def describe(vcpu: Vcpu, mem: GuestMemory) -> str:
         regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
     except KvmError as e:
         return f"(registers unavailable: {e})"
-    text = f"RIP={regs.rip:#x} CS={sregs.cs.selector:#06x} ({cpu_mode(sregs)}, CPL{sregs.cs.selector & 3})"
+    mode = cpu_mode(sregs)
+    if sregs.cr0 & CR0_PE:
+        mode += f", CPL{sregs.cs.selector & 3}"
+    text = f"RIP={regs.rip:#x} CS={sregs.cs.selector:#06x} base {sregs.cs.base:#x} ({mode})"
     code = instruction_bytes(vcpu, mem, regs.rip, sregs)
     if code:
         text += " code: " + " ".join(f"{b:02x}" for b in code)
