@@ -38,6 +38,19 @@ class ChardevConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """-qmp / -mon: a QMP monitor listening on a unix socket or loopback TCP."""
+
+    id: str
+    path: str | None = None  # unix socket
+    host: str | None = None  # tcp
+    port: int = 0
+    wait: bool = False
+    pretty: bool = False
+    option: str = ""
+
+
+@dataclass
 class DeviceConfig:
     driver: str
     props: dict[str, str]
@@ -60,6 +73,9 @@ class MachineConfig:
     serials: list[ChardevConfig] = field(default_factory=list)
     devices: list[DeviceConfig] = field(default_factory=list)
     no_reboot: bool = False
+    no_shutdown: bool = False  # on guest power-off, stop in runstate "shutdown" instead of exiting
+    panic_action: str = "shutdown"  # -action panic=pause|shutdown|exit-failure|none
+    monitors: list[MonitorConfig] = field(default_factory=list)
     start_paused: bool = False
     name: str | None = None
     trace: set[str] = field(default_factory=set)

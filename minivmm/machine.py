@@ -12,14 +12,17 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+from . import runstate
 from .arch.x86 import boot, cpuid, inspect, layout, modes, msr, vcpu_state
 from .chardev import Chardev, ChardevError, FileChardev, SocketChardev, StdioChardev, message
-from .config import ChardevConfig, MachineConfig, MemoryBackendConfig
+from .config import ChardevConfig, DeviceConfig, MachineConfig, MemoryBackendConfig
 from .devices.acpi_pm import AcpiPm
-from .devices.bus import Bus
+from .devices import pvpanic
+from .devices.bus import Bus, BusError
 from .devices.debug_exit import DebugExit
 from .devices.i8042 import I8042
 from .devices.postcode import PostCode
@@ -46,10 +49,11 @@ class MachineError(Exception):
 
 
 @dataclass(frozen=True)
-class ExitRequest:
-    status: int
-    message: str | None
-    reason: str  # QEMU's SHUTDOWN event reason: guest-shutdown, host-signal, ...
+class ShutdownRequest:
+    reason: str  # QEMU's ShutdownCause: guest-shutdown, guest-reset, host-qmp-quit, host-signal...
+    status: int = 0  # the process exit status
+    message: str | None = None  # printed on stderr
+    force: bool = False  # exit even with -no-shutdown (quit, signals)
 
 
 def host_memory_limit() -> int:
@@ -82,10 +86,11 @@ class Machine:
     def __init__(self, config: MachineConfig, loop: MainLoop | None = None) -> None:
         self.config = config
         self.loop = loop or MainLoop()
-        self.runstate = "prelaunch"
-        self.exit_request: ExitRequest | None = None
+        self.runstate = runstate.PRELAUNCH
+        self.listeners: list[Callable[[str, dict | None], None]] = []
+        self.shutdown_request: ShutdownRequest | None = None
+        self.exit_status = 0
         self._request_lock = threading.Lock()
-        self._reset_pending = False
         self.chardevs: list[Chardev] = []
         self.vcpus: list[VcpuThread] = []
         self.memory = GuestMemory()
@@ -231,28 +236,36 @@ class Machine:
         self.pio.register(layout.PORT_POST, 1, self.postcode)
         self.pio.register(layout.PORT_I8042_DATA, 5, I8042(lambda: self.request_reset("guest-reset")))
         self.pio.register(layout.PORT_CMOS, 2, Rtc(ram_below, ram_above))
-        self.pio.register(layout.PORT_ACPI_PM1A_CNT, 2, AcpiPm(lambda: self.request_exit(0, None, "guest-shutdown")))
+        self.pio.register(layout.PORT_ACPI_PM1A_CNT, 2, AcpiPm(lambda: self.request_shutdown("guest-shutdown")))
         for dev in cfg.devices:
             self._add_device(dev)
 
-    def _add_device(self, dev) -> None:
-        from .devices.bus import BusError
-
-        if dev.driver != "isa-debug-exit":
+    def _add_device(self, dev: DeviceConfig) -> None:
+        """-device: the ISA devices QEMU users reach for in tests, at their QEMU defaults."""
+        defaults = {
+            "isa-debug-exit": {"iobase": layout.PORT_DEBUG_EXIT_DEFAULT, "iosize": 2},
+            "pvpanic": {"ioport": pvpanic.DEFAULT_IOPORT},
+        }
+        if dev.driver not in defaults:
             raise MachineError(dev.option, f"'{dev.driver}' is not a valid device model name")
-        props = dict(dev.props)
+        props = dict(defaults[dev.driver])
+        for key, value in dev.props.items():
+            if key not in props:
+                raise MachineError(dev.option, f"Property '{dev.driver}.{key}' not found")
+            try:
+                props[key] = int(value, 0)
+            except ValueError:
+                raise MachineError(dev.option, f"Property '{dev.driver}.{key}' takes a number, not '{value}'") from None
+        if dev.driver == "isa-debug-exit":
+            base, size = props["iobase"], props["iosize"]
+            device = DebugExit(lambda status: self.request_shutdown("guest-shutdown", status), base, size)
+        else:
+            base, size = props["ioport"], 1
+            device = pvpanic.PvPanic(self.request_panic, lambda: self.emit_threadsafe("GUEST_CRASHLOADED"))
+        if not (0 <= base and 1 <= size and base + size <= 0x10000):
+            raise MachineError(dev.option, f"port range {base:#x}+{size:#x} is outside 0-0xffff")
         try:
-            iobase = int(props.pop("iobase", str(layout.PORT_DEBUG_EXIT_DEFAULT)), 0)
-            iosize = int(props.pop("iosize", "2"), 0)
-        except ValueError as e:
-            raise MachineError(dev.option, f"iobase and iosize take numbers ({e})") from None
-        if props:
-            raise MachineError(dev.option, f"Property '{dev.driver}.{next(iter(props))}' not found")
-        if not (iobase >= 0 and iosize >= 1 and iobase + iosize <= 0x10000):
-            raise MachineError(dev.option, f"port range {iobase:#x}+{iosize:#x} is outside 0-0xffff")
-        device = DebugExit(lambda status: self.request_exit(status, None, "guest-shutdown"), iobase, iosize)
-        try:
-            self.pio.register(iobase, iosize, device)
+            self.pio.register(base, size, device)
         except BusError as e:
             raise MachineError(dev.option, str(e)) from None
 
@@ -315,83 +328,167 @@ class Machine:
     def _describe(self, thread: VcpuThread) -> str:
         return inspect.describe(thread.vcpu, self.memory)
 
-    # --- running ----------------------------------------------------------------
+    # --- run state and events (main thread, unless a method says otherwise) ------
+    def add_event_listener(self, listener: Callable[[str, dict | None], None]) -> None:
+        self.listeners.append(listener)
+
+    def emit(self, event: str, data: dict | None = None) -> None:
+        """A QMP event (STOP, RESUME, RESET, SHUTDOWN, ...) for every listener."""
+        for listener in list(self.listeners):
+            listener(event, data)
+
+    def emit_threadsafe(self, event: str, data: dict | None = None) -> None:
+        self.loop.call_soon_threadsafe(self.emit, event, data)
+
+    def set_runstate(self, new: str) -> None:
+        runstate.check_transition(self.runstate, new)
+        self.runstate = new
+
+    def _pause_vcpus(self) -> None:
+        for t in self.vcpus:
+            t.request_pause()
+        for t in self.vcpus:
+            t.wait_paused()
+
+    def _resume_vcpus(self) -> None:
+        if self.runstate == runstate.RUNNING:
+            for t in self.vcpus:
+                t.resume()
+
+    def vm_start(self) -> None:
+        """QEMU's vm_start: run the vCPUs and emit RESUME (nothing when already running)."""
+        if self.runstate == runstate.RUNNING:
+            return
+        self.set_runstate(runstate.RUNNING)
+        self._resume_vcpus()
+        self.emit("RESUME")
+
+    def vm_stop(self, state: str = runstate.PAUSED) -> None:
+        """QEMU's vm_stop: stop every vCPU, enter ``state`` and emit STOP, if the VM runs."""
+        if not runstate.is_live(self.runstate):
+            return
+        self.set_runstate(state)
+        self._pause_vcpus()
+        self.emit("STOP")
+
+    @contextmanager
+    def vcpu_paused(self, index: int) -> Iterator[Vcpu]:
+        """One vCPU held out of KVM_RUN, so its state can be read or changed."""
+        thread = self.vcpus[index]
+        thread.request_pause()
+        thread.wait_paused()
+        try:
+            yield thread.vcpu
+        finally:
+            if self.runstate == runstate.RUNNING:
+                thread.resume()
+
     def start(self) -> None:
         """Start the vCPU threads; they run unless the machine starts paused (-S)."""
         install_kick_handler()
         for t in self.vcpus:
             t.start()
         if not self.config.start_paused:
-            self.resume()
+            self.vm_start()
 
-    def pause(self) -> None:
-        """Stop every vCPU and wait until all are out of KVM_RUN (any thread but a vCPU's)."""
-        for t in self.vcpus:
-            t.request_pause()
-        for t in self.vcpus:
-            t.wait_paused()
-        if self.runstate == "running":
-            self.runstate = "paused"
-
-    def resume(self) -> None:
-        self.runstate = "running"
-        for t in self.vcpus:
-            t.resume()
-
-    def reset(self) -> None:
-        """A system reset: power-on vCPU and irqchip state, boot images reloaded (vCPUs paused)."""
+    def reset(self, reason: str) -> None:
+        """QEMU's qemu_system_reset with the vCPUs paused: power-on vCPU and irqchip
+        state, devices reset, boot images reloaded; RESET is emitted."""
         for t, state in zip(self.vcpus, self.initial_states):
             vcpu_state.restore(t.vcpu, state)
         for chip in self.initial_irqchips:
             self.vm.set_irqchip(chip)
         self.vm.set_pit2(self.initial_pit)
+        for device in self.pio.devices() + self.mmio.devices():
+            if hasattr(device, "reset"):
+                device.reset()
         self._load_boot()
+        self.emit("RESET", {"guest": reason.startswith("guest"), "reason": reason})
 
-    def request_exit(self, status: int, text: str | None, reason: str) -> None:
-        """End the machine with process status ``status`` (any thread; the first request wins)."""
-        with self._request_lock:
-            if self.exit_request is not None:
-                return
-            self.exit_request = ExitRequest(status, text, reason)
+    # --- requests: from any thread, carried out on the main loop --------------------
+    def _stop_vcpus_now(self) -> None:
+        """Keep the guest from running another instruction while a request is pending."""
         for t in self.vcpus:
             t.request_pause()
+
+    def request_shutdown(self, reason: str, status: int = 0, text: str | None = None, force: bool = False) -> None:
+        """QEMU's qemu_system_shutdown_request. ``force`` (quit, signals) ignores -no-shutdown."""
+        with self._request_lock:
+            if self.shutdown_request is not None:
+                return
+            self.shutdown_request = ShutdownRequest(reason, status, text, force)
+        self._stop_vcpus_now()
+        self.loop.call_soon_threadsafe(self._handle_shutdown)
+
+    def request_reset(self, reason: str, text: str | None = None) -> None:
+        """QEMU's qemu_system_reset_request; with -no-reboot it becomes a shutdown."""
+        if self.config.no_reboot:
+            self.request_shutdown(reason, 1 if text else 0, text)
+            return
+        self._stop_vcpus_now()
+        self.loop.call_soon_threadsafe(self._handle_reset, reason)
+
+    def request_panic(self) -> None:
+        """The guest says it panicked (pvpanic): QEMU's -action panic=... decides."""
+        self._stop_vcpus_now()
+        self.loop.call_soon_threadsafe(self._handle_panic)
+
+    def _handle_shutdown(self) -> None:
+        req = self.shutdown_request
+        if req is None:
+            return
+        if req.message:
+            message(req.message)
+        self.emit("SHUTDOWN", {"guest": req.reason.startswith("guest"), "reason": req.reason})
+        if self.config.no_shutdown and not req.force:
+            self.shutdown_request = None
+            self.vm_stop(runstate.SHUTDOWN)
+            self._resume_vcpus()  # nothing runs unless the state allows it
+            return
+        self.exit_status = req.status
         self.loop.stop()
 
-    def request_reset(self, reason: str) -> None:
-        if self.config.no_reboot:
-            self.request_exit(0, None, reason)
+    def _handle_reset(self, reason: str) -> None:
+        if self.shutdown_request is not None:
             return
-        with self._request_lock:
-            if self._reset_pending or self.exit_request is not None:
-                return
-            self._reset_pending = True
-        for t in self.vcpus:
-            t.request_pause()
-        self.loop.call_soon_threadsafe(self._do_reset)
+        self._pause_vcpus()
+        self.reset(reason)
+        if self.runstate not in (runstate.RUNNING, runstate.INMIGRATE, runstate.FINISH_MIGRATE):
+            self.set_runstate(runstate.PRELAUNCH)
+        self._resume_vcpus()
 
-    def _do_reset(self) -> None:
-        self.pause()
-        with self._request_lock:
-            self._reset_pending = False
-            if self.exit_request is not None:
-                return
-        self.reset()
-        self.resume()
+    def _handle_panic(self) -> None:
+        action = self.config.panic_action
+        if action == "none":
+            self.emit("GUEST_PANICKED", {"action": "run"})
+            self._resume_vcpus()
+            return
+        pause = action == "pause" or (action == "shutdown" and self.config.no_shutdown)
+        self.emit("GUEST_PANICKED", {"action": "pause" if pause else "poweroff"})
+        self.vm_stop(runstate.GUEST_PANICKED)
+        if not pause:
+            self.request_shutdown("guest-panic", 1 if action == "exit-failure" else 0)
+
+    def _handle_vcpu_failure(self, text: str) -> None:
+        message(text)
+        if self.config.monitors:
+            self.vm_stop(runstate.INTERNAL_ERROR)  # stays for the monitor to inspect, as QEMU does
+        else:
+            self.request_shutdown("host-error", 1, force=True)
 
     def _on_vcpu_exit(self, thread: VcpuThread, why: VcpuExit) -> None:
+        """A vCPU cannot go on (its thread, now parked)."""
         where = f"vcpu{thread.index}: {why.message}"
         if why.kind == "shutdown":
-            if self.config.no_reboot:
-                self.request_exit(1, f"{where}; -no-reboot was given, so minivmm exits", "guest-reset")
-            else:
-                self.request_reset("guest-reset")
+            self.request_reset("guest-reset", f"{where}; -no-reboot was given, so minivmm exits")
         elif why.kind == "system-event" and why.data == c.KVM_SYSTEM_EVENT_SHUTDOWN:
-            self.request_exit(0, None, "guest-shutdown")
+            self.request_shutdown("guest-shutdown")
         elif why.kind == "system-event" and why.data == c.KVM_SYSTEM_EVENT_RESET:
             self.request_reset("guest-reset")
+        elif why.kind == "system-event" and why.data == c.KVM_SYSTEM_EVENT_CRASH:
+            self.request_panic()
         else:
-            self.runstate = "internal-error"
-            self.request_exit(1, where, "guest-panic" if why.kind == "system-event" else "host-error")
+            self.loop.call_soon_threadsafe(self._handle_vcpu_failure, where)
 
     def run(self, on_started: Callable[[], None] | None = None) -> int:
         """Run until the guest or the host ends the machine; the process exit status."""
@@ -400,21 +497,15 @@ class Machine:
             self.start()
             if on_started is not None:
                 on_started()
-            if self.exit_request is None:
-                self.loop.run()
+            self.loop.run()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self.pause()
-        request = self.exit_request or ExitRequest(0, None, "host-qmp-quit")
-        if request.message:
-            message(request.message)
-        if self.runstate != "internal-error":
-            self.runstate = "shutdown"
-        return request.status
+            self._pause_vcpus()
+        return self.exit_status
 
     def _on_signal(self, signum: int, frame) -> None:
-        self.request_exit(0, f"terminating on signal {signum}", "host-signal")
+        self.request_shutdown("host-signal", 0, f"terminating on signal {signum}", force=True)
 
     def close(self) -> None:
         for t in self.vcpus:

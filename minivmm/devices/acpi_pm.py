@@ -17,6 +17,9 @@ class AcpiPm:
     name: str = "acpi-pm"
     control: int = 0
 
+    def reset(self) -> None:
+        self.control = 0
+
     def read(self, offset: int, size: int) -> int:
         return (self.control >> (8 * offset)) & ((1 << (8 * size)) - 1)
 

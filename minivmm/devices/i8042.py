@@ -32,10 +32,14 @@ class I8042State:
 class I8042:
     name = "i8042"
 
-    def __init__(self, reset: Callable[[], None]) -> None:
-        self.reset = reset
+    def __init__(self, reset_machine: Callable[[], None]) -> None:
+        self.reset_machine = reset_machine
         self.s = I8042State()
         self.lock = threading.Lock()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.s = I8042State()
 
     def _reply(self, byte: int) -> None:
         self.s.queue.append(byte)
@@ -81,4 +85,4 @@ class I8042:
                 # anything else is a keyboard command, and no keyboard is attached
                 s.pending = 0
         if do_reset:
-            self.reset()
+            self.reset_machine()

@@ -66,6 +66,10 @@ class Serial:
         self.s = SerialState()
         self.lock = threading.Lock()
 
+    def reset(self) -> None:
+        with self.lock:
+            self.s = SerialState()
+
     # --- the guest's side -------------------------------------------------
     def read(self, offset: int, size: int) -> int:
         with self.lock:
