@@ -18,6 +18,8 @@
  *         reboot    count boots in CMOS byte CMOS_BOOTS (CMOS survives a
  *                   reset) and print "hello32: boot N"; on the first boot
  *                   reset the machine through the i8042 (0xfe to port 0x64)
+ *         panic     report a panic through pvpanic (-device pvpanic) and
+ *                   halt: what happens next is the VMM's -action panic=
  *         exit=HH   exit with debug-exit value 0xHH (default 0x10)
  */
 #include "guest.h"
@@ -27,6 +29,8 @@
 	.equ I8042_RESET, 0xfe
 	.equ POST_STARTED, 0x32		/* written to port 0x80 at entry ... */
 	.equ POST_DONE, 0x33		/* ... and just before exiting */
+	.equ PVPANIC_PORT, 0x505	/* QEMU's pvpanic ISA device */
+	.equ PVPANIC_PANICKED, 1
 
 	MULTIBOOT_HEADER
 
@@ -183,6 +187,19 @@ echo_done:
 	jmp 1b
 reboot_done:
 
+/* "panic": tell the VMM, then stop here. */
+	mov cmdline, %esi
+	mov $word_panic, %edi
+	call cmd_find
+	test %eax, %eax
+	jz 2f
+	PRINT("hello32: panic\n")
+	mov $PVPANIC_PANICKED, %al
+	mov $PVPANIC_PORT, %dx
+	out %al, %dx
+1:	hlt
+	jmp 1b
+2:
 	mov $POST_DONE, %al
 	out %al, $PORT_POST
 
@@ -218,6 +235,7 @@ puthex64:
 word_echo:	.asciz "echo"
 word_exit:	.asciz "exit="
 word_reboot:	.asciz "reboot"
+word_panic:	.asciz "panic"
 
 	.data
 cmdline:	.long 0

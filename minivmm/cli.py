@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from . import __version__, guests
 from .arch.x86.cpuid import CpuModel, CpuModelError
-from .config import ChardevConfig, DeviceConfig, MachineConfig, MemoryBackendConfig
+from .config import ChardevConfig, DeviceConfig, MachineConfig, MemoryBackendConfig, MonitorConfig
 from .options import OptionError, parse_bool, parse_keyval, parse_object, parse_size
 
 USAGE = """\
@@ -44,8 +44,13 @@ Devices:
   -chardev stdio|null|file|socket,id=ID[,path=PATH][,server=on][,wait=off][,append=on]
   -device isa-debug-exit[,iobase=0x501][,iosize=2]
 Control:
+  -qmp unix:PATH[,server=on][,wait=off] | tcp:HOST:PORT,server=on[,wait=off]   a QMP monitor
+  -mon chardev=ID,mode=control[,pretty=on]   a QMP monitor on a -chardev socket
   -S                       start with the vCPUs paused
   -no-reboot               exit instead of resetting the machine
+  -no-shutdown             stop (runstate shutdown) instead of exiting when the guest powers off
+  -action panic=pause|shutdown|exit-failure|none   what a pvpanic report does
+  -device pvpanic[,ioport=0x505]
   -name NAME  -pidfile FILE  -nodefaults  -display none  -nographic
   -d postcode              print every write to port 0x80 with its time
   -version  -help
@@ -62,6 +67,7 @@ class _Parsed:
     chardevs: dict[str, ChardevConfig] = field(default_factory=dict)
     serial_specs: list[str] = field(default_factory=list)
     machine_props: dict[str, tuple[str, str]] = field(default_factory=dict)
+    monitor_specs: list[tuple[ChardevConfig, bool, str]] = field(default_factory=list)
     pidfile: str | None = None
     show: str | None = None  # "help" or "version"
 
@@ -167,6 +173,25 @@ def _opt_object(p: _Parsed, opt: str, value: str) -> None:
     p.config.backends[obj_id] = MemoryBackendConfig(obj_id, kind, size, share, hugetlb, mem_path, where)
 
 
+_LEGACY_FLAGS = {"server": ("server", "on"), "nowait": ("wait", "off"), "wait": ("wait", "on")}
+
+
+def _socket_props(text: str, implied: str) -> dict[str, str]:
+    """keyval that also takes QEMU's old bare flags: ``unix:p,server,nowait``."""
+    parts = text.replace(",,", "\0").split(",")
+    fixed = [(_LEGACY_FLAGS[p][0] + "=" + _LEGACY_FLAGS[p][1]) if p in _LEGACY_FLAGS else p for p in parts]
+    return parse_keyval(",".join(fixed).replace("\0", ",,"), implied)
+
+
+def _loopback_port(host: str, port: str) -> tuple[str, int]:
+    if host not in ("localhost", "127.0.0.1", "::1", "[::1]"):
+        raise OptionError(f"host '{host}' is not loopback: an unauthenticated monitor must only listen locally")
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise OptionError(f"port '{port}' is not a number") from None
+
+
 def _chardev_from_props(chardev_id: str, backend: str, props: dict[str, str], where: str) -> ChardevConfig:
     cc = ChardevConfig(chardev_id, backend, option=where)
     if backend in ("stdio", "null"):
@@ -178,10 +203,13 @@ def _chardev_from_props(chardev_id: str, backend: str, props: dict[str, str], wh
             raise OptionError("chardev: file: no filename given")
     elif backend == "socket":
         cc.path = props.pop("path", None)
-        if not cc.path:
-            raise OptionError("chardev: socket: only unix sockets (path=...) are supported")
+        if cc.path is None:
+            if "host" not in props or "port" not in props:
+                raise OptionError("chardev: socket: give path=PATH, or host=HOST,port=PORT")
+            cc.host, cc.port = _loopback_port(props.pop("host"), props.pop("port"))
         cc.server = parse_bool("server", props.pop("server", "off"))
         cc.wait = parse_bool("wait", props.pop("wait", "on"))
+        props.pop("telnet", None)
         if not cc.server:
             raise OptionError("chardev: socket: only server=on is supported")
     else:
@@ -192,7 +220,7 @@ def _chardev_from_props(chardev_id: str, backend: str, props: dict[str, str], wh
 
 
 def _opt_chardev(p: _Parsed, opt: str, value: str) -> None:
-    props = parse_keyval(value, "backend")
+    props = _socket_props(value, "backend")
     chardev_id = props.pop("id", None)
     if not chardev_id:
         raise OptionError("Parameter 'id' is missing")
@@ -220,11 +248,61 @@ def _serial_config(p: _Parsed, index: int, value: str) -> ChardevConfig:
         if kind == "file" and rest:
             return _chardev_from_props(chardev_id, "file", {"path": rest}, where)
         if kind == "unix" and rest:
-            props = parse_keyval(rest, "path")
-            return _chardev_from_props(chardev_id, "socket", props, where)
+            cc = _chardev_from_props(chardev_id, "socket", _socket_props(rest, "path"), where)
+            if cc.path is None:
+                raise OptionError("serial ports take unix sockets only")
+            return cc
     except OptionError as e:
         raise CliError(f"{where}: {e}") from None
     raise CliError(f"{where}: '{kind}' is not a valid char driver name")
+
+
+def _opt_qmp(p: _Parsed, opt: str, value: str) -> None:
+    kind, _, rest = value.partition(":")
+    if kind == "unix" and rest:
+        props = _socket_props(rest, "path")
+    elif kind == "tcp" and rest:
+        first, _, tail = rest.partition(",")
+        host, _, port = first.rpartition(":")
+        props = _socket_props(tail, "server") if tail else {}
+        props.update(host=host, port=port)
+    else:
+        raise OptionError(f"'{kind}' is not a valid monitor address (use unix:PATH or tcp:HOST:PORT)")
+    cc = _chardev_from_props(f"compat_monitor{len(p.monitor_specs)}", "socket", props, f"{opt} {value}")
+    p.monitor_specs.append((cc, False, f"{opt} {value}"))
+
+
+def _opt_mon(p: _Parsed, opt: str, value: str) -> None:
+    props = parse_keyval(value, "chardev")
+    chardev = props.pop("chardev", None)
+    mode = props.pop("mode", "readline")
+    pretty = parse_bool("pretty", props.pop("pretty", "off"))
+    if props:
+        raise OptionError(f"Invalid parameter '{next(iter(props))}'")
+    if mode != "control":
+        raise OptionError(f"mode={mode}: minivmm only has the control (QMP) monitor: use mode=control")
+    if chardev not in p.chardevs:
+        raise OptionError(f"chardev '{chardev}' not found")
+    p.monitor_specs.append((p.chardevs[chardev], pretty, f"{opt} {value}"))
+
+
+def _opt_action(p: _Parsed, opt: str, value: str) -> None:
+    for key, val in parse_keyval(value).items():
+        choices = {
+            "panic": ("pause", "shutdown", "exit-failure", "none"),
+            "reboot": ("reset", "shutdown"),
+            "shutdown": ("poweroff", "pause"),
+        }
+        if key not in choices:
+            raise OptionError(f"Invalid parameter '{key}'")
+        if val not in choices[key]:
+            raise OptionError(f"Parameter '{key}' does not accept value '{val}'")
+        if key == "panic":
+            p.config.panic_action = val
+        elif key == "reboot":
+            p.config.no_reboot = val == "shutdown"
+        else:
+            p.config.no_shutdown = val == "pause"
 
 
 def _opt_device(p: _Parsed, opt: str, value: str) -> None:
@@ -290,6 +368,10 @@ OPTIONS: dict[str, tuple[bool, Callable]] = {
     "device": (True, _opt_device),
     "S": (False, _setter("start_paused", True)),
     "no-reboot": (False, _setter("no_reboot", True)),
+    "no-shutdown": (False, _setter("no_shutdown", True)),
+    "action": (True, _opt_action),
+    "qmp": (True, _opt_qmp),
+    "mon": (True, _opt_mon),
     "name": (True, _opt_name),
     "pidfile": (True, _set_pidfile),
     "nodefaults": (False, _ignore),
@@ -327,6 +409,17 @@ def parse(argv: list[str]) -> _Parsed:
     _apply_machine(p)
     cfg = p.config
     cfg.serials = [_serial_config(p, n, spec) for n, spec in enumerate(p.serial_specs)]
+    used = {id(cc) for cc in cfg.serials}
+    for cc, pretty, where in p.monitor_specs:
+        if id(cc) in used:
+            raise CliError(f"{where}: chardev '{cc.id}' is already in use")
+        used.add(id(cc))
+        if cc.backend != "socket":
+            raise CliError(f"{where}: monitors listen on sockets (chardev '{cc.id}' is {cc.backend})")
+        cfg.monitors.append(MonitorConfig(cc.id, cc.path, cc.host, cc.port, cc.wait, pretty, where))
+    for cc in cfg.serials:
+        if cc.backend == "socket" and cc.path is None:
+            raise CliError(f"{cc.option}: serial ports take unix sockets only")
     if cfg.kernel is None and cfg.bios is None:
         for opt in ("append", "initrd"):
             if getattr(cfg, opt) is not None:
@@ -353,13 +446,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg.kernel = guests.path(guests.DEFAULT)
     from .kvm.system import KvmError
     from .machine import Machine, MachineError
+    from .monitor import MonitorError, open_monitors
 
     try:
         machine = Machine(cfg)
-    except MachineError as e:
+    except (MachineError, KvmError) as e:
         print(f"minivmm: {e}", file=sys.stderr)
         return 1
-    except KvmError as e:
+    try:
+        monitors = open_monitors(machine)
+    except MonitorError as e:
+        machine.close()
         print(f"minivmm: {e}", file=sys.stderr)
         return 1
     if builtin:
@@ -367,11 +464,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if p.pidfile:
             _write_pidfile(p.pidfile)
+        for monitor in monitors:
+            monitor.start()
         return machine.run()
     except OSError as e:
         print(f"minivmm: {e}", file=sys.stderr)
         return 1
     finally:
+        for monitor in monitors:
+            monitor.close()
         machine.close()
         if p.pidfile:
             try:

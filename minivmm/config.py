@@ -31,6 +31,8 @@ class ChardevConfig:
     id: str
     backend: str  # "stdio", "file", "null", "socket" or "none"
     path: str | None = None
+    host: str | None = None  # a tcp socket (monitors only)
+    port: int = 0
     server: bool = True
     wait: bool = False
     append: bool = False

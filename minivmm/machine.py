@@ -20,8 +20,8 @@ from . import runstate
 from .arch.x86 import boot, cpuid, inspect, layout, modes, msr, vcpu_state
 from .chardev import Chardev, ChardevError, FileChardev, SocketChardev, StdioChardev, message
 from .config import ChardevConfig, DeviceConfig, MachineConfig, MemoryBackendConfig
-from .devices.acpi_pm import AcpiPm
 from .devices import pvpanic
+from .devices.acpi_pm import AcpiPm
 from .devices.bus import Bus, BusError
 from .devices.debug_exit import DebugExit
 from .devices.i8042 import I8042
@@ -90,6 +90,7 @@ class Machine:
         self.listeners: list[Callable[[str, dict | None], None]] = []
         self.shutdown_request: ShutdownRequest | None = None
         self.exit_status = 0
+        self.autostart = not config.start_paused  # run when an incoming migration completes
         self._request_lock = threading.Lock()
         self.chardevs: list[Chardev] = []
         self.vcpus: list[VcpuThread] = []
@@ -182,8 +183,9 @@ class Machine:
             ram = self._make_block("pc.ram", size, None, f"-m {cfg.ram_size_option or size >> 20}")
         self.memory.add_block(ram)
         offset = 0
-        for gpa, length in self.ram_ranges:
-            self.memory.map(gpa, length, ram, offset)
+        split = len(self.ram_ranges) > 1
+        for (gpa, length), label in zip(self.ram_ranges, ("ram-below-4g", "ram-above-4g")):
+            self.memory.map(gpa, length, ram, offset, label if split else None)
             offset += length
         if self.image.kind == "bios":
             fw = self.image.firmware
@@ -194,7 +196,7 @@ class Machine:
             self.memory.add_block(rom)
             self.memory.map(layout.FOUR_GIB - rom_size, rom_size, rom, 0)
             alias = min(rom_size, layout.BIOS_ALIAS_MAX)
-            self.memory.map(layout.BIOS_ALIAS_END - alias, alias, rom, rom_size - alias)
+            self.memory.map(layout.BIOS_ALIAS_END - alias, alias, rom, rom_size - alias, "isa-bios")
         for slot, m in enumerate(self.memory.mappings):
             flags = c.KVM_MEM_READONLY if m.block.readonly else 0
             self.vm.set_user_memory_region(slot, m.gpa, m.size, m.block.host_addr + m.offset, flags)
@@ -262,7 +264,7 @@ class Machine:
         else:
             base, size = props["ioport"], 1
             device = pvpanic.PvPanic(self.request_panic, lambda: self.emit_threadsafe("GUEST_CRASHLOADED"))
-        if not (0 <= base and 1 <= size and base + size <= 0x10000):
+        if not (base >= 0 and size >= 1 and base + size <= 0x10000):
             raise MachineError(dev.option, f"port range {base:#x}+{size:#x} is outside 0-0xffff")
         try:
             self.pio.register(base, size, device)

@@ -118,6 +118,7 @@ class Mapping:
     size: int
     block: RamBlock
     offset: int
+    label: str | None = None  # a name for this view of the block ("ram-below-4g")
 
     @property
     def end(self) -> int:
@@ -148,7 +149,7 @@ class GuestMemory:
                 return b
         raise KeyError(name)
 
-    def map(self, gpa: int, size: int, block: RamBlock, offset: int = 0) -> None:
+    def map(self, gpa: int, size: int, block: RamBlock, offset: int = 0, label: str | None = None) -> None:
         if gpa % PAGE_SIZE or size % PAGE_SIZE or offset % PAGE_SIZE or offset + size > block.size:
             raise GuestMemoryError(
                 f"bad mapping of '{block.name}' at {gpa:#x}+{size:#x} (offset {offset:#x}, block size {block.size:#x})"
@@ -159,11 +160,11 @@ class GuestMemory:
                 kept.append(m)
                 continue
             if m.gpa < gpa:
-                kept.append(Mapping(m.gpa, gpa - m.gpa, m.block, m.offset))
+                kept.append(Mapping(m.gpa, gpa - m.gpa, m.block, m.offset, m.label))
             if m.end > gpa + size:
                 cut = gpa + size - m.gpa
-                kept.append(Mapping(gpa + size, m.end - gpa - size, m.block, m.offset + cut))
-        kept.append(Mapping(gpa, size, block, offset))
+                kept.append(Mapping(gpa + size, m.end - gpa - size, m.block, m.offset + cut, m.label))
+        kept.append(Mapping(gpa, size, block, offset, label))
         self.mappings = sorted(kept, key=lambda m: m.gpa)
 
     def _find(self, gpa: int, length: int) -> tuple[Mapping, int]:
@@ -183,6 +184,17 @@ class GuestMemory:
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         m, off = self._find(gpa, len(data))
         m.block.mem[off : off + len(data)] = data
+
+    def pieces(self, gpa: int, length: int) -> list[tuple[RamBlock, int, int]]:
+        """(block, offset, length) covering [gpa, gpa+length) across mappings; all of it must be RAM."""
+        out = []
+        while length > 0:
+            m, off = self._find(gpa, 1)
+            n = min(length, m.end - gpa)
+            out.append((m.block, off, n))
+            gpa += n
+            length -= n
+        return out
 
     def read_cstring(self, gpa: int, limit: int = 4096) -> bytes:
         """A NUL-terminated string the guest points at, bounded by ``limit`` and by RAM."""

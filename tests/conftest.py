@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -97,3 +98,65 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02, what: str
             return value
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+class QmpVm:
+    """A minivmm process with a QMP socket, and qemu.qmp's legacy sync client on it."""
+
+    def __init__(self, vmm: Vmm, *args: str, negotiate: bool = True) -> None:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        self.socket = str(vmm.cwd / f"qmp{len(vmm.procs)}.sock")
+        self.proc = vmm.start(*args, "-qmp", f"unix:{self.socket},server=on,wait=off")
+        wait_for(lambda: _listening(self.socket) or self.proc.poll() is not None, what="the QMP socket")
+        assert self.proc.poll() is None, self.proc.stderr.read().decode()
+        self.qmp = QEMUMonitorProtocol(self.socket)
+        self.greeting = self.qmp.connect(negotiate=negotiate)
+        self.qmp.settimeout(20)
+
+    def cmd(self, name: str, **args):
+        """The command's reply: {"return": ...} or {"error": ...}."""
+        return self.qmp.cmd_obj({"execute": name, **({"arguments": args} if args else {})})
+
+    def status(self) -> str:
+        return self.cmd("query-status")["return"]["status"]
+
+    def event(self, name: str, timeout: float = 20.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ev = self.qmp.pull_event(wait=max(0.01, deadline - time.monotonic()))
+            if ev and ev["event"] == name:
+                return ev
+        pytest.fail(f"no {name} event within {timeout}s")
+
+    def close(self) -> None:
+        try:
+            self.qmp.close()
+        except Exception:
+            pass
+
+
+def _listening(path: str) -> bool:
+    """Something accepts connections on ``path`` (a stale socket file does not)."""
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+@pytest.fixture
+def qmp_vm(vmm: Vmm):
+    made: list[QmpVm] = []
+
+    def start(*args: str, **kw) -> QmpVm:
+        vm = QmpVm(vmm, *args, **kw)
+        made.append(vm)
+        return vm
+
+    yield start
+    for vm in made:
+        vm.close()

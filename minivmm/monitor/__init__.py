@@ -1,0 +1,37 @@
+"""The QMP monitor: QEMU's monitor protocol over unix and loopback TCP sockets.
+
+``start(machine)`` opens every monitor the machine's config asks for and
+forwards the machine's events to their clients.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from .server import Monitor, MonitorError, QmpError
+
+__all__ = ["Monitor", "MonitorError", "QmpError", "open_monitors"]
+
+
+def open_monitors(machine) -> list[Monitor]:
+    """Bind every configured monitor (errors name the option) and subscribe them to events."""
+    from .commands import dispatch
+
+    monitors: list[Monitor] = []
+    try:
+        for config in machine.config.monitors:
+            try:
+                monitors.append(Monitor(config, machine.loop, partial(dispatch, machine)))
+            except MonitorError as e:
+                raise MonitorError(f"{config.option}: {e}") from None
+    except BaseException:
+        for m in monitors:
+            m.close()
+        raise
+
+    def broadcast(event: str, data: dict | None) -> None:
+        for m in monitors:
+            m.event(event, data)
+
+    machine.add_event_listener(broadcast)
+    return monitors

@@ -1,0 +1,290 @@
+"""QMP commands: names, arguments and error wording as QEMU's.
+
+Each command declares its arguments (type and whether required) so that a
+bad call gets QEMU's own messages ("Parameter 'x' is missing", "Invalid
+parameter type for 'x', expected: integer") before any handler runs.
+Handlers run on the main loop with the machine, the monitor and the client.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from minivmm import runstate
+from minivmm.memory import GuestMemoryError
+
+from . import hmp
+from .server import Connection, Monitor, QmpError, version_info
+
+_TYPES = {
+    "str": (str, "string"),
+    "int": (int, "integer"),
+    "bool": (bool, "boolean"),
+    "list": (list, "array"),
+    "object": (dict, "object"),
+}
+
+
+@dataclass
+class Context:
+    machine: object  # minivmm.machine.Machine
+    monitor: Monitor
+    conn: Connection
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    handler: Callable[..., object]
+    args: dict[str, tuple[str, bool]]  # name -> (type, required)
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, **args: tuple[str, bool]):
+    def register(fn):
+        COMMANDS[name] = Command(name, fn, args)
+        return fn
+
+    return register
+
+
+def check_arguments(cmd: Command, arguments: dict) -> dict:
+    """Arguments with dashes turned into underscores, or QEMU's error."""
+    for key in arguments:
+        if key not in cmd.args:
+            raise QmpError(f"Parameter '{key}' is unexpected")
+    out = {}
+    for key, (kind, required) in cmd.args.items():
+        if key not in arguments:
+            if required:
+                raise QmpError(f"Parameter '{key}' is missing")
+            continue
+        value = arguments[key]
+        python_type, name = _TYPES[kind]
+        if not isinstance(value, python_type) or (kind == "int" and isinstance(value, bool)):
+            raise QmpError(f"Invalid parameter type for '{key}', expected: {name}")
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def dispatch(machine, monitor: Monitor, conn: Connection, name: str, arguments: dict) -> object:
+    cmd = COMMANDS.get(name)
+    if cmd is None:
+        raise QmpError(f"The command {name} has not been found", "CommandNotFound")
+    kwargs = check_arguments(cmd, arguments)
+    return cmd.handler(Context(machine, monitor, conn), **kwargs)
+
+
+# --- the protocol ------------------------------------------------------------------
+
+
+@command("qmp_capabilities", enable=("list", False))
+def qmp_capabilities(ctx: Context, enable: list | None = None) -> dict:
+    if ctx.conn.negotiated:
+        raise QmpError("Capabilities negotiation is already complete, command ignored", "CommandNotFound")
+    for i, cap in enumerate(enable or []):
+        if cap != "oob":
+            raise QmpError(f"Parameter 'enable[{i}]' does not accept value '{cap}'")
+    if enable:
+        raise QmpError(f"Capability {', '.join(enable)} not available")
+    ctx.conn.negotiated = True
+    return {}
+
+
+@command("query-version")
+def query_version(ctx: Context) -> dict:
+    return version_info()
+
+
+@command("query-commands")
+def query_commands(ctx: Context) -> list:
+    return [{"name": name} for name in COMMANDS]
+
+
+# --- run state ---------------------------------------------------------------------------
+
+
+@command("query-status")
+def query_status(ctx: Context) -> dict:
+    state = ctx.machine.runstate
+    return {"running": state == runstate.RUNNING, "singlestep": False, "status": state}
+
+
+@command("stop")
+def stop(ctx: Context) -> dict:
+    if ctx.machine.runstate == runstate.INMIGRATE:
+        ctx.machine.autostart = False
+    else:
+        ctx.machine.vm_stop(runstate.PAUSED)
+    return {}
+
+
+@command("cont")
+def cont(ctx: Context) -> dict:
+    machine = ctx.machine
+    if machine.runstate in runstate.NEEDS_RESET:
+        raise QmpError("Resetting the Virtual Machine is required")
+    if machine.runstate == runstate.FINISH_MIGRATE:
+        raise QmpError("Migration is not finalized yet")
+    if machine.runstate == runstate.INMIGRATE:
+        machine.autostart = True  # QEMU: the VM starts when the incoming migration completes
+    else:
+        machine.vm_start()
+    return {}
+
+
+@command("system_reset")
+def system_reset(ctx: Context) -> dict:
+    ctx.machine.request_reset("host-qmp-system-reset")
+    return {}
+
+
+@command("quit")
+def quit_(ctx: Context) -> dict:
+    ctx.machine.request_shutdown("host-qmp-quit", force=True)
+    return {}
+
+
+# --- the machine -------------------------------------------------------------------------
+
+
+@command("query-name")
+def query_name(ctx: Context) -> dict:
+    name = ctx.machine.config.name
+    return {"name": name} if name is not None else {}
+
+
+@command("query-kvm")
+def query_kvm(ctx: Context) -> dict:
+    return {"enabled": True, "present": True}
+
+
+@command("query-cpus-fast")
+def query_cpus_fast(ctx: Context) -> list:
+    return [
+        {
+            "cpu-index": t.index,
+            "qom-path": f"/machine/unattached/device[{t.index}]",
+            "thread-id": t.thread.native_id or 0,
+            "props": {"core-id": t.index, "thread-id": 0, "socket-id": 0},
+            "target": "x86_64",
+        }
+        for t in ctx.machine.vcpus
+    ]
+
+
+@command("query-memdev")
+def query_memdev(ctx: Context) -> list:
+    ram = ctx.machine.memory.blocks[0]  # the machine's RAM backend
+    return [
+        {
+            "id": ram.name,
+            "size": ram.size,
+            "merge": True,
+            "dump": True,
+            "prealloc": False,
+            "share": ram.shared,
+            "reserve": True,
+            "host-nodes": [],
+            "policy": "default",
+        }
+    ]
+
+
+def _save(filename: str, pieces: list[tuple[object, int, int]]) -> dict:
+    try:
+        fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise QmpError(f"Could not open '{filename}': {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for block, offset, length in pieces:
+                f.write(memoryview(block.mem)[offset : offset + length])
+    except OSError as e:
+        raise QmpError(f"Could not write '{filename}': {e.strerror}") from None
+    return {}
+
+
+def _bad_range(addr: int, size: int) -> QmpError:
+    return QmpError(f"Invalid addr 0x{addr & (2**64 - 1):016x}/size {size} specified")
+
+
+@command("pmemsave", val=("int", True), size=("int", True), filename=("str", True))
+def pmemsave(ctx: Context, val: int, size: int, filename: str) -> dict:
+    """Guest-physical memory to a file; every byte asked for must be RAM."""
+    if val < 0 or size < 0:
+        raise _bad_range(val, size)
+    try:
+        pieces = ctx.machine.memory.pieces(val, size)
+    except GuestMemoryError:
+        raise _bad_range(val, size) from None
+    return _save(filename, pieces)
+
+
+@command("memsave", val=("int", True), size=("int", True), filename=("str", True), **{"cpu-index": ("int", False)})
+def memsave(ctx: Context, val: int, size: int, filename: str, cpu_index: int = 0) -> dict:
+    """Guest-virtual memory (as the given vCPU maps it) to a file."""
+    machine = ctx.machine
+    if not 0 <= cpu_index < len(machine.vcpus):
+        raise QmpError("Parameter 'cpu-index' expects a CPU number")
+    if val < 0 or size < 0:
+        raise _bad_range(val, size)
+    pieces = []
+    with machine.vcpu_paused(cpu_index) as vcpu:
+        addr, left = val, size
+        while left > 0:
+            chunk = min(left, 4096 - addr % 4096)
+            tr = vcpu.translate(addr)
+            try:
+                if not tr.valid:
+                    raise GuestMemoryError("unmapped")
+                pieces += machine.memory.pieces(tr.physical_address, chunk)
+            except GuestMemoryError:
+                raise _bad_range(val, size) from None
+            addr, left = addr + chunk, left - chunk
+    return _save(filename, pieces)
+
+
+# --- file descriptors -----------------------------------------------------------------------
+
+
+@command("getfd", fdname=("str", True))
+def getfd(ctx: Context, fdname: str) -> dict:
+    if not ctx.conn.fds:
+        raise QmpError("No file descriptor supplied via SCM_RIGHTS")
+    if fdname[:1].isdigit():
+        os.close(ctx.conn.fds.pop())
+        raise QmpError("Parameter 'fdname' expects a name not starting with a digit")
+    fd = ctx.conn.fds.pop()
+    old = ctx.monitor.named_fds.pop(fdname, None)
+    if old is not None:
+        os.close(old)
+    ctx.monitor.named_fds[fdname] = fd
+    return {}
+
+
+@command("closefd", fdname=("str", True))
+def closefd(ctx: Context, fdname: str) -> dict:
+    fd = ctx.monitor.named_fds.pop(fdname, None)
+    if fd is None:
+        raise QmpError(f"File descriptor named '{fdname}' not found")
+    os.close(fd)
+    return {}
+
+
+# --- the human monitor ---------------------------------------------------------------------------
+
+
+@command("human-monitor-command", **{"command-line": ("str", True), "cpu-index": ("int", False)})
+def human_monitor_command(ctx: Context, command_line: str, cpu_index: int = 0) -> str:
+    if not 0 <= cpu_index < len(ctx.machine.vcpus):
+        raise QmpError("Parameter 'cpu-index' expects a CPU number")
+
+    def qmp(name: str) -> object:
+        return dispatch(ctx.machine, ctx.monitor, ctx.conn, name, {})
+
+    return hmp.run(ctx, command_line, cpu_index, qmp).replace("\n", "\r\n")

@@ -1,0 +1,120 @@
+"""Random JSON and random bytes thrown at a live monitor (hypothesis): every
+reply is a well-formed QMP message, the connection ends cleanly, and the
+guest runs on unharmed."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from abwalk import read_status
+from conftest import guest, wait_for
+
+pytest.importorskip("qemu.qmp", reason="the qemu.qmp client library is not installed")
+
+# Commands that change nothing outside the monitor: anything else (quit, stop, pmemsave
+# to a random path, human-monitor-command) could end the VM or write files.
+SAFE = [
+    "qmp_capabilities",
+    "query-status",
+    "query-version",
+    "query-name",
+    "query-kvm",
+    "query-commands",
+    "query-cpus-fast",
+    "query-memdev",
+    "getfd",
+    "closefd",
+]
+UNSAFE = {"quit", "stop", "cont", "system_reset", "pmemsave", "memsave", "human-monitor-command"}
+
+scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
+values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4), max_leaves=20
+)
+commands = st.fixed_dictionaries(
+    {"execute": st.sampled_from(SAFE) | st.text().filter(lambda t: t not in UNSAFE)},
+    optional={"arguments": st.dictionaries(st.text(), values, max_size=3), "id": values},
+)
+payloads = (
+    st.lists(commands | values, max_size=5).map(lambda items: b"".join(json.dumps(i).encode() for i in items))
+    | st.binary(max_size=2048)
+    | st.lists(
+        st.sampled_from([b"{", b"}", b"[", b"]", b'"', b"\\", b",", b":", b" ", b"\n", b"x", b"\xff"]), max_size=200
+    ).map(b"".join)
+)
+KINDS = {"return", "error", "event", "QMP"}
+
+
+@pytest.fixture(scope="module")
+def walker(tmp_path_factory):
+    from conftest import Vmm
+
+    cwd = tmp_path_factory.mktemp("fuzz")
+    vmm = Vmm(cwd)
+    sock = str(cwd / "qmp.sock")
+    proc = vmm.start(
+        "-kernel",
+        guest("abwalk.elf"),
+        "-m",
+        "64",
+        "-machine",
+        "aux-ram-share=on",
+        "-serial",
+        "null",
+        "-qmp",
+        f"unix:{sock},server=on,wait=off",
+    )
+    wait_for(lambda: os.path.exists(sock), what="the QMP socket")
+    ram = next(
+        f"/proc/{proc.pid}/fd/{fd}"
+        for fd in os.listdir(f"/proc/{proc.pid}/fd")
+        if os.readlink(f"/proc/{proc.pid}/fd/{fd}").startswith("/memfd:pc.ram")
+    )
+    fd = os.open(ram, os.O_RDONLY)
+    try:
+        yield proc, sock, fd
+    finally:
+        os.close(fd)
+        vmm.cleanup()
+
+
+def _session(path: str, payload: bytes, negotiate: bool) -> list[dict]:
+    """Send ``payload`` then EOF; every message until the server hangs up."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(20)
+        wait_for(lambda: s.connect_ex(path) == 0, what="the monitor")
+        if negotiate:
+            s.sendall(b'{"execute": "qmp_capabilities"}')
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(1 << 16):
+            data += chunk
+    return [json.loads(line) for line in data.splitlines()]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=payloads, negotiate=st.booleans())
+def test_any_input_gets_well_formed_replies_and_the_guest_survives(walker, payload, negotiate):
+    proc, sock, _fd = walker
+    messages = _session(sock, payload, negotiate)
+    assert messages and "QMP" in messages[0]
+    for msg in messages:
+        assert isinstance(msg, dict) and len(KINDS & msg.keys()) == 1, msg
+        if "error" in msg:
+            assert set(msg["error"]) == {"class", "desc"} and isinstance(msg["error"]["desc"], str)
+    assert proc.poll() is None
+
+
+def test_after_the_storm_the_guest_still_runs(walker):
+    proc, sock, fd = walker
+    before = read_status(fd).passes
+    wait_for(lambda: read_status(fd).passes > before, what="the walker to go on")
+    replies = _session(sock, b'{"execute": "qmp_capabilities"}{"execute": "query-status"}', False)
+    assert replies[-1]["return"]["status"] == "running"
