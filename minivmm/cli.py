@@ -30,9 +30,10 @@ Machine:
   -smp N                   number of vCPUs (also cpus=N,sockets=..,cores=..,threads=..)
   -cpu host[,+feat|-feat]  CPUID as KVM supports it, with features added or removed
   -machine [pc,]KEY=VAL    accel=kvm, memory-backend=ID, aux-ram-share=on|off
-  -object memory-backend-memfd,id=ID,size=SIZE[,share=on|off][,hugetlb=on]
+  -object memory-backend-memfd,id=ID,size=SIZE[,share=on|off][,hugetlb=on][,prealloc=on]
   -object memory-backend-file,id=ID,size=SIZE,mem-path=PATH[,share=on|off]
   -object memory-backend-ram,id=ID,size=SIZE[,share=on|off]
+  -mem-prealloc            fault in all guest RAM at start (first touches are slow under nested KVM)
   -accel kvm | -enable-kvm the only accelerator
 Boot:
   -kernel FILE             multiboot (ELF32) or ELF64 kernel; default: the built-in guest
@@ -46,6 +47,7 @@ Devices:
 Control:
   -qmp unix:PATH[,server=on][,wait=off] | tcp:HOST:PORT,server=on[,wait=off]   a QMP monitor
   -mon chardev=ID,mode=control[,pretty=on]   a QMP monitor on a -chardev socket
+  -incoming URI|defer      wait for a migration stream (unix:PATH, tcp:HOST:PORT, file:PATH) or migrate-incoming
   -S                       start with the vCPUs paused
   -no-reboot               exit instead of resetting the machine
   -no-shutdown             stop (runstate shutdown) instead of exiting when the guest powers off
@@ -68,6 +70,7 @@ class _Parsed:
     serial_specs: list[str] = field(default_factory=list)
     machine_props: dict[str, tuple[str, str]] = field(default_factory=dict)
     monitor_specs: list[tuple[ChardevConfig, bool, str]] = field(default_factory=list)
+    incoming_options: list[str] = field(default_factory=list)
     pidfile: str | None = None
     show: str | None = None  # "help" or "version"
 
@@ -167,10 +170,10 @@ def _opt_object(p: _Parsed, opt: str, value: str) -> None:
     mem_path = props.pop("mem-path", None) if kind == "file" else None
     if kind == "file" and not mem_path:
         raise OptionError("mem-path property not set")
-    props.pop("prealloc", None)
+    prealloc = parse_bool("prealloc", props.pop("prealloc", "off"))
     if props:
         raise OptionError(f"Property '{qom_type}.{next(iter(props))}' not found")
-    p.config.backends[obj_id] = MemoryBackendConfig(obj_id, kind, size, share, hugetlb, mem_path, where)
+    p.config.backends[obj_id] = MemoryBackendConfig(obj_id, kind, size, share, hugetlb, mem_path, prealloc, where)
 
 
 _LEGACY_FLAGS = {"server": ("server", "on"), "nowait": ("wait", "off"), "wait": ("wait", "on")}
@@ -286,6 +289,19 @@ def _opt_mon(p: _Parsed, opt: str, value: str) -> None:
     p.monitor_specs.append((p.chardevs[chardev], pretty, f"{opt} {value}"))
 
 
+def _opt_incoming(p: _Parsed, opt: str, value: str) -> None:
+    from .migration.channels import ChannelError, parse_channel_text
+
+    if value == "defer":
+        p.config.incoming.append("defer")
+        return
+    try:
+        p.config.incoming.append(parse_channel_text(value))
+    except ChannelError as e:
+        raise OptionError(str(e)) from None
+    p.incoming_options.append(f"{opt} {value}")
+
+
 def _opt_action(p: _Parsed, opt: str, value: str) -> None:
     for key, val in parse_keyval(value).items():
         choices = {
@@ -369,8 +385,10 @@ OPTIONS: dict[str, tuple[bool, Callable]] = {
     "S": (False, _setter("start_paused", True)),
     "no-reboot": (False, _setter("no_reboot", True)),
     "no-shutdown": (False, _setter("no_shutdown", True)),
+    "mem-prealloc": (False, _setter("mem_prealloc", True)),
     "action": (True, _opt_action),
     "qmp": (True, _opt_qmp),
+    "incoming": (True, _opt_incoming),
     "mon": (True, _opt_mon),
     "name": (True, _opt_name),
     "pidfile": (True, _set_pidfile),
@@ -420,6 +438,9 @@ def parse(argv: list[str]) -> _Parsed:
     for cc in cfg.serials:
         if cc.backend == "socket" and cc.path is None:
             raise CliError(f"{cc.option}: serial ports take unix sockets only")
+    mains = [c for c in cfg.incoming if c == "defer" or c.channel_type == "main"]
+    if len(mains) > 1:
+        raise CliError("-incoming: more than one main migration channel")
     if cfg.kernel is None and cfg.bios is None:
         for opt in ("append", "initrd"):
             if getattr(cfg, opt) is not None:
@@ -466,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             _write_pidfile(p.pidfile)
         for monitor in monitors:
             monitor.start()
+        _start_incoming(machine, p)
         return machine.run()
     except OSError as e:
         print(f"minivmm: {e}", file=sys.stderr)
@@ -479,6 +501,17 @@ def main(argv: list[str] | None = None) -> int:
                 os.unlink(p.pidfile)
             except OSError:
                 pass
+
+
+def _start_incoming(machine, p: _Parsed) -> None:
+    from .migration.channels import ChannelError
+
+    channels = [c for c in machine.config.incoming if c != "defer" and c.channel_type == "main"]
+    for channel, option in zip(channels, p.incoming_options):
+        try:
+            machine.migration.start_incoming(channel)
+        except ChannelError as e:
+            raise OSError(f"{option}: {e}") from None
 
 
 def _write_pidfile(path: str) -> None:

@@ -21,6 +21,7 @@ class MemoryBackendConfig:
     share: bool
     hugetlb: bool = False
     mem_path: str | None = None
+    prealloc: bool = False
     option: str = ""  # the option text, for error messages
 
 
@@ -67,6 +68,7 @@ class MachineConfig:
     cpu: CpuModel = field(default_factory=CpuModel)
     memory_backend: str | None = None
     aux_ram_share: bool = False
+    mem_prealloc: bool = False  # -mem-prealloc: fault in all of pc.ram at start
     backends: dict[str, MemoryBackendConfig] = field(default_factory=dict)
     kernel: str | None = None
     initrd: str | None = None
@@ -79,5 +81,6 @@ class MachineConfig:
     panic_action: str = "shutdown"  # -action panic=pause|shutdown|exit-failure|none
     monitors: list[MonitorConfig] = field(default_factory=list)
     start_paused: bool = False
+    incoming: list = field(default_factory=list)  # -incoming channels (migration.channels.Channel), or "defer"
     name: str | None = None
     trace: set[str] = field(default_factory=set)

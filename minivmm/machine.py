@@ -9,6 +9,7 @@ restores it, reloads the boot images and enters the guest again.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -30,9 +31,11 @@ from .devices.rtc import Rtc
 from .devices.serial import Serial
 from .kvm import constants as c
 from .kvm.structs import kvm_fpu, kvm_regs
-from .kvm.system import Kvm, Vcpu
+from .kvm.system import Kvm, KvmError, Vcpu
 from .mainloop import MainLoop
 from .memory import GuestMemory, GuestMemoryError, RamBlock
+from .migration.manager import MigrationManager
+from .migration.ram import Slot
 from .vcpu import VcpuExit, VcpuThread, install_kick_handler
 
 COM_PORTS = ((0x3F8, 4), (0x2F8, 3), (0x3E8, 4), (0x2E8, 3))
@@ -91,6 +94,9 @@ class Machine:
         self.shutdown_request: ShutdownRequest | None = None
         self.exit_status = 0
         self.autostart = not config.start_paused  # run when an incoming migration completes
+        self.named_fds: dict[str, int] = {}  # getfd: fds by name, for options and CPR
+        self.memslots: list[Slot] = []
+        self.migration = MigrationManager(self)
         self._request_lock = threading.Lock()
         self.chardevs: list[Chardev] = []
         self.vcpus: list[VcpuThread] = []
@@ -134,7 +140,10 @@ class Machine:
         self.mmio = Bus("MMIO")
         self._build_devices()
         self._build_vcpus()
-        self._load_boot()
+        if self.config.incoming:
+            self.set_runstate(runstate.INMIGRATE)  # RAM and state come from the stream: load nothing
+        else:
+            self._load_boot()
 
     def _ram_size(self) -> int:
         cfg = self.config
@@ -164,12 +173,15 @@ class Machine:
             )
         try:
             if backend is None:
-                return RamBlock.memfd(name, size, shared=self.config.aux_ram_share)
+                prealloc = self.config.mem_prealloc and name == "pc.ram"
+                return RamBlock.memfd(name, size, shared=self.config.aux_ram_share, prealloc=prealloc)
             if backend.kind == "memfd":
-                return RamBlock.memfd(name, size, shared=backend.share, hugetlb=backend.hugetlb)
+                return RamBlock.memfd(
+                    name, size, shared=backend.share, hugetlb=backend.hugetlb, prealloc=backend.prealloc
+                )
             if backend.kind == "file":
-                return RamBlock.file(name, size, backend.mem_path, shared=backend.share)
-            return RamBlock.anonymous(name, size, shared=backend.share)
+                return RamBlock.file(name, size, backend.mem_path, shared=backend.share, prealloc=backend.prealloc)
+            return RamBlock.anonymous(name, size, shared=backend.share, prealloc=backend.prealloc)
         except GuestMemoryError as e:
             raise MachineError(option, str(e)) from None
 
@@ -200,6 +212,7 @@ class Machine:
         for slot, m in enumerate(self.memory.mappings):
             flags = c.KVM_MEM_READONLY if m.block.readonly else 0
             self.vm.set_user_memory_region(slot, m.gpa, m.size, m.block.host_addr + m.offset, flags)
+            self.memslots.append(Slot(slot, m))
 
     def _open_chardev(self, cc: ChardevConfig) -> Chardev:
         try:
@@ -371,7 +384,25 @@ class Machine:
             return
         self.set_runstate(state)
         self._pause_vcpus()
+        for t in self.vcpus:
+            try:
+                t.vcpu.kvmclock_ctrl()  # tell a kvmclock guest it was stopped (no soft lockups)
+            except KvmError:
+                pass  # the guest does not use kvmclock
         self.emit("STOP")
+
+    def vm_stop_force_state(self, state: str) -> None:
+        """QEMU's vm_stop_force_state: stop if running, else just enter ``state``."""
+        if runstate.is_live(self.runstate):
+            self.vm_stop(state)
+        else:
+            self.set_runstate(state)
+
+    def named_fd(self, name: str) -> int:
+        fd = self.named_fds.get(name)
+        if fd is None:
+            raise KeyError(f"File descriptor named '{name}' has not been found")
+        return fd
 
     @contextmanager
     def vcpu_paused(self, index: int) -> Iterator[Vcpu]:
@@ -390,7 +421,7 @@ class Machine:
         install_kick_handler()
         for t in self.vcpus:
             t.start()
-        if not self.config.start_paused:
+        if not self.config.start_paused and self.runstate != runstate.INMIGRATE:
             self.vm_start()
 
     def reset(self, reason: str) -> None:
@@ -510,6 +541,9 @@ class Machine:
         self.request_shutdown("host-signal", 0, f"terminating on signal {signum}", force=True)
 
     def close(self) -> None:
+        for fd in self.named_fds.values():
+            os.close(fd)
+        self.named_fds.clear()
         for t in self.vcpus:
             t.quit()
         for chardev in self.chardevs:

@@ -40,11 +40,12 @@ class RamBlock:
     kind: str  # "memfd", "file" or "ram": what QEMU's backend type would be
     path: str | None = None
     readonly: bool = False  # read-only for the guest (a ROM); the VMM may still write it
+    prealloc: bool = False  # fault every page in at mmap time (QEMU's prealloc=on)
     mem: mmap.mmap = field(repr=False, default=None)  # type: ignore[assignment]
     host_addr: int = 0
 
     @classmethod
-    def memfd(cls, name: str, size: int, *, shared: bool, hugetlb: bool = False) -> RamBlock:
+    def memfd(cls, name: str, size: int, *, shared: bool, hugetlb: bool = False, prealloc: bool = False) -> RamBlock:
         flags = MFD_CLOEXEC | (MFD_HUGETLB if hugetlb else 0)
         try:
             fd = os.memfd_create(name, flags)
@@ -55,10 +56,10 @@ class RamBlock:
         except OSError as e:
             os.close(fd)
             raise GuestMemoryError(f"cannot set up guest memory '{name}': {e.strerror}") from None
-        return cls._mapped(cls(name, size, fd, shared, "memfd"))
+        return cls._mapped(cls(name, size, fd, shared, "memfd", prealloc=prealloc))
 
     @classmethod
-    def file(cls, name: str, size: int, path: str, *, shared: bool) -> RamBlock:
+    def file(cls, name: str, size: int, path: str, *, shared: bool, prealloc: bool = False) -> RamBlock:
         """A file-backed block (memory-backend-file): the file outlives the process."""
         if os.path.isdir(path):
             fd = os.open(path, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
@@ -73,11 +74,11 @@ class RamBlock:
         except OSError as e:
             os.close(fd)
             raise GuestMemoryError(f"cannot set up guest memory '{name}': {e.strerror}") from None
-        return cls._mapped(cls(name, size, fd, shared, "file", path=path))
+        return cls._mapped(cls(name, size, fd, shared, "file", path=path, prealloc=prealloc))
 
     @classmethod
-    def anonymous(cls, name: str, size: int, *, shared: bool) -> RamBlock:
-        return cls._mapped(cls(name, size, -1, shared, "ram"))
+    def anonymous(cls, name: str, size: int, *, shared: bool, prealloc: bool = False) -> RamBlock:
+        return cls._mapped(cls(name, size, -1, shared, "ram", prealloc=prealloc))
 
     @classmethod
     def from_fd(cls, name: str, size: int, fd: int, *, shared: bool, kind: str) -> RamBlock:
@@ -86,7 +87,7 @@ class RamBlock:
 
     @classmethod
     def _mapped(cls, block: RamBlock) -> RamBlock:
-        flags = mmap.MAP_SHARED if block.shared else mmap.MAP_PRIVATE
+        flags = (mmap.MAP_SHARED if block.shared else mmap.MAP_PRIVATE) | (mmap.MAP_POPULATE if block.prealloc else 0)
         prot = mmap.PROT_READ | mmap.PROT_WRITE
         try:
             if block.fd >= 0:

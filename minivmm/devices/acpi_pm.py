@@ -8,17 +8,29 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from minivmm.vmstate import VMSD, Field
+
 SLP_EN = 1 << 13
+
+
+VMSTATE = VMSD("acpi-pm", 1, 1, (Field("control", "u16"),))
 
 
 @dataclass
 class AcpiPm:
+    vmstate = VMSTATE
     poweroff: Callable[[], None]
     name: str = "acpi-pm"
     control: int = 0
 
     def reset(self) -> None:
         self.control = 0
+
+    def save_state(self) -> dict:
+        return {"control": self.control}
+
+    def load_state(self, state: dict) -> None:
+        self.control = state["control"]
 
     def read(self, offset: int, size: int) -> int:
         return (self.control >> (8 * offset)) & ((1 << (8 * size)) - 1)

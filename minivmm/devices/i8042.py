@@ -11,6 +11,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from minivmm.vmstate import VMSD, Field, as_dict
+
 STATUS_OBF, STATUS_SYS, STATUS_CMD = 0x01, 0x04, 0x08
 CMD_READ_CTR, CMD_WRITE_CTR = 0x20, 0x60
 CMD_AUX_DISABLE, CMD_AUX_ENABLE, CMD_AUX_TEST = 0xA7, 0xA8, 0xA9
@@ -29,8 +31,25 @@ class I8042State:
     queue: deque = field(default_factory=deque)
 
 
+VMSTATE = VMSD(
+    "i8042",
+    version_id=1,
+    minimum_version_id=1,
+    fields=(
+        Field("status", "u8"),
+        Field("ctr", "u8"),
+        Field("outport", "u8"),
+        Field("pending", "u8"),
+        Field("queue", "bytes"),
+    ),
+    pre_save=lambda s: {**as_dict(s), "queue": bytes(s.queue)},
+    post_load=lambda v: I8042State(**{**v, "queue": deque(v["queue"])}),
+)
+
+
 class I8042:
     name = "i8042"
+    vmstate = VMSTATE
 
     def __init__(self, reset_machine: Callable[[], None]) -> None:
         self.reset_machine = reset_machine
@@ -40,6 +59,14 @@ class I8042:
     def reset(self) -> None:
         with self.lock:
             self.s = I8042State()
+
+    def save_state(self) -> I8042State:
+        with self.lock:
+            return I8042State(**{**as_dict(self.s), "queue": deque(self.s.queue)})
+
+    def load_state(self, state: I8042State) -> None:
+        with self.lock:
+            self.s = state
 
     def _reply(self, byte: int) -> None:
         self.s.queue.append(byte)

@@ -11,14 +11,25 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from minivmm.vmstate import VMSD, Field
+
+VMSTATE = VMSD("post-code", 1, 1, (Field("last", "u32"), Field("count", "u64")))
+
 
 @dataclass
 class PostCode:
+    vmstate = VMSTATE
     trace: bool = False
     name: str = "post-code"
     last: int = 0
     count: int = 0
     start_ns: int = field(default_factory=time.monotonic_ns)
+
+    def save_state(self) -> dict:
+        return {"last": self.last, "count": self.count}
+
+    def load_state(self, state: dict) -> None:
+        self.last, self.count = state["last"], state["count"]
 
     def read(self, offset: int, size: int) -> int:
         return self.last

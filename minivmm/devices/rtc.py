@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from minivmm.arch.x86 import layout
+from minivmm.vmstate import VMSD, Field
 
 SECONDS, MINUTES, HOURS, WEEKDAY, DAY, MONTH, YEAR = 0, 2, 4, 6, 7, 8, 9
 REG_A, REG_B, REG_C, REG_D = 0x0A, 0x0B, 0x0C, 0x0D
@@ -52,8 +53,18 @@ class RtcState:
     offset_s: int = 0  # guest time minus host time, in seconds
 
 
+VMSTATE = VMSD(
+    "rtc",
+    version_id=1,
+    minimum_version_id=1,
+    fields=(Field("index", "u8"), Field("cmos", "bytes", size=128), Field("offset_s", "i64")),
+    post_load=lambda v: RtcState(v["index"], bytearray(v["cmos"]), v["offset_s"]),
+)
+
+
 class Rtc:
     name = "rtc"
+    vmstate = VMSTATE
 
     def __init__(self, ram_below_4g: int, ram_above_4g: int) -> None:
         self.s = RtcState()
@@ -63,6 +74,14 @@ class Rtc:
         for reg, value in _cmos_memory(ram_below_4g, ram_above_4g).items():
             self.s.cmos[reg] = value
         self.lock = threading.Lock()
+
+    def save_state(self) -> RtcState:
+        with self.lock:
+            return RtcState(self.s.index, bytearray(self.s.cmos), self.s.offset_s)
+
+    def load_state(self, state: RtcState) -> None:
+        with self.lock:
+            self.s = state
 
     def _encode(self, value: int) -> int:
         return value if self.s.cmos[REG_B] & REG_B_BINARY else (value // 10) * 16 + value % 10

@@ -16,6 +16,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from minivmm.vmstate import VMSD, Field, as_dict
+
 RBR_THR_DLL, IER_DLM, IIR_FCR, LCR, MCR, LSR, MSR, SCR = range(8)
 
 IER_RDI, IER_THRI, IER_RLSI, IER_MSI = 1, 2, 4, 8
@@ -50,7 +52,36 @@ class SerialState:
     irq_level: int = 0
 
 
+def _state_from(values: dict) -> SerialState:
+    return SerialState(**{**values, "rx": deque(values["rx"])})
+
+
+# Version 2 added irq_level; state from version 1 gets it recomputed on load.
+VMSTATE = VMSD(
+    "serial",
+    version_id=2,
+    minimum_version_id=1,
+    fields=(
+        Field("divisor", "u16"),
+        Field("ier", "u8"),
+        Field("lcr", "u8"),
+        Field("mcr", "u8"),
+        Field("lsr", "u8"),
+        Field("msr", "u8"),
+        Field("scr", "u8"),
+        Field("fcr", "u8"),
+        Field("thr_ipending", "bool"),
+        Field("rx", "bytes"),
+        Field("irq_level", "u8", since=2, default=-1),
+    ),
+    pre_save=lambda s: {**as_dict(s), "rx": bytes(s.rx)},
+    post_load=_state_from,
+)
+
+
 class Serial:
+    vmstate = VMSTATE
+
     def __init__(
         self,
         output: Callable[[bytes], None],
@@ -69,6 +100,18 @@ class Serial:
     def reset(self) -> None:
         with self.lock:
             self.s = SerialState()
+
+    def save_state(self) -> SerialState:
+        with self.lock:
+            return SerialState(**{**as_dict(self.s), "rx": deque(self.s.rx)})
+
+    def load_state(self, state: SerialState) -> None:
+        """Take saved registers; the irqchip holds the line level, so only our view is set."""
+        with self.lock:
+            self.s = state
+            if state.irq_level < 0:  # state from before version 2
+                state.irq_level = 0 if self._iir() & IIR_NO_INT else 1
+        self.room_available()
 
     # --- the guest's side -------------------------------------------------
     def read(self, offset: int, size: int) -> int:

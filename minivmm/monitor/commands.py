@@ -260,16 +260,16 @@ def getfd(ctx: Context, fdname: str) -> dict:
         os.close(ctx.conn.fds.pop())
         raise QmpError("Parameter 'fdname' expects a name not starting with a digit")
     fd = ctx.conn.fds.pop()
-    old = ctx.monitor.named_fds.pop(fdname, None)
+    old = ctx.machine.named_fds.pop(fdname, None)
     if old is not None:
         os.close(old)
-    ctx.monitor.named_fds[fdname] = fd
+    ctx.machine.named_fds[fdname] = fd
     return {}
 
 
 @command("closefd", fdname=("str", True))
 def closefd(ctx: Context, fdname: str) -> dict:
-    fd = ctx.monitor.named_fds.pop(fdname, None)
+    fd = ctx.machine.named_fds.pop(fdname, None)
     if fd is None:
         raise QmpError(f"File descriptor named '{fdname}' not found")
     os.close(fd)
@@ -288,3 +288,125 @@ def human_monitor_command(ctx: Context, command_line: str, cpu_index: int = 0) -
         return dispatch(ctx.machine, ctx.monitor, ctx.conn, name, {})
 
     return hmp.run(ctx, command_line, cpu_index, qmp).replace("\n", "\r\n")
+
+
+# --- migration -----------------------------------------------------------------------------------
+
+
+def _main_channel(uri: str | None, channels_arg: list | None, command: str):
+    from minivmm.migration.channels import ChannelError, parse_channel, parse_uri
+
+    if (uri is None) == (channels_arg is None):
+        if uri is None:
+            raise QmpError("need either 'uri' or 'channels' argument")
+        raise QmpError(
+            "'uri' and 'channels' arguments are mutually exclusive; exactly one of the two should be present in "
+            f"'{command}' qmp command"
+        )
+    try:
+        if uri is not None:
+            from minivmm.migration.channels import Channel
+
+            return Channel("main", parse_uri(uri)), []
+        parsed = [parse_channel(c) for c in channels_arg]
+    except ChannelError as e:
+        raise QmpError(str(e)) from None
+    mains = [c for c in parsed if c.channel_type == "main"]
+    if len(mains) != 1:
+        raise QmpError("Channel list has more than one main entry" if mains else "missing 'main' migration channel")
+    return mains[0], [c for c in parsed if c.channel_type != "main"]
+
+
+@command("migrate", uri=("str", False), channels=("list", False), detach=("bool", False), resume=("bool", False))
+def migrate(
+    ctx: Context, uri: str | None = None, channels: list | None = None, detach: bool = True, resume: bool = False
+) -> dict:
+    from minivmm.migration.manager import MigrationError
+
+    if resume:
+        raise QmpError("Cannot resume if there is no paused migration")
+    main, others = _main_channel(uri, channels, "migrate")
+    manager = ctx.machine.migration
+    if manager.params.mode != "normal":
+        raise QmpError(f"migration mode '{manager.params.mode}' is not available yet")
+    if others:
+        raise QmpError("a cpr channel is only valid in mode cpr-transfer")
+    try:
+        manager.start_outgoing(main)
+    except MigrationError as e:
+        raise QmpError(str(e)) from None
+    return {}
+
+
+@command("migrate-incoming", uri=("str", False), channels=("list", False), **{"exit-on-error": ("bool", False)})
+def migrate_incoming(
+    ctx: Context, uri: str | None = None, channels: list | None = None, exit_on_error: bool = True
+) -> dict:
+    from minivmm.migration.channels import ChannelError
+
+    machine = ctx.machine
+    if "defer" not in machine.config.incoming:
+        raise QmpError("'-incoming' was not specified on the command line")
+    if machine.migration.incoming is not None:
+        raise QmpError("The incoming migration has already been started")
+    main, _ = _main_channel(uri, channels, "migrate-incoming")
+    try:
+        machine.migration.start_incoming(main)
+    except ChannelError as e:
+        raise QmpError(str(e)) from None
+    return {}
+
+
+@command("query-migrate")
+def query_migrate(ctx: Context) -> dict:
+    return ctx.machine.migration.info()
+
+
+@command("migrate_cancel")
+def migrate_cancel(ctx: Context) -> dict:
+    ctx.machine.migration.cancel()
+    return {}
+
+
+@command(
+    "migrate-set-parameters",
+    **{
+        "downtime-limit": ("int", False),
+        "max-bandwidth": ("int", False),
+        "mode": ("str", False),
+        "cpr-exec-command": ("list", False),
+    },
+)
+def migrate_set_parameters(ctx: Context, **kwargs) -> dict:
+    from minivmm.migration.params import ParameterError
+
+    try:
+        ctx.machine.migration.params.update({k.replace("_", "-"): v for k, v in kwargs.items()})
+    except ParameterError as e:
+        raise QmpError(str(e)) from None
+    return {}
+
+
+@command("query-migrate-parameters")
+def query_migrate_parameters(ctx: Context) -> dict:
+    return ctx.machine.migration.params.to_qmp()
+
+
+@command("migrate-set-capabilities", capabilities=("list", True))
+def migrate_set_capabilities(ctx: Context, capabilities: list) -> dict:
+    from minivmm.migration.manager import ACTIVE
+    from minivmm.migration.params import ParameterError, parse_capabilities
+
+    manager = ctx.machine.migration
+    if manager.outgoing is not None and manager.outgoing.status in ACTIVE:
+        raise QmpError("There's a migration process in progress")
+    try:
+        manager.capabilities.update(parse_capabilities(capabilities))
+    except ParameterError as e:
+        raise QmpError(str(e)) from None
+    return {}
+
+
+@command("query-migrate-capabilities")
+def query_migrate_capabilities(ctx: Context) -> list:
+    return [{"capability": k, "state": v} for k, v in ctx.machine.migration.capabilities.items()]

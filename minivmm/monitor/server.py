@@ -74,7 +74,6 @@ class Monitor:
         self.loop = loop
         self.dispatch = dispatch  # (monitor, connection, command, arguments) -> result
         self.conn: Connection | None = None
-        self.named_fds: dict[str, int] = {}  # getfd: kept by the monitor across clients, as QEMU does
         try:
             if config.path is not None:
                 self.listener = unix_listen(config.path)
@@ -229,9 +228,6 @@ class Monitor:
         self._disconnect()
         self.loop.forget(self.listener.fileno())
         self.listener.close()
-        for fd in self.named_fds.values():
-            os.close(fd)
-        self.named_fds.clear()
         if self.config.path is not None:
             try:
                 os.unlink(self.config.path)

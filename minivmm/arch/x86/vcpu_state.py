@@ -13,7 +13,8 @@ import ctypes
 from dataclasses import dataclass
 
 from minivmm.kvm import structs as s
-from minivmm.kvm.system import Vcpu
+from minivmm.kvm.system import KvmError, Vcpu
+from minivmm.vmstate import VMSD, Field
 
 
 @dataclass
@@ -28,6 +29,7 @@ class VcpuState:
     lapic: s.kvm_lapic_state
     msrs: dict[int, int]
     events: s.kvm_vcpu_events
+    tsc_khz: int = 0
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,8 @@ def save(vcpu: Vcpu, caps: StateCaps) -> VcpuState:
     lapic = vcpu.get_lapic()
     msrs = vcpu.get_msrs(list(caps.msr_indices))
     events = vcpu.get_vcpu_events()
-    return VcpuState(mp_state, regs, sregs, fpu, xsave, xcrs, debugregs, lapic, msrs, events)
+    tsc_khz = vcpu.get_tsc_khz()
+    return VcpuState(mp_state, regs, sregs, fpu, xsave, xcrs, debugregs, lapic, msrs, events, tsc_khz)
 
 
 def restore(vcpu: Vcpu, state: VcpuState) -> None:
@@ -67,3 +70,75 @@ def restore(vcpu: Vcpu, state: VcpuState) -> None:
     vcpu.set_lapic(state.lapic)
     vcpu.set_msrs(state.msrs)
     vcpu.set_vcpu_events(state.events)
+
+
+def readable_msrs(vcpu: Vcpu, indices: list[int]) -> tuple[int, ...]:
+    """The MSRs of KVM_GET_MSR_INDEX_LIST this vCPU can read (KVM_GET_MSRS stops at the first it cannot)."""
+    keep = []
+    for index in indices:
+        try:
+            if vcpu.get_msrs([index]):
+                keep.append(index)
+        except KvmError:
+            pass
+    return tuple(keep)
+
+
+# --- the saved form -----------------------------------------------------------------
+
+MSR_VMSD = VMSD("msr", 1, 1, (Field("index", "u32"), Field("value", "u64")))
+
+
+def _pre_save(st: VcpuState) -> dict:
+    return {
+        "mp_state": st.mp_state,
+        "regs": bytes(st.regs),
+        "sregs": bytes(st.sregs),
+        "fpu": bytes(st.fpu) if st.fpu is not None else b"",
+        "xsave": bytes(st.xsave) if st.xsave is not None else b"",
+        "xcrs": bytes(st.xcrs) if st.xcrs is not None else b"",
+        "debugregs": bytes(st.debugregs),
+        "lapic": bytes(st.lapic),
+        "msrs": [{"index": i, "value": v} for i, v in st.msrs.items()],
+        "events": bytes(st.events),
+        "tsc_khz": st.tsc_khz,
+    }
+
+
+def _post_load(v: dict) -> VcpuState:
+    xsave = s.xsave_with(len(v["xsave"])).from_buffer_copy(v["xsave"]) if v["xsave"] else None
+    return VcpuState(
+        mp_state=v["mp_state"],
+        regs=s.kvm_regs.from_buffer_copy(v["regs"]),
+        sregs=s.kvm_sregs.from_buffer_copy(v["sregs"]),
+        fpu=s.kvm_fpu.from_buffer_copy(v["fpu"]) if v["fpu"] else None,
+        xsave=xsave,
+        xcrs=s.kvm_xcrs.from_buffer_copy(v["xcrs"]) if v["xcrs"] else None,
+        debugregs=s.kvm_debugregs.from_buffer_copy(v["debugregs"]),
+        lapic=s.kvm_lapic_state.from_buffer_copy(v["lapic"]),
+        msrs={m["index"]: m["value"] for m in v["msrs"]},
+        events=s.kvm_vcpu_events.from_buffer_copy(v["events"]),
+        tsc_khz=v["tsc_khz"],
+    )
+
+
+VMSTATE = VMSD(
+    "vcpu",
+    version_id=1,
+    minimum_version_id=1,
+    fields=(
+        Field("mp_state", "u32"),
+        Field("regs", "bytes", size=ctypes.sizeof(s.kvm_regs)),
+        Field("sregs", "bytes", size=ctypes.sizeof(s.kvm_sregs)),
+        Field("fpu", "bytes"),
+        Field("xsave", "bytes"),
+        Field("xcrs", "bytes"),
+        Field("debugregs", "bytes", size=ctypes.sizeof(s.kvm_debugregs)),
+        Field("lapic", "bytes", size=ctypes.sizeof(s.kvm_lapic_state)),
+        Field("msrs", MSR_VMSD, is_list=True),
+        Field("events", "bytes", size=ctypes.sizeof(s.kvm_vcpu_events)),
+        Field("tsc_khz", "u32"),
+    ),
+    pre_save=_pre_save,
+    post_load=_post_load,
+)

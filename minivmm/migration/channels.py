@@ -1,0 +1,191 @@
+"""Migration channels: QEMU's URI and ``channels`` forms, parsed into one
+Address, and opened as a stream to write to or read from.
+
+Forms: ``unix:PATH``, ``tcp:HOST:PORT``, ``file:PATH[,offset=N]``,
+``fd:NAME`` (a socket given with getfd), and the JSON
+``{"channel-type": "main"|"cpr", "addr": {"transport": "socket"|"file", ...}}``.
+``exec:`` is refused: minivmm never hands a command to a shell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+
+from minivmm.sockets import unix_listen
+
+
+class ChannelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Address:
+    transport: str  # "socket" or "file"
+    type: str = ""  # socket: "unix", "inet" or "fd"
+    path: str | None = None  # unix socket path, or file name
+    host: str | None = None
+    port: int = 0
+    fd_name: str | None = None
+    offset: int = 0  # file
+
+    def describe(self) -> str:
+        if self.transport == "file":
+            return f"file:{self.path}" + (f",offset={self.offset}" if self.offset else "")
+        if self.type == "unix":
+            return f"unix:{self.path}"
+        if self.type == "inet":
+            return f"tcp:{self.host}:{self.port}"
+        return f"fd:{self.fd_name}"
+
+
+@dataclass(frozen=True)
+class Channel:
+    channel_type: str  # "main" or "cpr"
+    addr: Address
+
+
+def parse_uri(uri: str) -> Address:
+    kind, _, rest = uri.partition(":")
+    if kind == "unix" and rest:
+        return Address("socket", "unix", path=rest)
+    if kind == "tcp" and rest:
+        host, _, port = rest.rpartition(":")
+        if not host or not port.isdigit():
+            raise ChannelError(f"error parsing address '{rest}'")
+        return Address("socket", "inet", host=host.strip("[]"), port=int(port))
+    if kind == "file" and rest:
+        path, _, opts = rest.partition(",")
+        offset = 0
+        if opts:
+            key, _, value = opts.partition("=")
+            if key != "offset" or not value.isdigit():
+                raise ChannelError(f"file URI has an invalid option '{opts}' (only offset=N)")
+            offset = int(value)
+        return Address("file", path=path, offset=offset)
+    if kind == "fd" and rest:
+        return Address("socket", "fd", fd_name=rest)
+    if kind == "exec":
+        raise ChannelError("exec: migration is not supported: minivmm never runs commands through a shell")
+    raise ChannelError(f"unknown migration protocol: {uri}")
+
+
+def parse_address(addr: object) -> Address:
+    """The ``addr`` member of a channel (QAPI's MigrationAddress)."""
+    if not isinstance(addr, dict):
+        raise ChannelError("Invalid parameter type for 'addr', expected: object")
+    transport = addr.get("transport")
+    if transport == "socket":
+        kind = addr.get("type")
+        if kind == "unix" and isinstance(addr.get("path"), str):
+            return Address("socket", "unix", path=addr["path"])
+        if kind == "inet" and isinstance(addr.get("host"), str) and str(addr.get("port", "")).isdigit():
+            return Address("socket", "inet", host=addr["host"], port=int(addr["port"]))
+        if kind == "fd" and isinstance(addr.get("str"), str):
+            return Address("socket", "fd", fd_name=addr["str"])
+        raise ChannelError(f"invalid socket address {json.dumps(addr)}")
+    if transport == "file":
+        if not isinstance(addr.get("filename"), str):
+            raise ChannelError("Parameter 'filename' is missing")
+        return Address("file", path=addr["filename"], offset=int(addr.get("offset", 0)))
+    if transport == "exec":
+        raise ChannelError("exec: migration is not supported: minivmm never runs commands through a shell")
+    raise ChannelError(f"Parameter 'transport' does not accept value '{transport}'")
+
+
+def parse_channel(obj: object) -> Channel:
+    if not isinstance(obj, dict):
+        raise ChannelError("migration channel must be an object")
+    kind = obj.get("channel-type")
+    if kind not in ("main", "cpr"):
+        raise ChannelError(f"Parameter 'channel-type' does not accept value '{kind}'")
+    return Channel(kind, parse_address(obj.get("addr")))
+
+
+def parse_channel_text(text: str) -> Channel:
+    """A command-line channel: a URI, JSON, or keyval (``cpr,addr.transport=socket,...``)."""
+    stripped = text.lstrip()
+    if stripped.startswith("{"):
+        try:
+            return parse_channel(json.loads(stripped))
+        except json.JSONDecodeError as e:
+            raise ChannelError(f"JSON parse error, {e.msg}") from None
+    if text.startswith(("main,", "cpr,")) or text in ("main", "cpr"):
+        kind, _, rest = text.partition(",")
+        addr: dict[str, str] = {}
+        for item in filter(None, rest.split(",")):
+            key, _, value = item.partition("=")
+            if not key.startswith("addr."):
+                raise ChannelError(f"Invalid parameter '{key}'")
+            addr[key[len("addr.") :]] = value
+        return Channel(kind, parse_address(addr))
+    return Channel("main", parse_uri(text))
+
+
+# --- opening ---------------------------------------------------------------------------
+
+
+def connect(addr: Address, named_fd) -> socket.socket | object:
+    """An outgoing stream: a connected socket, or a file object positioned at the offset."""
+    try:
+        if addr.transport == "file":
+            fd = os.open(addr.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.ftruncate(fd, addr.offset)
+            f = os.fdopen(fd, "wb", buffering=0)
+            f.seek(addr.offset)
+            return f
+        if addr.type == "unix":
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(addr.path)
+            except OSError:
+                s.close()
+                raise
+            return s
+        if addr.type == "inet":
+            return socket.create_connection((addr.host, addr.port), timeout=30)
+        fd = named_fd(addr.fd_name)
+        return socket.socket(fileno=os.dup(fd))
+    except OSError as e:
+        raise ChannelError(f"Failed to connect to '{addr.describe()}': {e.strerror or e}") from None
+
+
+class Listener:
+    """The incoming side's endpoint: bound at start-up, accepting in the migration thread."""
+
+    def __init__(self, addr: Address) -> None:
+        self.addr = addr
+        self.sock: socket.socket | None = None
+        try:
+            if addr.transport == "file":
+                fd = os.open(addr.path, os.O_RDONLY | os.O_CLOEXEC)
+                self.file = os.fdopen(fd, "rb", buffering=0)
+                self.file.seek(addr.offset)
+            elif addr.type == "unix":
+                self.sock = unix_listen(addr.path, backlog=1)
+            elif addr.type == "inet":
+                self.sock = socket.create_server((addr.host, addr.port))
+            else:
+                raise ChannelError("an incoming fd: channel needs a listening socket (use addr.type=fd only for cpr)")
+        except OSError as e:
+            raise ChannelError(f"Failed to open '{addr.describe()}': {e.strerror or e}") from None
+
+    def accept(self):
+        if self.sock is None:
+            return self.file
+        conn, _ = self.sock.accept()
+        self.sock.close()
+        if self.addr.type == "unix":
+            try:
+                os.unlink(self.addr.path)
+            except OSError:
+                pass
+        self.sock = None
+        return conn
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None

@@ -1,0 +1,112 @@
+"""The target side: read the stream into the RAM blocks and the machine
+state into the devices and vCPUs, in a thread, then start the VM if the
+source was running (QEMU's process_incoming_migration).
+
+The endpoint is bound when the incoming migration is set up, so a bad
+address is an error at once; a stream that cannot be loaded ends the
+process with one line and a non-zero status, as QEMU's target does.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from minivmm import runstate
+from minivmm.vmstate import VMStateError
+
+from . import channels, machine_state, stream
+from .outgoing import Stats, on_main
+
+
+class Incoming:
+    def __init__(self, manager, channel: channels.Channel) -> None:
+        self.manager = manager
+        self.machine = manager.machine
+        self.addr = channel.addr
+        self.listener = channels.Listener(channel.addr)
+        self.status = "setup"
+        self.error: str | None = None
+        self.stats = Stats()
+        self.thread = threading.Thread(target=self._thread, name="incoming-migration", daemon=True)
+
+    def start(self) -> None:
+        self.manager.set_status(self, "setup")
+        self.thread.start()
+
+    def _thread(self) -> None:
+        loop = self.machine.loop
+        try:
+            conn = self.listener.accept()
+        except OSError as e:
+            text = f"accepting the migration connection failed: {e}"
+            on_main(loop, lambda: self._fail(text))
+            return
+        try:
+            on_main(loop, lambda: self.manager.set_status(self, "active"))
+            loaded = self._receive(conn)
+        except (stream.StreamError, VMStateError, OSError) as e:
+            text = str(e)
+            on_main(loop, lambda: self._fail(text))
+            return
+        finally:
+            conn.close()
+        on_main(loop, lambda: self._complete(loaded))
+
+    def _receive(self, conn) -> machine_state.Loaded:
+        m = self.machine
+        reader = stream.Reader(conn)
+        blocks = self._match_blocks(reader.header())
+        self.stats.setup_end = time.monotonic()
+        loaded = None
+        while True:
+            kind = reader.next_record()
+            if kind == stream.REC_PAGES:
+                n = reader.pages_into(blocks)
+                self.stats.normal_pages += n // stream.PAGE_SIZE
+            elif kind == stream.REC_STATE:
+                if loaded is not None:
+                    raise stream.StreamError("two device states in one migration stream")
+                loaded = machine_state.decode_all(m, reader.state())
+            elif kind == stream.REC_END:
+                if loaded is None:
+                    raise stream.StreamError("migration stream ended without the device state")
+                self.stats.transferred = reader.bytes
+                return loaded
+            else:
+                raise stream.StreamError(f"unknown record type {kind} in the migration stream")
+
+    def _match_blocks(self, infos: list[stream.BlockInfo]) -> list:
+        """The local block for each of the stream's, checked by name and size (QEMU's wording)."""
+        local = {b.name: b for b in self.machine.memory.blocks}
+        for info in infos:
+            block = local.get(info.name)
+            if block is None:
+                raise stream.StreamError(f'Unknown ramblock "{info.name}", cannot accept migration')
+            if block.size != info.size:
+                raise stream.StreamError(f"Length mismatch: {info.name}: {info.size:#x} in != {block.size:#x}")
+        missing = set(local) - {i.name for i in infos}
+        if missing:
+            raise stream.StreamError(f"RAM block '{sorted(missing)[0]}' is not in the migration stream")
+        return [local[i.name] for i in infos]
+
+    # --- main thread -------------------------------------------------------------------
+    def _complete(self, loaded: machine_state.Loaded) -> None:
+        m = self.machine
+        machine_state.apply(m, loaded)
+        self.stats.end = time.monotonic()
+        self.manager.set_status(self, "completed")
+        if loaded.runstate == runstate.RUNNING:
+            if m.autostart:
+                m.vm_start()
+            else:
+                m.set_runstate(runstate.PAUSED)
+        else:
+            m.set_runstate(loaded.runstate)
+
+    def _fail(self, text: str) -> None:
+        self.error = text
+        self.manager.set_status(self, "failed")
+        self.machine.request_shutdown(
+            "host-error", 1, f"{self.addr.describe()}: load of migration failed: {text}", force=True
+        )

@@ -1,0 +1,72 @@
+"""A machine's migration state: parameters, capabilities, the current or
+last outgoing migration, the incoming one, and what query-migrate says."""
+
+from __future__ import annotations
+
+from . import channels
+from .incoming import Incoming
+from .outgoing import Outgoing
+from .params import CAPABILITIES, Parameters
+
+ACTIVE = ("setup", "active", "cancelling", "device")
+
+
+class MigrationError(Exception):
+    pass
+
+
+class MigrationManager:
+    def __init__(self, machine) -> None:
+        self.machine = machine
+        self.params = Parameters()
+        self.capabilities = dict.fromkeys(CAPABILITIES, False)
+        self.outgoing: Outgoing | None = None
+        self.incoming: Incoming | None = None
+        self.named_fd = lambda name: machine.named_fd(name)
+
+    # --- events ---------------------------------------------------------------------
+    def set_status(self, migration, status: str) -> None:
+        migration.status = status
+        if self.capabilities["events"]:
+            self.machine.emit("MIGRATION", {"status": status})
+
+    def emit_pass(self, n: int) -> None:
+        if self.capabilities["events"]:
+            self.machine.emit("MIGRATION_PASS", {"pass": n})
+
+    # --- outgoing -------------------------------------------------------------------------
+    def outgoing_blocks(self) -> list:
+        """(block, sent): shared blocks stay out of the stream with x-ignore-shared."""
+        ignore_shared = self.capabilities["x-ignore-shared"]
+        return [(b, not (ignore_shared and b.shared)) for b in self.machine.memory.blocks]
+
+    def start_outgoing(self, channel: channels.Channel) -> None:
+        if self.outgoing is not None and self.outgoing.status in ACTIVE:
+            raise MigrationError("There's a migration process in progress")
+        if self.incoming is not None and self.incoming.status != "completed":
+            raise MigrationError("Guest is waiting for an incoming migration")
+        self.outgoing = Outgoing(self, channel.addr)
+        self.outgoing.start()
+
+    def cancel(self) -> None:
+        out = self.outgoing
+        if out is not None and out.status in ACTIVE:
+            self.set_status(out, "cancelling")
+            out.cancel()
+
+    # --- incoming ---------------------------------------------------------------------------
+    def start_incoming(self, channel: channels.Channel) -> None:
+        self.incoming = Incoming(self, channel)
+        self.incoming.start()
+
+    # --- query-migrate ---------------------------------------------------------------------------
+    def info(self) -> dict:
+        mig = self.outgoing or self.incoming
+        if mig is None:
+            return {}
+        out = {"status": mig.status, **mig.stats.to_qmp(mig.status)}
+        if mig is self.incoming:
+            out.pop("downtime", None)
+        if mig.error:
+            out["error-desc"] = mig.error
+        return out

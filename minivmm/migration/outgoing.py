@@ -1,0 +1,235 @@
+"""The source side: a migration thread that sends RAM and then the machine
+state, as QEMU's migration thread does.
+
+``file:`` is stop-and-copy: the VM stops first, so the file holds one
+consistent image. Sockets use iterative precopy with KVM's dirty log while
+the guest runs, until what is left fits in ``downtime-limit`` at the
+bandwidth measured so far; unlike QEMU it always ends: when the dirty set
+stops shrinking, or after MAX_PASSES, it stops the VM and copies the rest.
+A failure or a cancel puts the VM back the way it was.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from minivmm import runstate
+
+from . import channels, machine_state, stream
+from .ram import CHUNK, DirtyLog, is_zero
+
+MAX_PASSES = 30
+STALL_PASSES = 3  # passes in a row without the dirty set shrinking by a tenth
+
+
+class Cancelled(Exception):
+    pass
+
+
+def on_main(loop, fn):
+    """Run ``fn`` on the main loop and wait for its result (from another thread)."""
+    done, box = threading.Event(), {}
+
+    def call() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # handed back to the waiting thread
+            box["error"] = e
+        finally:
+            done.set()
+
+    loop.call_soon_threadsafe(call)
+    done.wait()
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+@dataclass
+class Stats:
+    start: float = field(default_factory=time.monotonic)
+    setup_end: float | None = None
+    stop: float | None = None
+    end: float | None = None
+    transferred: int = 0
+    total: int = 0
+    normal_pages: int = 0
+    zero_pages: int = 0
+    passes: int = 0
+    remaining: int = 0
+    phases: dict[str, float] = field(default_factory=dict)  # phase -> milliseconds
+
+    def to_qmp(self, status: str) -> dict:
+        now = time.monotonic()
+        end = self.end or now
+        out: dict = {"total-time": int((end - self.start) * 1000)}
+        if self.setup_end is not None:
+            out["setup-time"] = int((self.setup_end - self.start) * 1000)
+        if self.stop is not None:
+            out["downtime"] = int(((self.end or now) - self.stop) * 1000)
+        elapsed = max(end - (self.setup_end or self.start), 1e-6)
+        out["ram"] = {
+            "transferred": self.transferred,
+            "total": self.total,
+            "remaining": 0 if status == "completed" else self.remaining,
+            "duplicate": self.zero_pages,
+            "normal": self.normal_pages,
+            "normal-bytes": self.normal_pages * stream.PAGE_SIZE,
+            "dirty-sync-count": self.passes,
+            "page-size": stream.PAGE_SIZE,
+            "mbps": round(self.transferred * 8 / elapsed / 1e6, 3),
+        }
+        if self.phases:
+            out["x-phase-times"] = {k: round(v, 3) for k, v in self.phases.items()}
+        return out
+
+
+class Outgoing:
+    def __init__(self, manager, addr: channels.Address) -> None:
+        self.manager = manager
+        self.machine = manager.machine
+        self.addr = addr
+        self.status = "setup"
+        self.error: str | None = None
+        self.stats = Stats()
+        self.cancel_requested = False
+        self.stopped_vm = False
+        self.old_state = self.machine.runstate
+        self.thread = threading.Thread(target=self._thread, name="migration", daemon=True)
+
+    def start(self) -> None:
+        self.manager.set_status(self, "setup")
+        self.thread.start()
+
+    def cancel(self) -> None:
+        self.cancel_requested = True
+
+    # --- the thread ----------------------------------------------------------------
+    def _check_cancel(self) -> None:
+        if self.cancel_requested:
+            raise Cancelled()
+
+    def _thread(self) -> None:
+        loop = self.machine.loop
+        try:
+            self._migrate()
+        except Cancelled:
+            on_main(loop, lambda: self._finish("cancelled", None))
+        except Exception as e:
+            text = str(e) or e.__class__.__name__
+            on_main(loop, lambda: self._finish("failed", text))
+
+    def _migrate(self) -> None:
+        m, loop = self.machine, self.machine.loop
+        out = channels.connect(self.addr, self.manager.named_fd)
+        try:
+            writer = stream.Writer(out)
+            blocks = self.manager.outgoing_blocks()
+            writer.header([stream.BlockInfo(b.name, b.size, sent) for b, sent in blocks])
+            sent_blocks = [(i, b) for i, (b, sent) in enumerate(blocks) if sent]
+            self.stats.total = sum(b.size for _, b in sent_blocks)
+            self.stats.setup_end = time.monotonic()
+            on_main(loop, lambda: self.manager.set_status(self, "active"))
+            index = {id(b): i for i, b in sent_blocks}
+            if self.addr.transport == "file" or not sent_blocks:
+                self._stop_vm()
+                self._send_all(writer, sent_blocks, throttle=False)
+            else:
+                self._precopy(writer, sent_blocks, index)
+            t = time.monotonic()
+            blob = machine_state.save(m, runstate.RUNNING if self.old_state == runstate.RUNNING else self.old_state)
+            writer.state(blob)
+            writer.end()
+            self.stats.phases["save-state"] = (time.monotonic() - t) * 1000
+            self.stats.transferred = writer.bytes
+        finally:
+            out.close()
+        on_main(loop, lambda: self._finish("completed", None))
+
+    def _stop_vm(self) -> None:
+        t = time.monotonic()
+        self.stats.stop = t
+        on_main(self.machine.loop, self._stop_on_main)
+        self.stats.phases["stop"] = (time.monotonic() - t) * 1000
+
+    def _stop_on_main(self) -> None:
+        self.stopped_vm = True
+        self.machine.vm_stop_force_state(runstate.FINISH_MIGRATE)
+
+    def _send(self, writer, index: int, block, offset: int, length: int, skip_zero: bool, throttle: bool) -> None:
+        for at in range(offset, offset + length, CHUNK):
+            self._check_cancel()
+            n = min(CHUNK, offset + length - at)
+            pages = n // stream.PAGE_SIZE
+            if skip_zero and is_zero(block, at, n):
+                self.stats.zero_pages += pages
+                continue
+            writer.pages(index, at, memoryview(block.mem)[at : at + n])
+            self.stats.normal_pages += pages
+            self.stats.transferred = writer.bytes
+            if throttle:
+                self._throttle(writer.bytes)
+
+    def _throttle(self, sent: int) -> None:
+        bandwidth = self.manager.params.max_bandwidth
+        if bandwidth <= 0:
+            return
+        ahead = sent / bandwidth - (time.monotonic() - self._throttle_start)
+        if ahead > 0:
+            time.sleep(ahead)
+
+    def _send_all(self, writer, sent_blocks, throttle: bool) -> None:
+        self._throttle_start = time.monotonic()
+        for index, block in sent_blocks:
+            self._send(writer, index, block, 0, block.size, skip_zero=True, throttle=throttle)
+        self.stats.passes += 1
+
+    def _precopy(self, writer, sent_blocks, index) -> None:
+        m = self.machine
+        log = DirtyLog(m.vm, [s for s in m.memslots if id(s.mapping.block) in index])
+        log.start()
+        try:
+            pass_start = time.monotonic()
+            self._send_all(writer, sent_blocks, throttle=True)
+            pass_bytes, pass_time = writer.bytes, time.monotonic() - pass_start
+            previous, stalled = None, 0
+            while True:
+                dirty = log.dirty_chunks()
+                dirty_bytes = sum(n for _, _, n in dirty)
+                self.stats.remaining = dirty_bytes
+                bandwidth = pass_bytes / max(pass_time, 1e-6)
+                if dirty_bytes / bandwidth * 1000 <= self.manager.params.downtime_limit:
+                    break
+                stalled = stalled + 1 if previous is not None and dirty_bytes > previous * 0.9 else 0
+                if stalled >= STALL_PASSES or self.stats.passes >= MAX_PASSES:
+                    break  # not converging: stop and copy
+                previous = dirty_bytes
+                pass_start, before = time.monotonic(), writer.bytes
+                self._throttle_start = pass_start
+                for block, offset, n in dirty:
+                    self._send(writer, index[id(block)], block, offset, n, skip_zero=False, throttle=True)
+                self.stats.passes += 1
+                on_main(m.loop, lambda: self.manager.emit_pass(self.stats.passes))
+                pass_bytes, pass_time = writer.bytes - before, time.monotonic() - pass_start
+            self._stop_vm()
+            for block, offset, n in log.dirty_chunks():
+                self._send(writer, index[id(block)], block, offset, n, skip_zero=False, throttle=False)
+            self.stats.passes += 1
+        finally:
+            log.stop()
+
+    # --- main thread -------------------------------------------------------------------
+    def _finish(self, status: str, error: str | None) -> None:
+        m = self.machine
+        self.stats.end = time.monotonic()
+        self.error = error
+        if status == "completed":
+            m.set_runstate(runstate.POSTMIGRATE)
+        elif self.stopped_vm:
+            if self.old_state == runstate.RUNNING:
+                m.vm_start()
+            else:
+                m.set_runstate(self.old_state)
+        self.manager.set_status(self, status)
