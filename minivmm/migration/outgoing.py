@@ -187,6 +187,7 @@ class Outgoing:
         self.stats.passes += 1
 
     def _precopy(self, writer, sent_blocks, index) -> None:
+        """Send everything while the guest runs, then what it dirtied, pass after pass."""
         m = self.machine
         log = DirtyLog(m.vm, [s for s in m.memslots if id(s.mapping.block) in index])
         log.start()
@@ -194,10 +195,13 @@ class Outgoing:
             pass_start = time.monotonic()
             self._send_all(writer, sent_blocks, throttle=True)
             pass_bytes, pass_time = writer.bytes, time.monotonic() - pass_start
+            # Chunks KVM reported dirty (and cleared) but not yet sent: they must reach the target.
+            pending: dict[tuple[int, int], tuple] = {}
             previous, stalled = None, 0
             while True:
-                dirty = log.dirty_chunks()
-                dirty_bytes = sum(n for _, _, n in dirty)
+                for chunk in log.dirty_chunks():
+                    pending[(id(chunk[0]), chunk[1])] = chunk
+                dirty_bytes = sum(n for _, _, n in pending.values())
                 self.stats.remaining = dirty_bytes
                 bandwidth = pass_bytes / max(pass_time, 1e-6)
                 if dirty_bytes / bandwidth * 1000 <= self.manager.params.downtime_limit:
@@ -208,17 +212,22 @@ class Outgoing:
                 previous = dirty_bytes
                 pass_start, before = time.monotonic(), writer.bytes
                 self._throttle_start = pass_start
-                for block, offset, n in dirty:
-                    self._send(writer, index[id(block)], block, offset, n, skip_zero=False, throttle=True)
+                self._send_chunks(writer, index, pending.values(), throttle=True)
+                pending.clear()
                 self.stats.passes += 1
                 on_main(m.loop, lambda: self.manager.emit_pass(self.stats.passes))
                 pass_bytes, pass_time = writer.bytes - before, time.monotonic() - pass_start
             self._stop_vm()
-            for block, offset, n in log.dirty_chunks():
-                self._send(writer, index[id(block)], block, offset, n, skip_zero=False, throttle=False)
+            for chunk in log.dirty_chunks():
+                pending[(id(chunk[0]), chunk[1])] = chunk
+            self._send_chunks(writer, index, pending.values(), throttle=False)
             self.stats.passes += 1
         finally:
             log.stop()
+
+    def _send_chunks(self, writer, index, chunks, throttle: bool) -> None:
+        for block, offset, n in chunks:
+            self._send(writer, index[id(block)], block, offset, n, skip_zero=False, throttle=throttle)
 
     # --- main thread -------------------------------------------------------------------
     def _finish(self, status: str, error: str | None) -> None:
