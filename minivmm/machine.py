@@ -291,16 +291,17 @@ class Machine:
         leaf1 = next(e for e in self.cpuid if e.function == 1)
         self.cpu_signature, self.cpu_features = leaf1.eax, leaf1.edx
         xsave2 = self.kvm.check_extension(c.KVM_CAP_XSAVE2)
-        self.state_caps = vcpu_state.StateCaps(
-            xsave_size=xsave2 or (4096 if self.kvm.check_extension(c.KVM_CAP_XSAVE) else 0),
-            xcrs=bool(self.kvm.check_extension(c.KVM_CAP_XCRS)),
-            msr_indices=tuple(self.kvm.msr_index_list()),
-        )
         self.initial_states = []
         for index in range(cfg.smp):
             vcpu = self.vm.create_vcpu(index)
             vcpu.set_cpuid2(cpuid.for_vcpu(self.cpuid, index, cfg.smp))
             vcpu.set_msrs(msr.boot_msrs())
+            if index == 0:  # what this host can save, decided once, on the first vCPU
+                self.state_caps = vcpu_state.StateCaps(
+                    xsave_size=xsave2 or (4096 if self.kvm.check_extension(c.KVM_CAP_XSAVE) else 0),
+                    xcrs=bool(self.kvm.check_extension(c.KVM_CAP_XCRS)),
+                    msr_indices=vcpu_state.readable_msrs(vcpu, self.kvm.msr_index_list()),
+                )
             lapic = vcpu.get_lapic()
             regs = bytearray(lapic.regs)
             regs[APIC_LVT0 : APIC_LVT0 + 4] = APIC_MODE_EXTINT.to_bytes(4, "little")

@@ -313,3 +313,30 @@ def test_corrupt_device_state(vmm, saved, tmp_path):
     bad = tmp_path / "corrupt"
     bad.write_bytes(data)
     _target_fails(vmm, walker(64), bad, "checksum mismatch")
+
+
+def test_x_ignore_shared_leaves_file_backed_ram_out_of_the_stream(qmp_vm, tmp_path):
+    ram = tmp_path / "guest.ram"
+    backend = [
+        "-object",
+        f"memory-backend-file,id=ram0,size=64M,mem-path={ram},share=on",
+        "-machine",
+        "memory-backend=ram0",
+        "-m",
+        "64",
+    ]
+    args = ["-kernel", guest("abwalk.elf"), "-serial", "null", *backend]
+    src = qmp_vm(*args)
+    wait_for(lambda: ram.read_bytes()[0x1FF000:0x1FF004] == b"ABWK", what="the walker")
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+    state = tmp_path / "vm.state"
+    src.cmd("migrate", uri=f"file:{state}")
+    info = wait_migration(src)
+    assert info["status"] == "completed" and info["ram"]["total"] == 0
+    assert state.stat().st_size < 64 << 10  # device state only: the RAM stays in its file
+    frozen = ram.read_bytes()
+    src.cmd("quit")
+    assert src.proc.wait(20) == 0
+    dst = qmp_vm(*args, "-incoming", f"file:{state}")  # the same file: the same RAM
+    wait_for(lambda: dst.status() == "running", what="the target")
+    wait_for(lambda: ram.read_bytes() != frozen, what="the walker to go on from the file's RAM")

@@ -56,7 +56,10 @@ class Incoming:
     def _receive(self, conn) -> machine_state.Loaded:
         m = self.machine
         reader = stream.Reader(conn)
-        blocks = self._match_blocks(reader.header())
+        infos, layout = reader.header()
+        blocks = self._match_blocks(infos)
+        if layout != self.manager.layout():
+            raise stream.StreamError("guest-physical RAM layout differs: the source machine was set up differently")
         self.stats.setup_end = time.monotonic()
         loaded = None
         while True:

@@ -3,7 +3,7 @@ last outgoing migration, the incoming one, and what query-migrate says."""
 
 from __future__ import annotations
 
-from . import channels
+from . import channels, stream
 from .incoming import Incoming
 from .outgoing import Outgoing
 from .params import CAPABILITIES, Parameters
@@ -39,6 +39,14 @@ class MigrationManager:
         """(block, sent): shared blocks stay out of the stream with x-ignore-shared."""
         ignore_shared = self.capabilities["x-ignore-shared"]
         return [(b, not (ignore_shared and b.shared)) for b in self.machine.memory.blocks]
+
+    def layout(self) -> list[stream.Placement]:
+        """Where each block sits in guest-physical memory, as indexes into memory.blocks."""
+        blocks = self.machine.memory.blocks
+        return [
+            stream.Placement(m.gpa, m.size, next(i for i, b in enumerate(blocks) if b is m.block), m.offset)
+            for m in self.machine.memory.mappings
+        ]
 
     def start_outgoing(self, channel: channels.Channel) -> None:
         if self.outgoing is not None and self.outgoing.status in ACTIVE:

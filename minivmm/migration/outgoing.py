@@ -127,7 +127,7 @@ class Outgoing:
         try:
             writer = stream.Writer(out)
             blocks = self.manager.outgoing_blocks()
-            writer.header([stream.BlockInfo(b.name, b.size, sent) for b, sent in blocks])
+            writer.header([stream.BlockInfo(b.name, b.size, sent) for b, sent in blocks], self.manager.layout())
             sent_blocks = [(i, b) for i, (b, sent) in enumerate(blocks) if sent]
             self.stats.total = sum(b.size for _, b in sent_blocks)
             self.stats.setup_end = time.monotonic()

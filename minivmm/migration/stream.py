@@ -34,6 +34,16 @@ class BlockInfo:
     sent: bool  # False: not in the stream (shared RAM with x-ignore-shared)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """A piece of a block in guest-physical memory (the machine's memory map)."""
+
+    gpa: int
+    size: int
+    block: int  # index into the block list
+    offset: int
+
+
 class Writer:
     def __init__(self, out) -> None:
         self.out = out  # a socket (sendall) or an unbuffered file (write)
@@ -50,11 +60,14 @@ class Writer:
         self._send(data)
         self.bytes += len(data)
 
-    def header(self, blocks: list[BlockInfo]) -> None:
+    def header(self, blocks: list[BlockInfo], layout: list[Placement]) -> None:
         body = bytearray(struct.pack("<I", len(blocks)))
         for b in blocks:
             name = b.name.encode()
             body += struct.pack("<H", len(name)) + name + struct.pack("<QB", b.size, b.sent)
+        body += struct.pack("<I", len(layout))
+        for p in layout:
+            body += struct.pack("<QQIQ", p.gpa, p.size, p.block, p.offset)
         self._put(_HEAD.pack(MAGIC, VERSION) + struct.pack("<I", len(body)) + body)
 
     def pages(self, block_index: int, offset: int, data: memoryview) -> None:
@@ -87,7 +100,7 @@ class Reader:
         self._fill(memoryview(buf), what)
         return bytes(buf)
 
-    def header(self) -> list[BlockInfo]:
+    def header(self) -> tuple[list[BlockInfo], list[Placement]]:
         magic, version = _HEAD.unpack(self._take(_HEAD.size, "the header"))
         if magic != MAGIC:
             raise StreamError(f"Not a migration stream (bad magic {int.from_bytes(magic, 'big'):x})")
@@ -106,9 +119,11 @@ class Reader:
                 size, sent = struct.unpack_from("<QB", body, pos + 2 + n)
                 pos += 2 + n + 9
                 blocks.append(BlockInfo(name, size, bool(sent)))
+            (count,) = struct.unpack_from("<I", body, pos)
+            layout = [Placement(*struct.unpack_from("<QQIQ", body, pos + 4 + 28 * i)) for i in range(count)]
         except (struct.error, UnicodeDecodeError):
             raise StreamError("corrupt RAM block list in the migration stream header") from None
-        return blocks
+        return blocks, layout
 
     def next_record(self) -> int:
         return self._take(1, "a record")[0]
