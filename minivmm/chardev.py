@@ -26,6 +26,14 @@ class ChardevError(ValueError):
     pass
 
 
+# (table name, id, opener) -> (fd, reused): the machine's CPR fd table, or a fresh open.
+Preserve = Callable[[str, str, Callable[[], int]], tuple[int, bool]]
+
+
+def fresh(name: str, id_: str, opener: Callable[[], int]) -> tuple[int, bool]:
+    return opener(), False
+
+
 class Frontend(Protocol):
     def can_receive(self) -> int: ...
 
@@ -94,11 +102,12 @@ class Chardev:
 class FileChardev(Chardev):
     kind = "file"
 
-    def __init__(self, chardev_id: str, path: str, append: bool = False) -> None:
+    def __init__(self, chardev_id: str, path: str, append: bool = False, preserve: Preserve = fresh) -> None:
         super().__init__(chardev_id)
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
         try:
-            self.fd = os.open(path, flags, 0o644)
+            # A preserved fd keeps its offset: output goes on where the old process stopped.
+            self.fd, _ = preserve("chardev", chardev_id, lambda: os.open(path, flags, 0o644))
         except OSError as e:
             raise ChardevError(f"Could not open '{path}': {e.strerror}") from None
 
@@ -160,16 +169,27 @@ class SocketChardev(Chardev):
 
     kind = "socket"
 
-    def __init__(self, chardev_id: str, path: str, wait: bool, on_message: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        chardev_id: str,
+        path: str | None,
+        wait: bool,
+        on_message: Callable[[str], None],
+        preserve: Preserve = fresh,
+        fd: int | None = None,
+    ) -> None:
         super().__init__(chardev_id)
         self.path = path
         try:
-            self.listener = unix_listen(path)
+            listen_fd, reused = preserve(
+                "chardev-socket", chardev_id, lambda: fd if fd is not None else unix_listen(path).detach()
+            )
         except OSError as e:
             raise ChardevError(f"Failed to bind socket {path}: {e.strerror or e}") from None
+        self.listener = socket.socket(fileno=listen_fd)
         self.client: socket.socket | None = None
         self.lock = threading.Lock()
-        if wait:
+        if wait and not reused:
             on_message(f"waiting for connection on: disconnected:unix:{path},server=on")
             conn, _ = self.listener.accept()
             self._set_client(conn)
@@ -228,10 +248,11 @@ class SocketChardev(Chardev):
     def close(self) -> None:
         self._disconnect()
         self.listener.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
 
 
 def message(text: str) -> None:

@@ -206,9 +206,14 @@ def _chardev_from_props(chardev_id: str, backend: str, props: dict[str, str], wh
             raise OptionError("chardev: file: no filename given")
     elif backend == "socket":
         cc.path = props.pop("path", None)
-        if cc.path is None:
+        if "fd" in props:
+            text = props.pop("fd")
+            if not text.isdigit():
+                raise OptionError(f"fd '{text}' is not a number")
+            cc.fd = int(text)
+        elif cc.path is None:
             if "host" not in props or "port" not in props:
-                raise OptionError("chardev: socket: give path=PATH, or host=HOST,port=PORT")
+                raise OptionError("chardev: socket: give path=PATH, fd=N, or host=HOST,port=PORT")
             cc.host, cc.port = _loopback_port(props.pop("host"), props.pop("port"))
         cc.server = parse_bool("server", props.pop("server", "off"))
         cc.wait = parse_bool("wait", props.pop("wait", "on"))
@@ -434,9 +439,9 @@ def parse(argv: list[str]) -> _Parsed:
         used.add(id(cc))
         if cc.backend != "socket":
             raise CliError(f"{where}: monitors listen on sockets (chardev '{cc.id}' is {cc.backend})")
-        cfg.monitors.append(MonitorConfig(cc.id, cc.path, cc.host, cc.port, cc.wait, pretty, where))
+        cfg.monitors.append(MonitorConfig(cc.id, cc.path, cc.host, cc.port, cc.wait, pretty, cc.fd, where))
     for cc in cfg.serials:
-        if cc.backend == "socket" and cc.path is None:
+        if cc.backend == "socket" and cc.path is None and cc.fd is None:
             raise CliError(f"{cc.option}: serial ports take unix sockets only")
     mains = [c for c in cfg.incoming if c == "defer" or c.channel_type == "main"]
     if len(mains) > 1:

@@ -34,6 +34,7 @@ class ChardevConfig:
     path: str | None = None
     host: str | None = None  # a tcp socket (monitors only)
     port: int = 0
+    fd: int | None = None  # fd=N: an already listening socket
     server: bool = True
     wait: bool = False
     append: bool = False
@@ -50,6 +51,7 @@ class MonitorConfig:
     port: int = 0
     wait: bool = False
     pretty: bool = False
+    fd: int | None = None  # an already listening socket (fd=N)
     option: str = ""
 
 

@@ -34,6 +34,7 @@ from .kvm.structs import kvm_fpu, kvm_regs
 from .kvm.system import Kvm, KvmError, Vcpu
 from .mainloop import MainLoop
 from .memory import GuestMemory, GuestMemoryError, RamBlock
+from .migration.cpr import CprState, FdTable
 from .migration.manager import MigrationManager
 from .migration.ram import Slot
 from .vcpu import VcpuExit, VcpuThread, install_kick_handler
@@ -86,8 +87,13 @@ def _size_text(size: int) -> str:
 
 
 class Machine:
-    def __init__(self, config: MachineConfig, loop: MainLoop | None = None) -> None:
+    def __init__(self, config: MachineConfig, loop: MainLoop | None = None, cpr: CprState | None = None) -> None:
         self.config = config
+        # Every fd that outlives this process, by (name, id): from the previous
+        # minivmm when this is an incoming CPR, filled as resources open otherwise.
+        self.cpr_incoming = cpr
+        self.cpr_table = cpr.table if cpr is not None else FdTable()
+        self._claimed: set[tuple[str, str]] = set()
         self.loop = loop or MainLoop()
         self.runstate = runstate.PRELAUNCH
         self.listeners: list[Callable[[str, dict | None], None]] = []
@@ -95,6 +101,8 @@ class Machine:
         self.exit_status = 0
         self.autostart = not config.start_paused  # run when an incoming migration completes
         self.named_fds: dict[str, int] = {}  # getfd: fds by name, for options and CPR
+        if cpr is not None:
+            self.cpr_table.walk(lambda name, id_, fd: self._reclaim_named_fd(name, id_, fd))
         self.memslots: list[Slot] = []
         self.migration = MigrationManager(self)
         self._request_lock = threading.Lock()
@@ -163,7 +171,77 @@ class Machine:
             )
         return backend.size
 
+    # --- the CPR fd table ------------------------------------------------------------
+    def preserve(self, name: str, id_: str, opener: Callable[[], int]) -> tuple[int, bool]:
+        """QEMU's cpr_open_fd: the fd the previous minivmm saved (reused=True), or a new one, saved."""
+        self._claimed.add((name, id_))
+        fd = self.cpr_table.find(name, id_)
+        if fd >= 0:
+            return fd, True
+        fd = opener()
+        self.cpr_table.save(name, id_, fd)
+        return fd, False
+
+    def check_saved_fd(self, name: str, id_: str, option: str) -> None:
+        """fd=N during an incoming CPR: the number is ignored, the saved fd must exist."""
+        if self.cpr_incoming is not None and self.cpr_table.find(name, id_) < 0:
+            raise MachineError(option, f"cannot find saved value for fd {id_}")
+
+    def _reclaim_named_fd(self, name: str, id_: str, fd: int) -> None:
+        if name == "getfd":
+            self.named_fds[id_] = fd
+            self._claimed.add((name, id_))
+
+    def add_named_fd(self, name: str, fd: int) -> None:
+        """getfd: replaces (and closes) an fd of the same name."""
+        self.close_named_fd(name)
+        self.named_fds[name] = fd
+        self.cpr_table.save("getfd", name, fd)
+
+    def close_named_fd(self, name: str) -> bool:
+        fd = self.named_fds.pop(name, None)
+        if fd is None:
+            return False
+        self.cpr_table.delete("getfd", name)
+        os.close(fd)
+        return True
+
+    def release_unclaimed_fds(self) -> None:
+        """After an incoming CPR: fds the new command line did not ask for are closed."""
+        for key, fd in list(self.cpr_table.fds.items()):
+            if key not in self._claimed:
+                self.cpr_table.delete(*key)
+                os.close(fd)
+
+    def cpr_blockers(self) -> list[str]:
+        """Why this machine cannot do cpr-exec or cpr-transfer (QEMU's wording)."""
+        return [
+            f"Memory region {b.name} is not compatible with CPR. share=on is required for memory-backend objects, "
+            "and aux-ram-share=on is required."
+            for b in self.memory.blocks
+            if not b.shared or b.fd < 0
+        ]
+
     def _make_block(self, name: str, size: int, backend: MemoryBackendConfig | None, option: str) -> RamBlock:
+        kind = "memfd" if backend is None else backend.kind
+        shared = self.config.aux_ram_share if backend is None else backend.share
+        saved = self.cpr_table.find("ram", name)
+        if saved >= 0:  # an incoming CPR: the guest's RAM, as it is
+            self._claimed.add(("ram", name))
+            have = os.fstat(saved).st_size
+            if have < size:
+                raise MachineError(option, f"cpr: RAM block '{name}' has {have} bytes, this machine needs {size}")
+            try:
+                return RamBlock.from_fd(name, size, saved, shared=shared, kind=kind)
+            except GuestMemoryError as e:
+                raise MachineError(option, str(e)) from None
+        block = self._new_block(name, size, backend, option)
+        if block.fd >= 0:
+            self.cpr_table.save("ram", name, block.fd)
+            self._claimed.add(("ram", name))
+        return block
+
+    def _new_block(self, name: str, size: int, backend: MemoryBackendConfig | None, option: str) -> RamBlock:
         limit = host_memory_limit()
         if size > limit:
             raise MachineError(
@@ -204,7 +282,8 @@ class Machine:
             rom_size = -(-len(fw) // layout.PAGE_SIZE) * layout.PAGE_SIZE
             rom = self._make_block("pc.bios", rom_size, None, f"-bios {cfg.bios}")
             rom.readonly = True
-            rom.mem[rom_size - len(fw) :] = fw
+            if self.cpr_incoming is None:  # an incoming CPR writes no guest memory
+                rom.mem[rom_size - len(fw) :] = fw
             self.memory.add_block(rom)
             self.memory.map(layout.FOUR_GIB - rom_size, rom_size, rom, 0)
             alias = min(rom_size, layout.BIOS_ALIAS_MAX)
@@ -219,9 +298,11 @@ class Machine:
             if cc.backend == "stdio":
                 return StdioChardev(cc.id)
             if cc.backend == "file":
-                return FileChardev(cc.id, cc.path, cc.append)
+                return FileChardev(cc.id, cc.path, cc.append, self.preserve)
             if cc.backend == "socket":
-                return SocketChardev(cc.id, cc.path, cc.wait, message)
+                if cc.fd is not None:
+                    self.check_saved_fd("chardev-socket", cc.id, cc.option)
+                return SocketChardev(cc.id, cc.path, cc.wait, message, self.preserve, cc.fd)
             return Chardev(cc.id)
         except ChardevError as e:
             raise MachineError(cc.option, str(e)) from None
@@ -542,9 +623,8 @@ class Machine:
         self.request_shutdown("host-signal", 0, f"terminating on signal {signum}", force=True)
 
     def close(self) -> None:
-        for fd in self.named_fds.values():
-            os.close(fd)
-        self.named_fds.clear()
+        for name in list(self.named_fds):
+            self.close_named_fd(name)
         for t in self.vcpus:
             t.quit()
         for chardev in self.chardevs:

@@ -20,8 +20,10 @@ def open_monitors(machine) -> list[Monitor]:
     monitors: list[Monitor] = []
     try:
         for config in machine.config.monitors:
+            if config.fd is not None:
+                machine.check_saved_fd("monitor", config.id, config.option)
             try:
-                monitors.append(Monitor(config, machine.loop, partial(dispatch, machine)))
+                monitors.append(Monitor(config, machine.loop, partial(dispatch, machine), machine.preserve))
             except MonitorError as e:
                 raise MonitorError(f"{config.option}: {e}") from None
     except BaseException:

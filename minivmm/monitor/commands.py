@@ -259,20 +259,14 @@ def getfd(ctx: Context, fdname: str) -> dict:
     if fdname[:1].isdigit():
         os.close(ctx.conn.fds.pop())
         raise QmpError("Parameter 'fdname' expects a name not starting with a digit")
-    fd = ctx.conn.fds.pop()
-    old = ctx.machine.named_fds.pop(fdname, None)
-    if old is not None:
-        os.close(old)
-    ctx.machine.named_fds[fdname] = fd
+    ctx.machine.add_named_fd(fdname, ctx.conn.fds.pop())
     return {}
 
 
 @command("closefd", fdname=("str", True))
 def closefd(ctx: Context, fdname: str) -> dict:
-    fd = ctx.machine.named_fds.pop(fdname, None)
-    if fd is None:
+    if not ctx.machine.close_named_fd(fdname):
         raise QmpError(f"File descriptor named '{fdname}' not found")
-    os.close(fd)
     return {}
 
 

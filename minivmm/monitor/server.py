@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from minivmm import __version__
+from minivmm.chardev import fresh
 from minivmm.config import MonitorConfig
 from minivmm.mainloop import MainLoop
 from minivmm.sockets import unix_listen
@@ -69,19 +70,26 @@ class Connection:
 class Monitor:
     """One QMP endpoint (-qmp or -mon): a listener and at most one client."""
 
-    def __init__(self, config: MonitorConfig, loop: MainLoop, dispatch) -> None:
+    def __init__(self, config: MonitorConfig, loop: MainLoop, dispatch, preserve=fresh) -> None:
         self.config = config
         self.loop = loop
         self.dispatch = dispatch  # (monitor, connection, command, arguments) -> result
         self.conn: Connection | None = None
-        try:
+
+        def listen() -> int:
+            if config.fd is not None:
+                return config.fd
             if config.path is not None:
-                self.listener = unix_listen(config.path)
-            else:
-                self.listener = socket.create_server((config.host, config.port), reuse_port=False)
+                return unix_listen(config.path).detach()
+            return socket.create_server((config.host, config.port)).detach()
+
+        try:
+            # Preserved across cpr-exec: clients reconnect to the same socket at once.
+            fd, self.reused = preserve("monitor", config.id, listen)
         except OSError as e:
             where = config.path or f"{config.host}:{config.port}"
             raise MonitorError(f"Failed to bind socket {where}: {e.strerror or e}") from None
+        self.listener = socket.socket(fileno=fd)
         self.listener.set_inheritable(False)
 
     @property
@@ -90,7 +98,7 @@ class Monitor:
         return self.config.path or f"{host}:{port}"
 
     def start(self) -> None:
-        if self.config.wait:
+        if self.config.wait and not self.reused:
             print(f"minivmm: waiting for connection on: {self.address}", flush=True, file=sys.stderr)
             conn, _ = self.listener.accept()
             self._attach(conn)
