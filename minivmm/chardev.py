@@ -65,6 +65,12 @@ class Chardev:
     def input_fd(self) -> int:
         return -1
 
+    def suspend(self) -> None:
+        """Before a cpr-exec: give the terminal back as it was."""
+
+    def resume(self) -> None:
+        """After a cpr-exec that failed: take it again."""
+
     def _poll_input(self) -> None:
         fd = self.input_fd()
         if fd < 0 or self.loop is None or self.frontend is None:
@@ -133,13 +139,21 @@ class StdioChardev(Chardev):
         self.in_fd, self.out_fd = 0, 1
         self._saved_tty = None
         self._eof = False
-        if os.isatty(self.in_fd):
+        self.resume()
+
+    def resume(self) -> None:
+        if os.isatty(self.in_fd) and self._saved_tty is None:
             self._saved_tty = termios.tcgetattr(self.in_fd)
             tty.setraw(self.in_fd, termios.TCSANOW)
             attrs = termios.tcgetattr(self.in_fd)
             attrs[3] |= termios.ISIG  # lflag
             attrs[1] |= termios.OPOST | termios.ONLCR  # oflag: keep "\n" -> "\r\n"
             termios.tcsetattr(self.in_fd, termios.TCSANOW, attrs)
+
+    def suspend(self) -> None:
+        if self._saved_tty is not None:
+            termios.tcsetattr(self.in_fd, termios.TCSANOW, self._saved_tty)
+            self._saved_tty = None
 
     def input_fd(self) -> int:
         return -1 if self._eof else self.in_fd
@@ -155,9 +169,7 @@ class StdioChardev(Chardev):
             pass
 
     def close(self) -> None:
-        if self._saved_tty is not None:
-            termios.tcsetattr(self.in_fd, termios.TCSANOW, self._saved_tty)
-            self._saved_tty = None
+        self.suspend()
 
 
 class SocketChardev(Chardev):

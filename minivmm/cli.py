@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -70,7 +71,7 @@ class _Parsed:
     serial_specs: list[str] = field(default_factory=list)
     machine_props: dict[str, tuple[str, str]] = field(default_factory=dict)
     monitor_specs: list[tuple[ChardevConfig, bool, str]] = field(default_factory=list)
-    incoming_options: list[str] = field(default_factory=list)
+    incoming: list = field(default_factory=list)  # (Channel, option text)
     pidfile: str | None = None
     show: str | None = None  # "help" or "version"
 
@@ -301,10 +302,11 @@ def _opt_incoming(p: _Parsed, opt: str, value: str) -> None:
         p.config.incoming.append("defer")
         return
     try:
-        p.config.incoming.append(parse_channel_text(value))
+        channel = parse_channel_text(value)
     except ChannelError as e:
         raise OptionError(str(e)) from None
-    p.incoming_options.append(f"{opt} {value}")
+    p.config.incoming.append(channel)
+    p.incoming.append((channel, f"{opt} {value}"))
 
 
 def _opt_action(p: _Parsed, opt: str, value: str) -> None:
@@ -454,12 +456,19 @@ def parse(argv: list[str]) -> _Parsed:
 
 
 def main(argv: list[str] | None = None) -> int:
+    start_ns = time.monotonic_ns()  # a cpr-exec's timeline: the new image begins here
     argv = sys.argv[1:] if argv is None else argv
+    from .migration.cpr import CprError, take_exec_state
+
+    try:
+        cpr_state = take_exec_state()  # before anything else: the fds of the previous image
+    except CprError as e:
+        print(f"minivmm: {e}", file=sys.stderr)
+        return 1
     try:
         p = parse(argv)
     except CliError as e:
-        print(f"minivmm: {e}", file=sys.stderr)
-        return 1
+        return _fail(str(e), cpr_state)
     if p.show == "help":
         print(USAGE, end="")
         return 0
@@ -470,21 +479,33 @@ def main(argv: list[str] | None = None) -> int:
     builtin = cfg.kernel is None and cfg.bios is None
     if builtin:
         cfg.kernel = guests.path(guests.DEFAULT)
+    cpr_conn = None
+    cpr_channels = [(c, o) for c, o in p.incoming if c.channel_type == "cpr"]
+    if cpr_channels:
+        channel, option = cpr_channels[0]
+        if cpr_state is not None:
+            return _fail(f"{option}: this image was exec'd with CPR state already", cpr_state)
+        try:
+            cpr_conn, cpr_state = _receive_cpr(channel)
+        except (CprError, OSError) as e:
+            print(f"minivmm: {option}: {e}", file=sys.stderr)
+            return 1
     from .kvm.system import KvmError
     from .machine import Machine, MachineError
     from .monitor import MonitorError, open_monitors
 
     try:
-        machine = Machine(cfg)
+        machine = Machine(cfg, cpr=cpr_state)
     except (MachineError, KvmError) as e:
-        print(f"minivmm: {e}", file=sys.stderr)
-        return 1
+        return _fail(str(e), cpr_state)
+    machine.start_ns = start_ns
     try:
         monitors = open_monitors(machine)
     except MonitorError as e:
         machine.close()
-        print(f"minivmm: {e}", file=sys.stderr)
-        return 1
+        return _fail(str(e), cpr_state)
+    if cpr_state is not None:
+        machine.release_unclaimed_fds()
     if builtin:
         print(f"minivmm: no -kernel given: booting the built-in guest {guests.DEFAULT}", file=sys.stderr)
     try:
@@ -493,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         for monitor in monitors:
             monitor.start()
         _start_incoming(machine, p)
+        if cpr_conn is not None:
+            cpr_conn.close()  # the hang-up: listening on the main channel, the source may go on
         return machine.run()
     except OSError as e:
         print(f"minivmm: {e}", file=sys.stderr)
@@ -508,15 +531,50 @@ def main(argv: list[str] | None = None) -> int:
                 pass
 
 
+def _fail(text: str, cpr_state) -> int:
+    """One line and status 1; an exec'd image first hands the guest's RAM to a holder."""
+    line = f"minivmm: {text}"
+    if cpr_state is not None and cpr_state.mode == "cpr-exec":
+        from .migration import holder
+
+        line += holder.retry_hint(cpr_state, "<the state>")
+    print(line, file=sys.stderr)
+    return 1
+
+
+def _receive_cpr(channel):
+    """cpr-transfer: accept the source on the cpr channel and take its fds, before building anything."""
+    import socket
+
+    from .migration.cpr import CprError, recv_state
+    from .sockets import unix_listen
+
+    addr = channel.addr
+    if addr.transport != "socket" or addr.type not in ("unix", "fd"):
+        raise CprError("bad cpr channel address; must be unix")
+    listener = unix_listen(addr.path, backlog=1) if addr.type == "unix" else socket.socket(fileno=int(addr.fd_name))
+    try:
+        conn, _ = listener.accept()
+    finally:
+        listener.close()
+        if addr.type == "unix":
+            os.unlink(addr.path)
+    try:
+        return conn, recv_state(conn)
+    except BaseException:
+        conn.close()
+        raise
+
+
 def _start_incoming(machine, p: _Parsed) -> None:
     from .migration.channels import ChannelError
 
-    channels = [c for c in machine.config.incoming if c != "defer" and c.channel_type == "main"]
-    for channel, option in zip(channels, p.incoming_options):
-        try:
-            machine.migration.start_incoming(channel)
-        except ChannelError as e:
-            raise OSError(f"{option}: {e}") from None
+    for channel, option in p.incoming:
+        if channel.channel_type == "main":
+            try:
+                machine.migration.start_incoming(channel)
+            except ChannelError as e:
+                raise OSError(f"{option}: {e}") from None
 
 
 def _write_pidfile(path: str) -> None:

@@ -104,6 +104,8 @@ class Machine:
         if cpr is not None:
             self.cpr_table.walk(lambda name, id_, fd: self._reclaim_named_fd(name, id_, fd))
         self.memslots: list[Slot] = []
+        self.cpr_handed_over = False  # after cpr-transfer the guest's RAM belongs to the new process
+        self.start_ns = 0  # when the process began (the CLI sets it): a cpr-exec's timeline
         self.migration = MigrationManager(self)
         self._request_lock = threading.Lock()
         self.chardevs: list[Chardev] = []

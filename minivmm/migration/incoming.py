@@ -9,13 +9,16 @@ process with one line and a non-zero status, as QEMU's target does.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
 from minivmm import runstate
+from minivmm.kvm.system import KvmError
 from minivmm.vmstate import VMStateError
 
 from . import channels, machine_state, stream
+from .cpr_outgoing import VERDICT_OK
 from .outgoing import Stats, on_main
 
 
@@ -28,6 +31,7 @@ class Incoming:
         self.status = "setup"
         self.error: str | None = None
         self.stats = Stats()
+        self.source_times: dict[str, int] = {}
         self.thread = threading.Thread(target=self._thread, name="incoming-migration", daemon=True)
 
     def start(self) -> None:
@@ -45,13 +49,23 @@ class Incoming:
         try:
             on_main(loop, lambda: self.manager.set_status(self, "active"))
             loaded = self._receive(conn)
-        except (stream.StreamError, VMStateError, OSError) as e:
+            on_main(loop, lambda: self._complete(loaded))
+            self._verdict(conn, VERDICT_OK)
+        except (stream.StreamError, VMStateError, KvmError, OSError) as e:
             text = str(e)
+            self._verdict(conn, f"FAIL {text}\n".encode())
             on_main(loop, lambda: self._fail(text))
-            return
         finally:
             conn.close()
-        on_main(loop, lambda: self._complete(loaded))
+
+    @staticmethod
+    def _verdict(conn, verdict: bytes) -> None:
+        """For a source with the return-path capability (one that does not read it loses nothing)."""
+        if isinstance(conn, socket.socket):
+            try:
+                conn.sendall(verdict)
+            except OSError:
+                pass
 
     def _receive(self, conn) -> machine_state.Loaded:
         m = self.machine
@@ -71,6 +85,8 @@ class Incoming:
                 if loaded is not None:
                     raise stream.StreamError("two device states in one migration stream")
                 loaded = machine_state.decode_all(m, reader.state())
+            elif kind == stream.REC_TIMES:
+                self.source_times = reader.times()
             elif kind == stream.REC_END:
                 if loaded is None:
                     raise stream.StreamError("migration stream ended without the device state")

@@ -3,9 +3,8 @@ last outgoing migration, the incoming one, and what query-migrate says."""
 
 from __future__ import annotations
 
-from . import channels, stream
+from . import channels, cpr_outgoing, stream
 from .incoming import Incoming
-from .outgoing import Outgoing
 from .params import CAPABILITIES, Parameters
 
 ACTIVE = ("setup", "active", "cancelling", "device")
@@ -20,7 +19,7 @@ class MigrationManager:
         self.machine = machine
         self.params = Parameters()
         self.capabilities = dict.fromkeys(CAPABILITIES, False)
-        self.outgoing: Outgoing | None = None
+        self.outgoing = None
         self.incoming: Incoming | None = None
         self.named_fd = lambda name: machine.named_fd(name)
 
@@ -48,12 +47,19 @@ class MigrationManager:
             for m in self.machine.memory.mappings
         ]
 
-    def start_outgoing(self, channel: channels.Channel) -> None:
+    def start_outgoing(self, main: channels.Channel, others: list[channels.Channel]) -> None:
+        """Start ``migrate``: everything that can be refused is refused before the VM stops."""
         if self.outgoing is not None and self.outgoing.status in ACTIVE:
             raise MigrationError("There's a migration process in progress")
         if self.incoming is not None and self.incoming.status != "completed":
             raise MigrationError("Guest is waiting for an incoming migration")
-        self.outgoing = Outgoing(self, channel.addr)
+        if self.machine.cpr_handed_over:
+            raise MigrationError("The VM was handed over with cpr-transfer: only 'cont' or 'quit' apply to it here")
+        try:
+            cpr = cpr_outgoing.validate(self.machine, main, others)
+        except cpr_outgoing.ValidationError as e:
+            raise MigrationError(str(e)) from None
+        self.outgoing = cpr_outgoing.start(self, main, cpr)
         self.outgoing.start()
 
     def cancel(self) -> None:
@@ -73,8 +79,6 @@ class MigrationManager:
         if mig is None:
             return {}
         out = {"status": mig.status, **mig.stats.to_qmp(mig.status)}
-        if mig is self.incoming:
-            out.pop("downtime", None)
         if mig.error:
             out["error-desc"] = mig.error
         return out

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from minivmm import runstate
 
 from . import channels, machine_state, stream
+from .cpr import now_ns
 from .ram import CHUNK, DirtyLog, is_zero
 
 MAX_PASSES = 30
@@ -59,6 +60,7 @@ class Stats:
     zero_pages: int = 0
     passes: int = 0
     remaining: int = 0
+    downtime_ms: float | None = None  # the target's: from the source's stop to its own resume
     phases: dict[str, float] = field(default_factory=dict)  # phase -> milliseconds
 
     def to_qmp(self, status: str) -> dict:
@@ -67,7 +69,9 @@ class Stats:
         out: dict = {"total-time": int((end - self.start) * 1000)}
         if self.setup_end is not None:
             out["setup-time"] = int((self.setup_end - self.start) * 1000)
-        if self.stop is not None:
+        if self.downtime_ms is not None:
+            out["downtime"] = round(self.downtime_ms)
+        elif self.stop is not None:
             out["downtime"] = int(((self.end or now) - self.stop) * 1000)
         elapsed = max(end - (self.setup_end or self.start), 1e-6)
         out["ram"] = {
@@ -97,6 +101,7 @@ class Outgoing:
         self.cancel_requested = False
         self.stopped_vm = False
         self.old_state = self.machine.runstate
+        self.times: dict[str, int] = {}  # CLOCK_MONOTONIC ns of each step, sent to the target
         self.thread = threading.Thread(target=self._thread, name="migration", daemon=True)
 
     def start(self) -> None:
@@ -122,7 +127,7 @@ class Outgoing:
             on_main(loop, lambda: self._finish("failed", text))
 
     def _migrate(self) -> None:
-        m, loop = self.machine, self.machine.loop
+        loop = self.machine.loop
         out = channels.connect(self.addr, self.manager.named_fd)
         try:
             writer = stream.Writer(out)
@@ -138,21 +143,27 @@ class Outgoing:
                 self._send_all(writer, sent_blocks, throttle=False)
             else:
                 self._precopy(writer, sent_blocks, index)
-            t = time.monotonic()
-            blob = machine_state.save(m, runstate.RUNNING if self.old_state == runstate.RUNNING else self.old_state)
-            writer.state(blob)
-            writer.end()
-            self.stats.phases["save-state"] = (time.monotonic() - t) * 1000
-            self.stats.transferred = writer.bytes
+            self._send_state(writer)
         finally:
             out.close()
         on_main(loop, lambda: self._finish("completed", None))
 
+    def _send_state(self, writer: stream.Writer) -> None:
+        """The machine state, the timestamps and the end mark (vCPUs stopped)."""
+        resume = runstate.RUNNING if self.old_state == runstate.RUNNING else self.old_state
+        writer.state(machine_state.save(self.machine, resume))
+        self.times["saved"] = now_ns()
+        writer.times(self.times)
+        writer.end()
+        self.stats.phases["save"] = (self.times["saved"] - self.times["stopped"]) / 1e6
+        self.stats.transferred = writer.bytes
+
     def _stop_vm(self) -> None:
-        t = time.monotonic()
-        self.stats.stop = t
+        self.stats.stop = time.monotonic()
+        self.times["stop"] = now_ns()
         on_main(self.machine.loop, self._stop_on_main)
-        self.stats.phases["stop"] = (time.monotonic() - t) * 1000
+        self.times["stopped"] = now_ns()
+        self.stats.phases["stop"] = (self.times["stopped"] - self.times["stop"]) / 1e6
 
     def _stop_on_main(self) -> None:
         self.stopped_vm = True

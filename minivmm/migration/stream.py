@@ -15,7 +15,7 @@ from minivmm.memory import RamBlock
 
 MAGIC = b"MVMM"
 VERSION = 1
-REC_PAGES, REC_STATE, REC_END = 1, 2, 3
+REC_PAGES, REC_STATE, REC_END, REC_TIMES = 1, 2, 3, 4
 PAGE_SIZE = 4096
 
 _HEAD = struct.Struct("<4sI")
@@ -76,6 +76,11 @@ class Writer:
 
     def state(self, blob: bytes) -> None:
         self._put(_STATE.pack(REC_STATE, len(blob)) + blob)
+
+    def times(self, times: dict[str, int]) -> None:
+        """The source's CLOCK_MONOTONIC timestamps (ns), for the target's phase timeline."""
+        body = b"".join(struct.pack("<B", len(k)) + k.encode() + struct.pack("<Q", v) for k, v in times.items())
+        self._put(struct.pack("<BH", REC_TIMES, len(times)) + body)
 
     def end(self) -> None:
         self._put(bytes([REC_END]))
@@ -138,6 +143,15 @@ class Reader:
             raise StreamError(f"RAM page record {offset:#x}+{length:#x} is outside '{block.name}' ({block.size:#x})")
         self._fill(memoryview(block.mem)[offset : offset + length], f"'{block.name}' at {offset:#x}")
         return length
+
+    def times(self) -> dict[str, int]:
+        (count,) = struct.unpack("<H", self._take(2, "the timestamps"))
+        out = {}
+        for _ in range(count):
+            n = self._take(1, "the timestamps")[0]
+            name = self._take(n, "the timestamps").decode(errors="replace")
+            out[name] = struct.unpack("<Q", self._take(8, "the timestamps"))[0]
+        return out
 
     def state(self) -> bytes:
         (length,) = struct.unpack("<Q", self._take(8, "the device state"))

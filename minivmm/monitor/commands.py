@@ -320,13 +320,8 @@ def migrate(
     if resume:
         raise QmpError("Cannot resume if there is no paused migration")
     main, others = _main_channel(uri, channels, "migrate")
-    manager = ctx.machine.migration
-    if manager.params.mode != "normal":
-        raise QmpError(f"migration mode '{manager.params.mode}' is not available yet")
-    if others:
-        raise QmpError("a cpr channel is only valid in mode cpr-transfer")
     try:
-        manager.start_outgoing(main)
+        ctx.machine.migration.start_outgoing(main, others)
     except MigrationError as e:
         raise QmpError(str(e)) from None
     return {}

@@ -1,0 +1,89 @@
+"""Keeps guest RAM alive after a cpr-exec whose new image could not load.
+
+QEMU loses the VM when the new image fails. minivmm's failing image instead
+starts this small process with the preserved fds (the same hand-over as
+cpr-exec: MINIVMM_CPR_STATE_FD); it serves them once, over the cpr-transfer
+protocol, to a fixed minivmm started with
+``-incoming cpr,addr.transport=socket,addr.type=unix,addr.path=SOCKET``,
+then exits. It gives up after --timeout seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import socket
+import subprocess
+import sys
+import tempfile
+
+from minivmm.sockets import unix_listen
+
+from .cpr import CprState, send_state, state_memfd, take_exec_state
+
+DEFAULT_TIMEOUT = 600
+
+
+def spawn(state: CprState, timeout: int = DEFAULT_TIMEOUT) -> tuple[int, str]:
+    """Start a holder for ``state``'s fds; (its pid, the socket to retry with)."""
+    path = os.path.join(
+        os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(), f"minivmm-rescue-{os.getpid()}.sock"
+    )
+    memfd = state_memfd(state)
+    fds = [*state.table.fds.values(), memfd]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minivmm.migration.holder", "--socket", path, "--timeout", str(timeout)],
+        pass_fds=fds,
+        env={**os.environ, "MINIVMM_CPR_STATE_FD": str(memfd)},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+    os.close(memfd)
+    return proc.pid, path
+
+
+def retry_hint(state: CprState, state_source: str) -> str:
+    """Start a holder and tell the user how to pick the guest up again (appended to the error)."""
+    try:
+        pid, path = spawn(state)
+    except OSError as e:
+        return f"; the guest's RAM could not be kept ({e})"
+    return (
+        f"; the guest's RAM is kept by process {pid} for {DEFAULT_TIMEOUT} s: retry with "
+        f"-incoming cpr,addr.transport=socket,addr.type=unix,addr.path={path} -incoming {state_source}"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--socket", required=True)
+    ap.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT)
+    args = ap.parse_args()
+    state = take_exec_state()
+    if state is None:
+        print("minivmm holder: no CPR state (MINIVMM_CPR_STATE_FD) was given", file=sys.stderr)
+        return 1
+    listener = unix_listen(args.socket, backlog=1)
+    try:
+        ready, _, _ = select.select([listener], [], [], args.timeout)
+        if not ready:
+            print(f"minivmm holder: nobody came for the guest's RAM in {args.timeout}s; releasing it", file=sys.stderr)
+            return 1
+        conn, _ = listener.accept()
+        with conn:
+            send_state(conn, CprState("cpr-transfer", state.table))
+            while conn.recv(64):  # the new VMM hangs up once it holds the fds
+                pass
+        return 0
+    finally:
+        listener.close()
+        try:
+            os.unlink(args.socket)
+        except OSError:
+            pass
+
+
+if __name__ == "__main__":
+    socket.setdefaulttimeout(None)
+    sys.exit(main())
