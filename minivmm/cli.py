@@ -500,12 +500,16 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e), cpr_state)
     machine.start_ns = start_ns
     try:
+        # An incoming file is loaded now, so a cpr-exec's guest resumes before the monitors are up.
+        machine.start()
+        _start_incoming(machine, p, "file")
         monitors = open_monitors(machine)
-    except MonitorError as e:
+    except (MonitorError, OSError) as e:
         machine.close()
         return _fail(str(e), cpr_state)
     if cpr_state is not None:
         machine.release_unclaimed_fds()
+        _reap_teardown_helper(cpr_state)
     if builtin:
         print(f"minivmm: no -kernel given: booting the built-in guest {guests.DEFAULT}", file=sys.stderr)
     try:
@@ -513,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
             _write_pidfile(p.pidfile)
         for monitor in monitors:
             monitor.start()
-        _start_incoming(machine, p)
+        _start_incoming(machine, p, "socket")
         if cpr_conn is not None:
             cpr_conn.close()  # the hang-up: listening on the main channel, the source may go on
         return machine.run()
@@ -531,13 +535,22 @@ def main(argv: list[str] | None = None) -> int:
                 pass
 
 
+def _reap_teardown_helper(cpr_state) -> None:
+    """The previous image's address space is freed by a helper (cpr_outgoing.defer_teardown): reap it."""
+    pid = cpr_state.teardown_helper
+    if pid:
+        import threading
+
+        threading.Thread(target=lambda: os.waitpid(pid, 0), name="reap-teardown", daemon=True).start()
+
+
 def _fail(text: str, cpr_state) -> int:
     """One line and status 1; an exec'd image first hands the guest's RAM to a holder."""
     line = f"minivmm: {text}"
     if cpr_state is not None and cpr_state.mode == "cpr-exec":
         from .migration import holder
 
-        line += holder.retry_hint(cpr_state, "<the state>")
+        line += holder.retry_hint(cpr_state, "-incoming <the state file>")
     print(line, file=sys.stderr)
     return 1
 
@@ -566,11 +579,11 @@ def _receive_cpr(channel):
         raise
 
 
-def _start_incoming(machine, p: _Parsed) -> None:
+def _start_incoming(machine, p: _Parsed, transport: str) -> None:
     from .migration.channels import ChannelError
 
     for channel, option in p.incoming:
-        if channel.channel_type == "main":
+        if channel.channel_type == "main" and channel.addr.transport == transport:
             try:
                 machine.migration.start_incoming(channel)
             except ChannelError as e:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from . import runstate
-from .arch.x86 import boot, cpuid, inspect, layout, modes, msr, vcpu_state
+from .arch.x86 import cpuid, layout, modes, msr, vcpu_state
 from .chardev import Chardev, ChardevError, FileChardev, SocketChardev, StdioChardev, message
 from .config import ChardevConfig, DeviceConfig, MachineConfig, MemoryBackendConfig
 from .devices import pvpanic
@@ -125,8 +125,13 @@ class Machine:
             raise
 
     # --- building ---------------------------------------------------------------
-    def _prepare_boot(self) -> boot.BootImage:
+    def _prepare_boot(self):
+        """The boot images, read and checked; nothing for an incoming migration (RAM comes with it)."""
+        from .arch.x86 import boot
+
         cfg = self.config
+        if cfg.incoming:
+            return boot.BootImage("incoming", "")
         try:
             return boot.prepare(cfg.kernel, cfg.append, cfg.initrd, cfg.bios)
         except boot.BootError as e:
@@ -395,6 +400,8 @@ class Machine:
             self.vcpus.append(VcpuThread(vcpu, self.pio, self.mmio, self._on_vcpu_exit, self._describe))
 
     def _load_boot(self) -> None:
+        from .arch.x86 import boot
+
         try:
             entry = boot.load(
                 self.image,
@@ -409,7 +416,7 @@ class Machine:
             raise MachineError("", str(e)) from None
         self._enter(self.vcpus[0].vcpu, entry)
 
-    def _enter(self, vcpu: Vcpu, entry: boot.Entry) -> None:
+    def _enter(self, vcpu: Vcpu, entry) -> None:
         """Put the boot CPU in the state ``entry`` asks for."""
         if entry.mode == "reset":
             return
@@ -425,6 +432,8 @@ class Machine:
         vcpu.set_fpu(fpu)
 
     def _describe(self, thread: VcpuThread) -> str:
+        from .arch.x86 import inspect
+
         return inspect.describe(thread.vcpu, self.memory)
 
     # --- run state and events (main thread, unless a method says otherwise) ------
@@ -501,7 +510,9 @@ class Machine:
                 thread.resume()
 
     def start(self) -> None:
-        """Start the vCPU threads; they run unless the machine starts paused (-S)."""
+        """Start the vCPU threads (once); they run unless the machine starts paused (-S) or incoming."""
+        if self.vcpus and self.vcpus[0].thread.is_alive():
+            return
         install_kick_handler()
         for t in self.vcpus:
             t.start()
@@ -607,13 +618,11 @@ class Machine:
         else:
             self.loop.call_soon_threadsafe(self._handle_vcpu_failure, where)
 
-    def run(self, on_started: Callable[[], None] | None = None) -> int:
+    def run(self) -> int:
         """Run until the guest or the host ends the machine; the process exit status."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             self.start()
-            if on_started is not None:
-                on_started()
             self.loop.run()
         finally:
             for sig, handler in previous.items():

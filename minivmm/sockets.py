@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
-import tempfile
 
 
 def unix_listen(path: str, backlog: int = 4) -> socket.socket:
@@ -25,16 +23,19 @@ def unix_listen(path: str, backlog: int = 4) -> socket.socket:
     except FileNotFoundError:
         pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    tmpdir = tempfile.mkdtemp(prefix=".minivmm-", dir=os.path.dirname(path))
+    tmpdir = os.path.join(os.path.dirname(path), f".minivmm-{os.getpid()}-{os.urandom(6).hex()}")
+    os.mkdir(tmpdir, 0o700)
+    tmp = os.path.join(tmpdir, "s")
     try:
-        tmp = os.path.join(tmpdir, "s")
         sock.bind(tmp)
         os.chmod(tmp, 0o600)
         os.rename(tmp, path)
     except BaseException:
         sock.close()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        os.rmdir(tmpdir)
     sock.listen(backlog)
     return sock

@@ -8,7 +8,6 @@ is raised: periodic and alarm interrupts are not emulated.
 
 from __future__ import annotations
 
-import calendar
 import threading
 import time
 from dataclasses import dataclass, field
@@ -153,5 +152,7 @@ class Rtc:
             t[field_index] = decoded
         else:
             return  # the weekday follows from the date
+        import calendar  # only when a guest sets the clock
+
         wanted = calendar.timegm(tuple(t[:6]) + (0, 0, 0))
         self.s.offset_s = int(wanted - time.time())

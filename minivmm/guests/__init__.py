@@ -6,18 +6,18 @@ guests/ says what each one does.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-HERE = Path(__file__).parent
+HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT = "long64.elf"  # what `minivmm` boots when given no -kernel or -bios
 
 
 def path(name: str) -> str:
-    p = HERE / name
-    if not p.is_file():
+    p = os.path.join(HERE, name)
+    if not os.path.isfile(p):
         raise FileNotFoundError(f"no shipped guest named {name!r} (have: {', '.join(names())})")
-    return str(p)
+    return p
 
 
 def names() -> list[str]:
-    return sorted(p.name for p in HERE.iterdir() if p.suffix in (".elf", ".bin"))
+    return sorted(n for n in os.listdir(HERE) if n.endswith((".elf", ".bin")))

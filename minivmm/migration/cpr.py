@@ -40,7 +40,12 @@ CPR_STATE = VMSD(
     "cpr-state",
     1,
     1,
-    (Field("mode", "str"), Field("fds", FD_ENTRY, is_list=True), Field("times", TIMES, is_list=True)),
+    (
+        Field("mode", "str"),
+        Field("fds", FD_ENTRY, is_list=True),
+        Field("times", TIMES, is_list=True),
+        Field("teardown_helper", "u32"),  # cpr-exec: the pid holding the old address space, to reap
+    ),
 )
 
 
@@ -83,12 +88,13 @@ class CprState:
     mode: str  # "cpr-exec" or "cpr-transfer"
     table: FdTable
     times: dict[str, int] = field(default_factory=dict)  # phase -> CLOCK_MONOTONIC ns
+    teardown_helper: int = 0
 
     def blob(self) -> bytes:
         w = StateWriter()
         entries = [{"name": n, "id": i, "fd": fd} for (n, i), fd in self.table.fds.items()]
         times = [{"phase": p, "at": t} for p, t in self.times.items()]
-        w.add(CPR_STATE, {"mode": self.mode, "fds": entries, "times": times})
+        w.add(CPR_STATE, {"mode": self.mode, "fds": entries, "times": times, "teardown_helper": self.teardown_helper})
         return w.blob()
 
     @classmethod
@@ -107,7 +113,8 @@ class CprState:
         table = FdTable()
         for i, e in enumerate(entries):
             table.save(e["name"], e["id"], fds[i] if fds is not None else e["fd"])
-        return cls(values["mode"], table, {t["phase"]: t["at"] for t in values["times"]})
+        times = {t["phase"]: t["at"] for t in values["times"]}
+        return cls(values["mode"], table, times, values["teardown_helper"])
 
 
 def now_ns() -> int:

@@ -10,13 +10,10 @@ then exits. It gives up after --timeout seconds.
 
 from __future__ import annotations
 
-import argparse
 import os
 import select
 import socket
-import subprocess
 import sys
-import tempfile
 
 from minivmm.sockets import unix_listen
 
@@ -27,9 +24,11 @@ DEFAULT_TIMEOUT = 600
 
 def spawn(state: CprState, timeout: int = DEFAULT_TIMEOUT) -> tuple[int, str]:
     """Start a holder for ``state``'s fds; (its pid, the socket to retry with)."""
-    path = os.path.join(
-        os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(), f"minivmm-rescue-{os.getpid()}.sock"
-    )
+    import subprocess
+    import tempfile
+
+    rundir = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    path = os.path.join(rundir, f"minivmm-rescue-{os.getpid()}.sock")
     memfd = state_memfd(state)
     fds = [*state.table.fds.values(), memfd]
     proc = subprocess.Popen(
@@ -51,11 +50,13 @@ def retry_hint(state: CprState, state_source: str) -> str:
         return f"; the guest's RAM could not be kept ({e})"
     return (
         f"; the guest's RAM is kept by process {pid} for {DEFAULT_TIMEOUT} s: retry with "
-        f"-incoming cpr,addr.transport=socket,addr.type=unix,addr.path={path} -incoming {state_source}"
+        f"-incoming cpr,addr.transport=socket,addr.type=unix,addr.path={path} {state_source}"
     )
 
 
 def main() -> int:
+    import argparse
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--socket", required=True)
     ap.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT)

@@ -18,8 +18,8 @@ from minivmm.kvm.system import KvmError
 from minivmm.vmstate import VMStateError
 
 from . import channels, machine_state, stream
-from .cpr_outgoing import VERDICT_OK
-from .outgoing import Stats, on_main
+from .cpr import now_ns
+from .progress import VERDICT_OK, Stats, on_main
 
 
 class Incoming:
@@ -37,6 +37,18 @@ class Incoming:
     def start(self) -> None:
         self.manager.set_status(self, "setup")
         self.thread.start()
+
+    def run_now(self) -> None:
+        """Load a file synchronously on the main thread (a cpr-exec's new image: resume first, then the rest)."""
+        conn = self.listener.accept()
+        self.manager.set_status(self, "active")
+        try:
+            loaded = self._receive(conn)
+            self._complete(loaded)
+        except (stream.StreamError, VMStateError, KvmError, OSError) as e:
+            self._fail(str(e))
+        finally:
+            conn.close()
 
     def _thread(self) -> None:
         loop = self.machine.loop
@@ -113,6 +125,7 @@ class Incoming:
     def _complete(self, loaded: machine_state.Loaded) -> None:
         m = self.machine
         machine_state.apply(m, loaded)
+        loaded_ns = now_ns()
         self.stats.end = time.monotonic()
         self.manager.set_status(self, "completed")
         if loaded.runstate == runstate.RUNNING:
@@ -122,10 +135,31 @@ class Incoming:
                 m.set_runstate(runstate.PAUSED)
         else:
             m.set_runstate(loaded.runstate)
+        self._timeline(loaded_ns, now_ns())
+        m.cpr_incoming = None  # the next update starts from this table
+
+    def _timeline(self, loaded: int, resumed: int) -> None:
+        """Phase times (ms) from the source's timestamps and ours, on one CLOCK_MONOTONIC."""
+        cpr = self.machine.cpr_incoming
+        t = {**self.source_times, **(cpr.times if cpr is not None else {})}
+        if "stop" not in t or "saved" not in t:
+            return
+        marks = [("stop", t["stop"], t.get("stopped")), ("save", t.get("stopped"), t["saved"])]
+        if "exec" in t:  # the same process: exec, then this image's start-up and load
+            marks += [("exec", t["exec"], self.machine.start_ns), ("load", self.machine.start_ns, loaded)]
+        else:
+            marks.append(("hand-over", t["saved"], loaded))
+        marks.append(("resume", loaded, resumed))
+        self.stats.phases = {name: (b - a) / 1e6 for name, a, b in marks if a is not None and b is not None}
+        self.stats.downtime_ms = (resumed - t["stop"]) / 1e6
 
     def _fail(self, text: str) -> None:
+        m = self.machine
         self.error = text
         self.manager.set_status(self, "failed")
-        self.machine.request_shutdown(
-            "host-error", 1, f"{self.addr.describe()}: load of migration failed: {text}", force=True
-        )
+        line = f"{self.addr.describe()}: load of migration failed: {text}"
+        if m.cpr_incoming is not None and m.cpr_incoming.mode == "cpr-exec":
+            from . import holder
+
+            line += holder.retry_hint(m.cpr_incoming, f"-incoming {self.addr.describe()}")
+        m.request_shutdown("host-error", 1, line, force=True)

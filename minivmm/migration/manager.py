@@ -3,7 +3,7 @@ last outgoing migration, the incoming one, and what query-migrate says."""
 
 from __future__ import annotations
 
-from . import channels, cpr_outgoing, stream
+from . import channels, stream
 from .incoming import Incoming
 from .params import CAPABILITIES, Parameters
 
@@ -53,6 +53,8 @@ class MigrationManager:
             raise MigrationError("There's a migration process in progress")
         if self.incoming is not None and self.incoming.status != "completed":
             raise MigrationError("Guest is waiting for an incoming migration")
+        from . import cpr_outgoing  # the source side is only needed when migrating out
+
         if self.machine.cpr_handed_over:
             raise MigrationError("The VM was handed over with cpr-transfer: only 'cont' or 'quit' apply to it here")
         try:
@@ -70,8 +72,13 @@ class MigrationManager:
 
     # --- incoming ---------------------------------------------------------------------------
     def start_incoming(self, channel: channels.Channel) -> None:
+        """Receive a stream: a file is read at once (the vCPU threads must exist), a socket in a thread."""
         self.incoming = Incoming(self, channel)
-        self.incoming.start()
+        if channel.addr.transport == "file":
+            self.set_status(self.incoming, "setup")
+            self.incoming.run_now()
+        else:
+            self.incoming.start()
 
     # --- query-migrate ---------------------------------------------------------------------------
     def info(self) -> dict:

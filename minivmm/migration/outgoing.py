@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
 
 from minivmm import runstate
 
 from . import channels, machine_state, stream
 from .cpr import now_ns
+from .progress import Stats, on_main
 from .ram import CHUNK, DirtyLog, is_zero
 
 MAX_PASSES = 30
@@ -27,67 +27,6 @@ STALL_PASSES = 3  # passes in a row without the dirty set shrinking by a tenth
 
 class Cancelled(Exception):
     pass
-
-
-def on_main(loop, fn):
-    """Run ``fn`` on the main loop and wait for its result (from another thread)."""
-    done, box = threading.Event(), {}
-
-    def call() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as e:  # handed back to the waiting thread
-            box["error"] = e
-        finally:
-            done.set()
-
-    loop.call_soon_threadsafe(call)
-    done.wait()
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
-
-
-@dataclass
-class Stats:
-    start: float = field(default_factory=time.monotonic)
-    setup_end: float | None = None
-    stop: float | None = None
-    end: float | None = None
-    transferred: int = 0
-    total: int = 0
-    normal_pages: int = 0
-    zero_pages: int = 0
-    passes: int = 0
-    remaining: int = 0
-    downtime_ms: float | None = None  # the target's: from the source's stop to its own resume
-    phases: dict[str, float] = field(default_factory=dict)  # phase -> milliseconds
-
-    def to_qmp(self, status: str) -> dict:
-        now = time.monotonic()
-        end = self.end or now
-        out: dict = {"total-time": int((end - self.start) * 1000)}
-        if self.setup_end is not None:
-            out["setup-time"] = int((self.setup_end - self.start) * 1000)
-        if self.downtime_ms is not None:
-            out["downtime"] = round(self.downtime_ms)
-        elif self.stop is not None:
-            out["downtime"] = int(((self.end or now) - self.stop) * 1000)
-        elapsed = max(end - (self.setup_end or self.start), 1e-6)
-        out["ram"] = {
-            "transferred": self.transferred,
-            "total": self.total,
-            "remaining": 0 if status == "completed" else self.remaining,
-            "duplicate": self.zero_pages,
-            "normal": self.normal_pages,
-            "normal-bytes": self.normal_pages * stream.PAGE_SIZE,
-            "dirty-sync-count": self.passes,
-            "page-size": stream.PAGE_SIZE,
-            "mbps": round(self.transferred * 8 / elapsed / 1e6, 3),
-        }
-        if self.phases:
-            out["x-phase-times"] = {k: round(v, 3) for k, v in self.phases.items()}
-        return out
 
 
 class Outgoing:
