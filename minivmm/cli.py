@@ -499,10 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     except (MachineError, KvmError) as e:
         return _fail(str(e), cpr_state)
     machine.start_ns = start_ns
+    early = cpr_state is not None  # a cpr-exec's guest resumes first; the monitors come after
     try:
-        # An incoming file is loaded now, so a cpr-exec's guest resumes before the monitors are up.
-        machine.start()
-        _start_incoming(machine, p, "file")
+        if early:
+            machine.start()
+            _start_incoming(machine, p, "file")
         monitors = open_monitors(machine)
     except (MonitorError, OSError) as e:
         machine.close()
@@ -516,7 +517,9 @@ def main(argv: list[str] | None = None) -> int:
         if p.pidfile:
             _write_pidfile(p.pidfile)
         for monitor in monitors:
-            monitor.start()
+            monitor.start()  # wait=on: until a client is here
+        if not early:
+            _start_incoming(machine, p, "file")
         _start_incoming(machine, p, "socket")
         if cpr_conn is not None:
             cpr_conn.close()  # the hang-up: listening on the main channel, the source may go on

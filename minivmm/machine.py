@@ -516,7 +516,7 @@ class Machine:
         install_kick_handler()
         for t in self.vcpus:
             t.start()
-        if not self.config.start_paused and self.runstate != runstate.INMIGRATE:
+        if not self.config.start_paused and self.runstate == runstate.PRELAUNCH:
             self.vm_start()
 
     def reset(self, reason: str) -> None:
