@@ -499,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     except (MachineError, KvmError) as e:
         return _fail(str(e), cpr_state)
     machine.start_ns = start_ns
+    machine.cpr_channel = cpr_conn  # hung up once the main channel listens (now, or at migrate-incoming)
     early = cpr_state is not None  # a cpr-exec's guest resumes first; the monitors come after
     try:
         if early:
@@ -521,8 +522,6 @@ def main(argv: list[str] | None = None) -> int:
         if not early:
             _start_incoming(machine, p, "file")
         _start_incoming(machine, p, "socket")
-        if cpr_conn is not None:
-            cpr_conn.close()  # the hang-up: listening on the main channel, the source may go on
         return machine.run()
     except OSError as e:
         print(f"minivmm: {e}", file=sys.stderr)

@@ -106,6 +106,7 @@ class Machine:
         self.memslots: list[Slot] = []
         self.cpr_handed_over = False  # after cpr-transfer the guest's RAM belongs to the new process
         self.start_ns = 0  # when the process began (the CLI sets it): a cpr-exec's timeline
+        self.cpr_channel = None  # cpr-transfer's connection to the source, until the hang-up
         self.migration = MigrationManager(self)
         self._request_lock = threading.Lock()
         self.chardevs: list[Chardev] = []

@@ -28,6 +28,8 @@ from minivmm.vmstate import VMSD, Field, StateWriter, VMStateError, decode, read
 
 ENV = "MINIVMM_CPR_STATE_FD"
 MAX_FDS = 4096
+# Listening sockets do not go to another process: it makes its own (cpr-exec keeps them).
+EXEC_ONLY = ("monitor", "chardev-socket")
 
 
 class CprError(Exception):
@@ -77,6 +79,9 @@ class FdTable:
             fd = opener()
             self.save(name, id_, fd)
         return fd
+
+    def for_transfer(self) -> FdTable:
+        return FdTable({k: fd for k, fd in self.fds.items() if k[0] not in EXEC_ONLY})
 
     def walk(self, fn: Callable[[str, str, int], None]) -> None:
         for (name, id_), fd in list(self.fds.items()):

@@ -26,12 +26,9 @@ import socket
 import sys
 
 from . import channels, stream
-from .cpr import CprError, CprState, FdTable, now_ns, send_state, set_cloexec, state_memfd
+from .cpr import CprError, CprState, now_ns, send_state, set_cloexec, state_memfd
 from .outgoing import Outgoing
 from .progress import VERDICT_OK, on_main
-
-# Listening sockets stay with the old process in cpr-transfer: the new one makes its own.
-EXEC_ONLY = ("monitor", "chardev-socket")
 
 
 class ValidationError(Exception):
@@ -173,9 +170,8 @@ class CprTransfer(CprOutgoing):
 
     def _migrate(self) -> None:
         m, loop = self.machine, self.machine.loop
-        table = FdTable({k: fd for k, fd in m.cpr_table.fds.items() if k[0] not in EXEC_ONLY})
         with channels.connect(self.cpr_addr, self.manager.named_fd) as cpr_sock:
-            send_state(cpr_sock, CprState("cpr-transfer", table))
+            send_state(cpr_sock, CprState("cpr-transfer", m.cpr_table.for_transfer()))
             on_main(loop, lambda: self.manager.set_status(self, "active"))
             self._wait_hangup(cpr_sock)
         out = channels.connect(self.addr, self.manager.named_fd)

@@ -2,20 +2,19 @@
 
 QEMU loses the VM when the new image fails. minivmm's failing image instead
 starts this small process with the preserved fds (the same hand-over as
-cpr-exec: MINIVMM_CPR_STATE_FD); it serves them once, over the cpr-transfer
-protocol, to a fixed minivmm started with
+cpr-exec: MINIVMM_CPR_STATE_FD). It plays the source of a cpr-transfer:
+once a fixed minivmm listens with
 ``-incoming cpr,addr.transport=socket,addr.type=unix,addr.path=SOCKET``,
-then exits. It gives up after --timeout seconds.
+it connects, sends the fds, waits for the hang-up and exits. It gives up
+after --timeout seconds.
 """
 
 from __future__ import annotations
 
 import os
-import select
 import socket
 import sys
-
-from minivmm.sockets import unix_listen
+import time
 
 from .cpr import CprState, send_state, state_memfd, take_exec_state
 
@@ -37,6 +36,7 @@ def spawn(state: CprState, timeout: int = DEFAULT_TIMEOUT) -> tuple[int, str]:
         env={**os.environ, "MINIVMM_CPR_STATE_FD": str(memfd)},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,  # a pipe held open for 10 minutes would hang whoever reads ours
     )
     os.close(memfd)
     return proc.pid, path
@@ -65,24 +65,23 @@ def main() -> int:
     if state is None:
         print("minivmm holder: no CPR state (MINIVMM_CPR_STATE_FD) was given", file=sys.stderr)
         return 1
-    listener = unix_listen(args.socket, backlog=1)
-    try:
-        ready, _, _ = select.select([listener], [], [], args.timeout)
-        if not ready:
-            print(f"minivmm holder: nobody came for the guest's RAM in {args.timeout}s; releasing it", file=sys.stderr)
-            return 1
-        conn, _ = listener.accept()
-        with conn:
-            send_state(conn, CprState("cpr-transfer", state.table))
-            while conn.recv(64):  # the new VMM hangs up once it holds the fds
-                pass
-        return 0
-    finally:
-        listener.close()
+    deadline = time.monotonic() + args.timeout
+    while True:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            os.unlink(args.socket)
+            conn.connect(args.socket)
+            break
         except OSError:
+            conn.close()
+            if time.monotonic() > deadline:
+                print(f"minivmm holder: nobody came for the guest's RAM in {args.timeout}s", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+    with conn:
+        send_state(conn, CprState("cpr-transfer", state.table.for_transfer()))
+        while conn.recv(64):  # the new VMM hangs up once it holds the fds
             pass
+    return 0
 
 
 if __name__ == "__main__":

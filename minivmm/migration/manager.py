@@ -74,6 +74,9 @@ class MigrationManager:
     def start_incoming(self, channel: channels.Channel) -> None:
         """Receive a stream: a file is read at once (the vCPU threads must exist), a socket in a thread."""
         self.incoming = Incoming(self, channel)
+        if self.machine.cpr_channel is not None:  # cpr-transfer: listening now, so hang up the cpr channel
+            self.machine.cpr_channel.close()
+            self.machine.cpr_channel = None
         if channel.addr.transport == "file":
             self.set_status(self.incoming, "setup")
             self.incoming.run_now()
