@@ -23,6 +23,7 @@ from .options import OptionError, parse_bool, parse_keyval, parse_object, parse_
 
 USAGE = """\
 usage: minivmm [options]
+       minivmm demo [--ram SIZE] [--updates N]   a live update under a running guest, checked and timed
 
 Boots a guest on KVM with QEMU's command-line conventions.
 
@@ -458,6 +459,10 @@ def parse(argv: list[str]) -> _Parsed:
 def main(argv: list[str] | None = None) -> int:
     start_ns = time.monotonic_ns()  # a cpr-exec's timeline: the new image begins here
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        from .demo import main as demo
+
+        return demo(argv[1:])
     from .migration.cpr import CprError, take_exec_state
 
     try:

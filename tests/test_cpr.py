@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from abwalk import check_invariant, read_status
 from conftest import guest, wait_for
+from minivmm.guests.abwalk import check_invariant, read_status
 
 pytest.importorskip("qemu.qmp", reason="the qemu.qmp client library is not installed")
 from qemu.qmp.legacy import QEMUMonitorProtocol  # noqa: E402

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from abwalk import check_invariant, read_status
 from conftest import DEBUG_EXIT, GUEST_EXIT_OK, guest, wait_for
+from minivmm.guests.abwalk import check_invariant, read_status
 
 pytest.importorskip("qemu.qmp", reason="the qemu.qmp client library is not installed")
 

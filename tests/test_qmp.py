@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from abwalk import read_status
 from conftest import DEBUG_EXIT, guest, wait_for
+from minivmm.guests.abwalk import read_status
 
 pytest.importorskip("qemu.qmp", reason="the qemu.qmp client library (pip install qemu.qmp) is not installed")
 
@@ -274,8 +274,9 @@ def test_internal_error_keeps_the_vm_for_the_monitor(qmp_vm):
 
 
 def test_guest_panicked(qmp_vm):
-    vm = qmp_vm("-kernel", guest("hello32.elf"), "-append", "panic", "-device", "pvpanic", "-action", "panic=pause",
-                "-S")
+    vm = qmp_vm(
+        "-kernel", guest("hello32.elf"), "-append", "panic", "-device", "pvpanic", "-action", "panic=pause", "-S"
+    )
     vm.cmd("cont")  # started only now, so the event cannot come before the client
     assert vm.event("GUEST_PANICKED")["data"] == {"action": "pause"}
     wait_for(lambda: vm.status() == "guest-panicked", what="runstate guest-panicked")

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from abwalk import read_status
 from conftest import guest, wait_for
+from minivmm.guests.abwalk import read_status
 
 pytest.importorskip("qemu.qmp", reason="the qemu.qmp client library is not installed")
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from abwalk import check_invariant, read_status
 from conftest import guest, wait_for
 from minivmm.config import ChardevConfig, MachineConfig
+from minivmm.guests.abwalk import check_invariant, read_status
 from minivmm.machine import Machine
 
 

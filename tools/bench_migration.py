@@ -22,12 +22,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from qemu.qmp.legacy import QEMUMonitorProtocol  # noqa: E402
 
-from abwalk import read_status  # noqa: E402
 from minivmm import guests  # noqa: E402
+from minivmm.guests.abwalk import read_status  # noqa: E402
 
 SIZES = {"256M": 256, "1G": 1024, "4G": 4096}
 

@@ -1,5 +1,6 @@
-"""Reading the A-B walker's status block and checking its invariant from
-outside the VM, through the RAM memfd (guests/abwalk.S documents the block).
+"""The shipped A-B walker, seen from outside the VM: its status block and its
+invariant, read through the RAM memfd (guests/abwalk.S documents the block).
+The demo, the benchmarks and the tests all judge the guest with this.
 """
 
 from __future__ import annotations

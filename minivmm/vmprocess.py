@@ -1,0 +1,101 @@
+"""A minivmm child process driven from outside, as a user would: its QMP
+monitor (QEMU's own client library) and its guest RAM memfd, read through
+/proc. The demo and the benchmarks use it; nothing in the VMM does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from .guests.abwalk import Status, read_status
+
+
+class VmProcess:
+    def __init__(self, workdir: str, name: str, args: list[str], env: dict | None = None) -> None:
+        self.socket = os.path.join(workdir, f"{name}.qmp")
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)  # left by a killed VM
+        self.argv = [sys.executable, "-m", "minivmm", *args, "-qmp", f"unix:{self.socket},server=on,wait=off"]
+        self.proc = subprocess.Popen(
+            self.argv, start_new_session=True, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+        )
+        self.qmp = self.connect()
+        self.fd = self.open_ram()
+
+    def connect(self, timeout: float = 60) -> QEMUMonitorProtocol:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"minivmm exited: {self.proc.stderr.read().decode().strip()}")
+            client = QEMUMonitorProtocol(self.socket)
+            try:
+                client.connect()
+                client.settimeout(600)
+                return client
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    def reconnect(self) -> None:
+        """After a cpr-exec: the old connection is gone, the socket is the same."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the old image's monitor drops us
+            try:
+                self.qmp.cmd_obj({"execute": "query-status"})
+                time.sleep(0.005)
+            except Exception:
+                break
+        try:
+            self.qmp.close()
+        except Exception:
+            pass
+        self.qmp = self.connect()
+
+    def ram_path(self) -> str:
+        pid = self.proc.pid
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:pc.ram"):
+                return f"/proc/{pid}/fd/{fd}"
+        raise RuntimeError(f"no pc.ram memfd in process {pid}")
+
+    def open_ram(self) -> int:
+        return os.open(self.ram_path(), os.O_RDONLY)
+
+    def status(self) -> Status | None:
+        return read_status(self.fd)
+
+    def wait_passes(self, n: int, timeout: float = 600) -> Status:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = self.status()
+            if s is not None and s.passes >= n:
+                return s
+            time.sleep(0.01)
+        raise RuntimeError(f"the walker did not reach {n} passes in {timeout}s")
+
+    def wait_migration(self) -> dict:
+        while (q := self.qmp.cmd("query-migrate")).get("status") not in ("completed", "failed", "cancelled"):
+            time.sleep(0.005)
+        if q["status"] != "completed":
+            raise RuntimeError(f"migration {q['status']}: {q.get('error-desc', '')}")
+        return q
+
+    def close(self) -> None:
+        try:
+            self.qmp.close()
+        except Exception:
+            pass
+        os.close(self.fd)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.proc.stderr.close()
