@@ -505,15 +505,15 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e), cpr_state)
     machine.start_ns = start_ns
     machine.cpr_channel = cpr_conn  # hung up once the main channel listens (now, or at migrate-incoming)
-    early = cpr_state is not None  # a cpr-exec's guest resumes first; the monitors come after
     try:
-        if early:
-            machine.start()
-            _start_incoming(machine, p, "file")
-        monitors = open_monitors(machine)
-    except (MonitorError, OSError) as e:
+        monitors = open_monitors(machine)  # bound (or taken over), not yet serving
+    except (MonitorError, MachineError) as e:
         machine.close()
         return _fail(str(e), cpr_state)
+    early = cpr_state is not None  # a cpr-exec's guest resumes first; the monitors serve after
+    if early:
+        machine.start()
+        _start_incoming(machine, p, "file")
     if cpr_state is not None:
         machine.release_unclaimed_fds()
         _reap_teardown_helper(cpr_state)

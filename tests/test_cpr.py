@@ -655,3 +655,51 @@ def test_new_image_takes_the_state_and_unsets_the_variable(monkeypatch):
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_fd_option_takes_an_inherited_socket_and_is_looked_up_by_id_in_cpr(vmm, tmp_path):
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "inherited.sock"))
+    listener.listen(1)
+    args = [
+        *walker(128),
+        "-chardev",
+        f"socket,id=mon0,fd={listener.fileno()},server=on,wait=off",
+        "-mon",
+        "chardev=mon0,mode=control",
+    ]
+    proc = vmm.start(*args, pass_fds=[listener.fileno()])
+    listener.close()  # the VMM has its own copy
+    client = connect(str(tmp_path / "inherited.sock"))
+    try:
+        assert client.cmd("query-status")["status"] == "running"
+        # In the next image the number is ignored: the saved fd is found by the id "mon0".
+        state = tmp_path / "vm.state"
+        cmd = [sys.executable, "-m", "minivmm", *args, "-incoming", f"file:{state}"]
+        client.cmd("migrate-set-parameters", mode="cpr-exec", **{"cpr-exec-command": cmd})
+        client.cmd("migrate", uri=f"file:{state}")
+        wait_exec(client)
+        client = connect(str(tmp_path / "inherited.sock"))
+        wait_status(client, "running")
+        assert proc.poll() is None
+        # An id that was never saved cannot come from anywhere.
+        bad = [
+            sys.executable,
+            "-m",
+            "minivmm",
+            *walker(128),
+            "-chardev",
+            "socket,id=other,fd=99,server=on,wait=off",
+            "-mon",
+            "chardev=other,mode=control",
+            "-incoming",
+            f"file:{state}",
+        ]
+        client.cmd(
+            "migrate-set-parameters", mode="cpr-exec", **{"cpr-exec-command": bad}
+        )  # a new image starts with defaults
+        client.cmd("migrate", uri=f"file:{state}")
+        assert proc.wait(30) == 1
+        assert "cannot find saved value for fd other" in proc.stderr.read().decode()
+    finally:
+        client.close()
