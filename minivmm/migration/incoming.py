@@ -32,6 +32,7 @@ class Incoming:
         self.error: str | None = None
         self.stats = Stats()
         self.source_times: dict[str, int] = {}
+        self.received_ns = 0  # when the end of the stream arrived
         self.thread = threading.Thread(target=self._thread, name="incoming-migration", daemon=True)
 
     def start(self) -> None:
@@ -103,6 +104,7 @@ class Incoming:
                 if loaded is None:
                     raise stream.StreamError("migration stream ended without the device state")
                 self.stats.transferred = reader.bytes
+                self.received_ns = now_ns()
                 return loaded
             else:
                 raise stream.StreamError(f"unknown record type {kind} in the migration stream")
@@ -147,8 +149,8 @@ class Incoming:
         marks = [("stop", t["stop"], t.get("stopped")), ("save", t.get("stopped"), t["saved"])]
         if "exec" in t:  # the same process: exec, then this image's start-up and load
             marks += [("exec", t["exec"], self.machine.start_ns), ("load", self.machine.start_ns, loaded)]
-        else:
-            marks.append(("hand-over", t["saved"], loaded))
+        else:  # another process: the stream's way here, then the load
+            marks += [("hand-over", t["saved"], self.received_ns), ("load", self.received_ns, loaded)]
         marks.append(("resume", loaded, resumed))
         self.stats.phases = {name: (b - a) / 1e6 for name, a, b in marks if a is not None and b is not None}
         self.stats.downtime_ms = (resumed - t["stop"]) / 1e6
