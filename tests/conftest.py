@@ -160,3 +160,69 @@ def qmp_vm(vmm: Vmm):
     yield start
     for vm in made:
         vm.close()
+
+
+# --- guest RAM and QMP helpers shared by the migration, CPR and monitor tests ------------------
+
+MiB = 1 << 20
+
+
+def ram_path(pid: int) -> str:
+    """/proc path of a VMM's pc.ram memfd (reading it needs aux-ram-share=on to be the guest's RAM)."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:pc.ram"):
+            return f"/proc/{pid}/fd/{fd}"
+    pytest.fail(f"no pc.ram memfd in process {pid}")
+
+
+def ram_hash(pid: int, size: int) -> str:
+    import hashlib
+
+    fd = os.open(ram_path(pid), os.O_RDONLY)
+    try:
+        h = hashlib.sha256()
+        for off in range(0, size, 64 * MiB):
+            h.update(os.pread(fd, 64 * MiB, off))
+        return h.hexdigest()
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def ram_fds():
+    """Open VMMs' RAM memfds from outside; closed at teardown."""
+    fds: list[int] = []
+
+    def open_ram(pid: int) -> int:
+        fds.append(os.open(ram_path(pid), os.O_RDONLY))
+        return fds[-1]
+
+    yield open_ram
+    for fd in fds:
+        os.close(fd)
+
+
+def qmp_connect(path: str):
+    """qemu.qmp's sync client on ``path``, retried while the VMM comes up (or back, after cpr-exec)."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    deadline = time.monotonic() + 30
+    while True:
+        client = QEMUMonitorProtocol(path)
+        try:
+            client.connect()
+            client.settimeout(30)
+            return client
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def wait_migration(client, timeout: float = 60) -> dict:
+    """query-migrate once the migration has ended."""
+    return wait_for(
+        lambda: (q := client.cmd("query-migrate")).get("status") in ("completed", "failed", "cancelled") and q,
+        timeout=timeout,
+        what="the migration to end",
+    )

@@ -16,13 +16,11 @@ import time
 
 import pytest
 
-from conftest import guest, wait_for
+from conftest import MiB, guest, qmp_connect, ram_hash, ram_path, wait_for, wait_migration
 from minivmm.guests.abwalk import check_invariant, read_status
 
 pytest.importorskip("qemu.qmp", reason="the qemu.qmp client library is not installed")
-from qemu.qmp.legacy import QEMUMonitorProtocol  # noqa: E402
 
-MiB = 1 << 20
 RAM = 1024
 O_CLOEXEC = 0o2000000
 
@@ -35,24 +33,6 @@ def walker(ram: int = RAM, shared: bool = True) -> list[str]:
 def argv_of(vm, *args: str) -> list[str]:
     """The full command line of a VM started by the qmp_vm fixture."""
     return [sys.executable, "-m", "minivmm", *args, "-qmp", f"unix:{vm.socket},server=on,wait=off"]
-
-
-def ram_path(pid: int) -> str:
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:pc.ram"):
-            return f"/proc/{pid}/fd/{fd}"
-    pytest.fail(f"no pc.ram memfd in process {pid}")
-
-
-def ram_hash(pid: int, size: int = RAM * MiB) -> str:
-    fd = os.open(ram_path(pid), os.O_RDONLY)
-    try:
-        h = hashlib.sha256()
-        for off in range(0, size, 64 * MiB):
-            h.update(os.pread(fd, 64 * MiB, off))
-        return h.hexdigest()
-    finally:
-        os.close(fd)
 
 
 def environ(pid: int) -> dict[str, str]:
@@ -72,21 +52,6 @@ def fd_report(pid: int) -> dict[int, tuple[str, bool]]:
             continue
         out[int(fd)] = (target, bool(flags & O_CLOEXEC))
     return out
-
-
-def connect(path: str) -> QEMUMonitorProtocol:
-    """A new client (after cpr-exec the old connection is gone; the socket is the same)."""
-    client = QEMUMonitorProtocol(path)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            client.connect()
-            client.settimeout(30)
-            return client
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
 
 
 def wait_exec(client) -> None:
@@ -110,27 +75,6 @@ def wait_status(client, want: str, timeout: float = 30) -> None:
     wait_for(lambda: client.cmd("query-status")["status"] == want, timeout=timeout, what=f"runstate {want}")
 
 
-def wait_migration(client, timeout: float = 60) -> dict:
-    return wait_for(
-        lambda: (q := client.cmd("query-migrate")).get("status") in ("completed", "failed", "cancelled") and q,
-        timeout=timeout,
-        what="the migration to end",
-    )
-
-
-@pytest.fixture
-def ram_fds():
-    fds = []
-
-    def open_ram(pid: int) -> int:
-        fds.append(os.open(ram_path(pid), os.O_RDONLY))
-        return fds[-1]
-
-    yield open_ram
-    for fd in fds:
-        os.close(fd)
-
-
 def walking(fd: int, more_than: int = 1) -> None:
     wait_for(lambda: (s := read_status(fd)) and s.passes > more_than, what="the walker to walk")
 
@@ -150,7 +94,7 @@ def test_cpr_exec_same_pid_same_memfd_same_ram(qmp_vm, ram_fds, tmp_path):
     walking(fd)
     inode = os.stat(ram_path(pid)).st_ino
     vm.cmd("stop")
-    before_hash = ram_hash(pid)
+    before_hash = ram_hash(pid, RAM * MiB)
     before_regs = vm.cmd("human-monitor-command", **{"command-line": "info registers"})["return"]
     state = tmp_path / "vm.state"
     vm.cmd(
@@ -159,14 +103,14 @@ def test_cpr_exec_same_pid_same_memfd_same_ram(qmp_vm, ram_fds, tmp_path):
     assert vm.cmd("migrate", uri=f"file:{state}") == {"return": {}}
     wait_exec(vm.qmp)
     # The new image comes back on the same monitor socket, waiting for migrate-incoming.
-    client = connect(vm.socket)
+    client = qmp_connect(vm.socket)
     try:
         assert client.cmd("query-status")["status"] == "inmigrate"
         assert vm.proc.pid == pid and vm.proc.poll() is None  # same process
         assert os.stat(ram_path(pid)).st_ino == inode  # same memfd: no RAM was copied
         client.cmd("migrate-incoming", uri=f"file:{state}")
         wait_status(client, "paused")  # it was paused before the update
-        assert ram_hash(pid) == before_hash
+        assert ram_hash(pid, RAM * MiB) == before_hash
         assert client.cmd("human-monitor-command", **{"command-line": "info registers"}) == before_regs
         client.cmd("cont")
         still_walking(fd)
@@ -186,7 +130,7 @@ def test_cpr_exec_of_a_running_guest_reports_its_phases(qmp_vm, ram_fds, tmp_pat
     vm.cmd("migrate-set-parameters", mode="cpr-exec", **{"cpr-exec-command": cmd})
     vm.cmd("migrate", uri=f"file:{state}")
     wait_exec(vm.qmp)
-    client = connect(vm.socket)
+    client = qmp_connect(vm.socket)
     try:
         wait_status(client, "running")  # the source ran, so the new image resumes by itself
         info = client.cmd("query-migrate")
@@ -212,11 +156,11 @@ def test_twenty_chained_cpr_exec_updates_leak_nothing(qmp_vm, ram_fds, tmp_path)
     vm.qmp.close()
     counts = []
     for _ in range(20):
-        client = connect(vm.socket)
+        client = qmp_connect(vm.socket)
         client.cmd("migrate-set-parameters", mode="cpr-exec", **{"cpr-exec-command": cmd})
         client.cmd("migrate", uri=f"file:{state}")
         wait_exec(client)
-        client = connect(vm.socket)
+        client = qmp_connect(vm.socket)
         wait_status(client, "running")
         report = fd_report(pid)
         counts.append(len(report))
@@ -257,14 +201,14 @@ def test_cpr_transfer(qmp_vm, vmm, ram_fds, tmp_path, source_running):
     wait_for(cpr.exists, what="the target's cpr channel")
     if not source_running:
         src.cmd("stop")
-        before = ram_hash(src.proc.pid)
+        before = ram_hash(src.proc.pid, RAM * MiB)
     src.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
     src.cmd("migrate-set-parameters", mode="cpr-transfer")
     assert src.cmd("migrate", channels=_channels(main, cpr)) == {"return": {}}
     info = wait_migration(src.qmp)
     assert info["status"] == "completed", info
     assert src.status() == "postmigrate"
-    client = connect(str(dst_qmp))
+    client = qmp_connect(str(dst_qmp))
     try:
         wait_status(client, "running" if source_running else "paused")
         assert os.stat(ram_path(dst.pid)).st_ino == inode  # the very same memfd, by SCM_RIGHTS
@@ -272,7 +216,7 @@ def test_cpr_transfer(qmp_vm, vmm, ram_fds, tmp_path, source_running):
         assert target["ram"]["total"] == 0
         assert set(target["x-phase-times"]) == {"stop", "save", "hand-over", "load", "resume"}
         if not source_running:
-            assert ram_hash(dst.pid) == before
+            assert ram_hash(dst.pid, RAM * MiB) == before
             client.cmd("cont")
         still_walking(fd)
         client.cmd("stop")
@@ -294,7 +238,7 @@ def test_cpr_transfer_with_a_deferred_main_channel(qmp_vm, vmm, ram_fds, tmp_pat
     wait_for(cpr.exists, what="the cpr channel")
     src.cmd("migrate-set-parameters", mode="cpr-transfer")
     src.cmd("migrate", channels=_channels(main, cpr))
-    client = connect(str(dst_qmp))  # the target holds the fds and waits for migrate-incoming
+    client = qmp_connect(str(dst_qmp))  # the target holds the fds and waits for migrate-incoming
     try:
         assert client.cmd("query-status")["status"] == "inmigrate"
         assert src.cmd("query-migrate")["return"]["status"] == "active"  # no hang-up yet: still running
@@ -485,7 +429,7 @@ def test_exec_that_fails_anyway_resumes_the_guest_and_a_retry_works(qmp_vm, ram_
     vm.cmd("migrate-set-parameters", **{"cpr-exec-command": [*argv_of(vm, *args), "-incoming", f"file:{state}"]})
     vm.cmd("migrate", uri=f"file:{state}")
     wait_exec(vm.qmp)
-    client = connect(vm.socket)
+    client = qmp_connect(vm.socket)
     try:
         wait_status(client, "running")
         still_walking(fd)
@@ -521,7 +465,7 @@ def test_new_image_that_cannot_load_keeps_the_ram_for_a_retry(qmp_vm, vmm, ram_f
         "-incoming",
         f"file:{state}",
     )
-    client = connect(str(qmp))
+    client = qmp_connect(str(qmp))
     try:
         wait_status(client, "paused")
         assert os.stat(ram_path(fixed.pid)).st_ino == inode
@@ -671,7 +615,7 @@ def test_fd_option_takes_an_inherited_socket_and_is_looked_up_by_id_in_cpr(vmm, 
     ]
     proc = vmm.start(*args, pass_fds=[listener.fileno()])
     listener.close()  # the VMM has its own copy
-    client = connect(str(tmp_path / "inherited.sock"))
+    client = qmp_connect(str(tmp_path / "inherited.sock"))
     try:
         assert client.cmd("query-status")["status"] == "running"
         # In the next image the number is ignored: the saved fd is found by the id "mon0".
@@ -680,7 +624,7 @@ def test_fd_option_takes_an_inherited_socket_and_is_looked_up_by_id_in_cpr(vmm, 
         client.cmd("migrate-set-parameters", mode="cpr-exec", **{"cpr-exec-command": cmd})
         client.cmd("migrate", uri=f"file:{state}")
         wait_exec(client)
-        client = connect(str(tmp_path / "inherited.sock"))
+        client = qmp_connect(str(tmp_path / "inherited.sock"))
         wait_status(client, "running")
         assert proc.poll() is None
         # An id that was never saved cannot come from anywhere.

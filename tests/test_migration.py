@@ -4,19 +4,16 @@ and every error the target or the source can hit."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 import time
 
 import pytest
 
-from conftest import DEBUG_EXIT, GUEST_EXIT_OK, guest, wait_for
+from conftest import DEBUG_EXIT, GUEST_EXIT_OK, MiB, guest, ram_hash, wait_for, wait_migration
 from minivmm.guests.abwalk import check_invariant, read_status
 
 pytest.importorskip("qemu.qmp", reason="the qemu.qmp client library is not installed")
 
-MiB = 1 << 20
 RAM = 128
 
 
@@ -34,61 +31,22 @@ def walker(ram: int = RAM) -> list[str]:
     ]
 
 
-def ram_fd(pid: int) -> int:
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:pc.ram"):
-            return os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY)
-    pytest.fail(f"no pc.ram memfd in {pid}")
-
-
-def ram_hash(pid: int, size: int) -> str:
-    fd = ram_fd(pid)
-    try:
-        h = hashlib.sha256()
-        for off in range(0, size, 16 * MiB):
-            h.update(os.pread(fd, 16 * MiB, off))
-        return h.hexdigest()
-    finally:
-        os.close(fd)
-
-
 def hmp(vm, line: str) -> str:
     return vm.cmd("human-monitor-command", **{"command-line": line})["return"]
-
-
-def wait_migration(vm, timeout: float = 60) -> dict:
-    return wait_for(
-        lambda: (q := vm.cmd("query-migrate")["return"]).get("status") in ("completed", "failed", "cancelled") and q,
-        timeout=timeout,
-        what="the migration to end",
-    )
-
-
-@pytest.fixture
-def walker_fds():
-    fds = []
-
-    def open_(pid: int) -> int:
-        fds.append(ram_fd(pid))
-        return fds[-1]
-
-    yield open_
-    for fd in fds:
-        os.close(fd)
 
 
 # --- file: stop-and-copy ------------------------------------------------------------------
 
 
-def test_file_migration_of_a_paused_guest_is_bit_identical(qmp_vm, walker_fds, tmp_path):
+def test_file_migration_of_a_paused_guest_is_bit_identical(qmp_vm, ram_fds, tmp_path):
     src = qmp_vm(*walker())
-    fd = walker_fds(src.proc.pid)
+    fd = ram_fds(src.proc.pid)
     wait_for(lambda: (s := read_status(fd)) and s.passes > 3, what="the walker")
     src.cmd("stop")
     before_regs, before_hash = hmp(src, "info registers"), ram_hash(src.proc.pid, RAM * MiB)
     state = tmp_path / "vm.state"
     assert src.cmd("migrate", uri=f"file:{state}") == {"return": {}}
-    info = wait_migration(src)
+    info = wait_migration(src.qmp)
     assert info["status"] == "completed", info
     assert src.status() == "postmigrate"
     assert info["ram"]["total"] == RAM * MiB and info["ram"]["transferred"] <= state.stat().st_size
@@ -97,7 +55,7 @@ def test_file_migration_of_a_paused_guest_is_bit_identical(qmp_vm, walker_fds, t
     wait_for(lambda: dst.status() == "paused", what="the target to load")  # a paused source: a paused target
     assert ram_hash(dst.proc.pid, RAM * MiB) == before_hash
     assert hmp(dst, "info registers") == before_regs
-    dst_fd = walker_fds(dst.proc.pid)
+    dst_fd = ram_fds(dst.proc.pid)
     frozen = read_status(dst_fd)
     assert check_invariant(dst_fd, RAM * MiB) == (RAM - 2) * 256
     dst.cmd("cont")
@@ -111,7 +69,7 @@ def test_running_timer_guest_keeps_counting_after_file_migration(qmp_vm, vmm, tm
     time.sleep(0.5)  # ticking
     state = tmp_path / "timer.state"
     src.cmd("migrate", uri=f"file:{state}")
-    assert wait_migration(src)["status"] == "completed"
+    assert wait_migration(src.qmp)["status"] == "completed"
     # The target resumes by itself (the source was running) and finishes the count.
     r = vmm.run("-kernel", guest("timer.elf"), "-append", "pit 2000", *DEBUG_EXIT, "-incoming", f"file:{state}")
     assert r.status == GUEST_EXIT_OK, r
@@ -122,7 +80,7 @@ def test_running_timer_guest_keeps_counting_after_file_migration(qmp_vm, vmm, tm
 
 
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
-def test_live_migration_of_a_running_guest(qmp_vm, walker_fds, tmp_path, transport):
+def test_live_migration_of_a_running_guest(qmp_vm, ram_fds, tmp_path, transport):
     ram = 256
     if transport == "unix":
         uri = f"unix:{tmp_path / 'mig.sock'}"
@@ -134,12 +92,12 @@ def test_live_migration_of_a_running_guest(qmp_vm, walker_fds, tmp_path, transpo
             uri = f"tcp:127.0.0.1:{probe.getsockname()[1]}"
     dst = qmp_vm(*walker(ram), "-incoming", uri)
     src = qmp_vm(*walker(ram))
-    src_fd = walker_fds(src.proc.pid)
+    src_fd = ram_fds(src.proc.pid)
     wait_for(lambda: (s := read_status(src_fd)) and s.passes > 2, what="the walker")
     src.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 2 << 30, "downtime-limit": 50})
     assert src.cmd("migrate", uri=uri) == {"return": {}}
-    info = wait_migration(src)
+    info = wait_migration(src.qmp)
     assert info["status"] == "completed", info
     assert info["ram"]["dirty-sync-count"] >= 2  # at least one pass while running, then the final one
     assert info["downtime"] >= 0 and info["total-time"] >= info["downtime"]
@@ -147,14 +105,14 @@ def test_live_migration_of_a_running_guest(qmp_vm, walker_fds, tmp_path, transpo
     assert statuses[0] == "setup" and statuses[-1] == "completed"
     assert src.status() == "postmigrate"
     wait_for(lambda: dst.status() == "running", what="the target to resume")
-    dst_fd = walker_fds(dst.proc.pid)
+    dst_fd = ram_fds(dst.proc.pid)
     passes = read_status(dst_fd).passes
     wait_for(lambda: read_status(dst_fd).passes > passes + 2, what="the walker in the target")
     dst.cmd("stop")
     check_invariant(dst_fd, ram * MiB)
 
 
-def test_incoming_defer_then_migrate_incoming(qmp_vm, walker_fds, tmp_path):
+def test_incoming_defer_then_migrate_incoming(qmp_vm, ram_fds, tmp_path):
     dst = qmp_vm(*walker(), "-incoming", "defer")
     assert dst.status() == "inmigrate"
     assert dst.cmd("cont") == {"return": {}}  # QEMU: accepted, only sets autostart
@@ -167,21 +125,21 @@ def test_incoming_defer_then_migrate_incoming(qmp_vm, walker_fds, tmp_path):
     err = dst.cmd("migrate-incoming", uri=f"unix:{sock}")["error"]["desc"]
     assert err == "The incoming migration has already been started"
     src = qmp_vm(*walker())
-    wait_for(lambda: read_status(walker_fds(src.proc.pid)), what="the walker")
+    wait_for(lambda: read_status(ram_fds(src.proc.pid)), what="the walker")
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 2 << 30})
     src.cmd("migrate", uri=f"unix:{sock}")
-    assert wait_migration(src)["status"] == "completed"
+    assert wait_migration(src.qmp)["status"] == "completed"
     wait_for(lambda: dst.status() == "running", what="the target to resume")
 
 
 # --- the source side's failures -------------------------------------------------------------------
 
 
-def test_failed_outgoing_migration_leaves_the_source_running(qmp_vm, walker_fds, tmp_path):
+def test_failed_outgoing_migration_leaves_the_source_running(qmp_vm, ram_fds, tmp_path):
     src = qmp_vm(*walker())
-    fd = walker_fds(src.proc.pid)
+    fd = ram_fds(src.proc.pid)
     src.cmd("migrate", uri=f"unix:{tmp_path / 'nobody.sock'}")
-    info = wait_migration(src)
+    info = wait_migration(src.qmp)
     assert info["status"] == "failed"
     assert info["error-desc"].startswith(f"Failed to connect to 'unix:{tmp_path / 'nobody.sock'}'")
     assert src.status() == "running"
@@ -189,26 +147,26 @@ def test_failed_outgoing_migration_leaves_the_source_running(qmp_vm, walker_fds,
     wait_for(lambda: read_status(fd).passes > before, what="the walker to go on")
 
 
-def test_target_dying_mid_stream_fails_the_source_which_keeps_running(qmp_vm, walker_fds, tmp_path):
+def test_target_dying_mid_stream_fails_the_source_which_keeps_running(qmp_vm, ram_fds, tmp_path):
     uri = f"unix:{tmp_path / 'mig.sock'}"
     dst = qmp_vm(*walker(256), "-incoming", uri)
     src = qmp_vm(*walker(256))
-    fd = walker_fds(src.proc.pid)
+    fd = ram_fds(src.proc.pid)
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20})  # slow: 16 MiB/s
     src.cmd("migrate", uri=uri)
     wait_for(
-        lambda: src.cmd("query-migrate")["return"].get("ram", {}).get("transferred", 0) > 4 << 20,
+        lambda: src.qmp.cmd("query-migrate").get("ram", {}).get("transferred", 0) > 4 << 20,
         what="the transfer to be under way",
     )
     dst.proc.kill()
-    info = wait_migration(src)
+    info = wait_migration(src.qmp)
     assert info["status"] == "failed", info
     assert src.status() == "running"
     before = read_status(fd).passes
     wait_for(lambda: read_status(fd).passes > before, what="the walker to go on")
 
 
-def test_migrate_cancel_while_copying(qmp_vm, walker_fds, tmp_path):
+def test_migrate_cancel_while_copying(qmp_vm, ram_fds, tmp_path):
     uri = f"unix:{tmp_path / 'mig.sock'}"
     dst = qmp_vm(*walker(256), "-incoming", uri)
     src = qmp_vm(*walker(256))
@@ -218,7 +176,7 @@ def test_migrate_cancel_while_copying(qmp_vm, walker_fds, tmp_path):
     err = src.cmd("migrate", uri=uri)["error"]["desc"]
     assert err == "There's a migration process in progress"
     assert src.cmd("migrate_cancel") == {"return": {}}
-    assert wait_migration(src)["status"] == "cancelled"
+    assert wait_migration(src.qmp)["status"] == "cancelled"
     assert src.status() == "running"
     assert dst.proc.wait(20) == 1  # a half-sent stream: the target gives up
     assert "load of migration failed: truncated migration stream" in dst.proc.stderr.read().decode()
@@ -264,7 +222,7 @@ def saved(qmp_vm, tmp_path):
     src.cmd("stop")
     path = tmp_path / "saved.state"
     src.cmd("migrate", uri=f"file:{path}")
-    assert wait_migration(src)["status"] == "completed"
+    assert wait_migration(src.qmp)["status"] == "completed"
     return path
 
 
@@ -331,7 +289,7 @@ def test_x_ignore_shared_leaves_file_backed_ram_out_of_the_stream(qmp_vm, tmp_pa
     src.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
     state = tmp_path / "vm.state"
     src.cmd("migrate", uri=f"file:{state}")
-    info = wait_migration(src)
+    info = wait_migration(src.qmp)
     assert info["status"] == "completed" and info["ram"]["total"] == 0
     assert state.stat().st_size < 64 << 10  # device state only: the RAM stays in its file
     frozen = ram.read_bytes()

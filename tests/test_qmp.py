@@ -23,27 +23,6 @@ pytest.importorskip("qemu.qmp", reason="the qemu.qmp client library (pip install
 WALKER = ["-kernel", guest("abwalk.elf"), "-m", "64", "-machine", "aux-ram-share=on", "-serial", "null"]
 
 
-def ram_fd(pid: int) -> int:
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:pc.ram"):
-            return os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY)
-    pytest.fail("no pc.ram memfd")
-
-
-@pytest.fixture
-def walker_ram(request):
-    """Open a walker VM's RAM memfd from outside; closed at teardown."""
-    fds = []
-
-    def open_ram(pid: int) -> int:
-        fds.append(ram_fd(pid))
-        return fds[-1]
-
-    yield open_ram
-    for fd in fds:
-        os.close(fd)
-
-
 # --- clients from qemu.qmp --------------------------------------------------------------------
 
 
@@ -72,9 +51,9 @@ def test_async_qmp_client_session(qmp_vm):
     asyncio.run(session())
 
 
-def test_stop_and_cont_freeze_and_thaw_guest_ram(qmp_vm, walker_ram):
+def test_stop_and_cont_freeze_and_thaw_guest_ram(qmp_vm, ram_fds):
     vm = qmp_vm(*WALKER)
-    fd = walker_ram(vm.proc.pid)
+    fd = ram_fds(vm.proc.pid)
     wait_for(lambda: (s := read_status(fd)) and s.passes > 1, what="the walker")
     assert vm.cmd("stop") == {"return": {}}
     assert vm.event("STOP")
@@ -157,9 +136,9 @@ def test_queries(qmp_vm):
     assert vm.status() == "prelaunch"
 
 
-def test_pmemsave_and_memsave_write_guest_memory(qmp_vm, walker_ram, tmp_path):
+def test_pmemsave_and_memsave_write_guest_memory(qmp_vm, ram_fds, tmp_path):
     vm = qmp_vm(*WALKER)
-    fd = walker_ram(vm.proc.pid)
+    fd = ram_fds(vm.proc.pid)
     wait_for(lambda: read_status(fd), what="the walker")
     vm.cmd("stop")
     phys, virt = tmp_path / "phys.bin", tmp_path / "virt.bin"
@@ -490,12 +469,12 @@ def test_commands_split_and_joined_across_writes(raw):
     assert [raw.read()["id"], raw.read()["id"]] == ["a", "b"]
 
 
-def test_stalled_and_flooding_clients_block_neither_the_vm_nor_other_monitors(qmp_vm, walker_ram, tmp_path):
+def test_stalled_and_flooding_clients_block_neither_the_vm_nor_other_monitors(qmp_vm, ram_fds, tmp_path):
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
     other = tmp_path / "other.sock"
     vm = qmp_vm(*WALKER, "-qmp", f"unix:{other},server=on,wait=off")
-    fd = walker_ram(vm.proc.pid)
+    fd = ram_fds(vm.proc.pid)
     wait_for(lambda: read_status(fd), what="the walker")
     vm.qmp.close()
     # A client that negotiates, then floods requests and never reads a reply.

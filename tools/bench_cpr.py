@@ -21,57 +21,15 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minivmm import guests  # noqa: E402
-from minivmm.vmprocess import VmProcess  # noqa: E402
+from minivmm.vmprocess import VmProcess, Watch  # noqa: E402
 
 SIZES = {"256M": 256, "1G": 1024, "4G": 4096}
-
-
-class Watch(threading.Thread):
-    """Every time a walker's progress changes; the pause is the longest gap between two."""
-
-    def __init__(self, fd: int) -> None:
-        super().__init__(daemon=True)
-        self.fd, self.stopped = fd, False
-        self.changes: list[float] = []
-        self.start()
-
-    def progress(self):
-        from minivmm.guests.abwalk import read_status
-
-        s = read_status(self.fd)
-        return (s.passes, s.current) if s else None
-
-    def run(self) -> None:
-        seen = self.progress()
-        while not self.stopped:
-            now = self.progress()
-            if now != seen:
-                self.changes.append(time.monotonic())
-                seen = now
-            time.sleep(0.0002)
-
-    def pause_ms(self, settle: float = 1.0, timeout: float = 120) -> float:
-        """Once the guest has run ``settle`` seconds after the update: the longest gap."""
-        deadline = time.monotonic() + timeout
-        start = len(self.changes)
-        while time.monotonic() < deadline:
-            gaps = [b - a for a, b in zip(self.changes[start - 1 :], self.changes[start:])] if start else []
-            if gaps and max(gaps) > 0 and self.changes[-1] - self.changes[start - 1] > settle + max(gaps):
-                break
-            time.sleep(0.05)
-        self.stopped = True
-        self.join()
-        changes = self.changes
-        if len(changes) < 2:
-            raise RuntimeError("the guest made no progress")
-        return max(b - a for a, b in zip(changes, changes[1:])) * 1000
 
 
 def walker_args(ram: int) -> list[str]:
