@@ -26,24 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minivmm import guests  # noqa: E402
+import bench_migration  # noqa: E402  (this folder: the same normal migration, timed the same way)
+from bench_migration import walker_args  # noqa: E402
+
 from minivmm.vmprocess import VmProcess, Watch  # noqa: E402
 
 SIZES = {"256M": 256, "1G": 1024, "4G": 4096}
-
-
-def walker_args(ram: int) -> list[str]:
-    return [
-        "-kernel",
-        guests.path("abwalk.elf"),
-        "-m",
-        str(ram),
-        "-mem-prealloc",
-        "-machine",
-        "aux-ram-share=on",
-        "-serial",
-        "null",
-    ]
 
 
 def bench_exec(workdir: str, ram: int) -> float:
@@ -89,29 +77,7 @@ def bench_transfer(workdir: str, ram: int) -> float:
 
 
 def bench_file(workdir: str, ram: int) -> float:
-    state = os.path.join(workdir, "normal.state")
-    src = VmProcess(workdir, "fsrc", walker_args(ram))
-    dst = None
-    try:
-        src.wait_passes(2)
-        watch = Watch(src.fd)
-        time.sleep(0.2)
-        src.qmp.cmd("migrate", uri=f"file:{state}")
-        src.wait_migration()
-        watch.stopped = True
-        watch.join()
-        last = watch.changes[-1]
-        dst = VmProcess(workdir, "fdst", [*walker_args(ram), "-incoming", f"file:{state}"])
-        start = dst.status()
-        while dst.status() == start:
-            time.sleep(0.0002)
-        return (time.monotonic() - last) * 1000
-    finally:
-        src.close()
-        if dst is not None:
-            dst.close()
-        if os.path.exists(state):
-            os.unlink(state)
+    return bench_migration.bench_file(workdir, ram)["pause"]
 
 
 def _start_target(workdir: str, args: list[str], cpr: str):
