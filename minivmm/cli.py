@@ -512,8 +512,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e), cpr_state)
     early = cpr_state is not None  # a cpr-exec's guest resumes first; the monitors serve after
     if early:
-        machine.start()
-        _start_incoming(machine, p, "file")
+        try:
+            machine.start()
+            _start_incoming(machine, p, "file")
+        except OSError as e:
+            machine.close()
+            return _fail(str(e), cpr_state)
     if cpr_state is not None:
         machine.release_unclaimed_fds()
         _reap_teardown_helper(cpr_state)

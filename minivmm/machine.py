@@ -115,10 +115,8 @@ class Machine:
         self.image = self._prepare_boot()
         try:
             self.kvm = Kvm()
-        except FileNotFoundError:
-            raise MachineError("", "Could not access KVM kernel module: No such file or directory (/dev/kvm)") from None
-        except PermissionError:
-            raise MachineError("", "Could not access KVM kernel module: Permission denied (/dev/kvm)") from None
+        except OSError as e:  # QEMU's wording
+            raise MachineError("", f"Could not access KVM kernel module: {e.strerror} (/dev/kvm)") from None
         try:
             self._build()
         except BaseException:
@@ -131,7 +129,7 @@ class Machine:
         from .arch.x86 import boot
 
         cfg = self.config
-        if cfg.incoming:
+        if cfg.incoming and cfg.bios is None:  # the firmware is still read: its ROM block must exist
             return boot.BootImage("incoming", "")
         try:
             return boot.prepare(cfg.kernel, cfg.append, cfg.initrd, cfg.bios)
@@ -290,7 +288,7 @@ class Machine:
             rom_size = -(-len(fw) // layout.PAGE_SIZE) * layout.PAGE_SIZE
             rom = self._make_block("pc.bios", rom_size, None, f"-bios {cfg.bios}")
             rom.readonly = True
-            if self.cpr_incoming is None:  # an incoming CPR writes no guest memory
+            if not cfg.incoming:  # incoming, the ROM comes with the stream or stays in its memfd (CPR)
                 rom.mem[rom_size - len(fw) :] = fw
             self.memory.add_block(rom)
             self.memory.map(layout.FOUR_GIB - rom_size, rom_size, rom, 0)

@@ -13,17 +13,22 @@ from .server import Monitor, MonitorError, QmpError
 __all__ = ["Monitor", "MonitorError", "QmpError", "open_monitors"]
 
 
-def open_monitors(machine) -> list[Monitor]:
-    """Bind every configured monitor (errors name the option) and subscribe them to events."""
+def _dispatch(machine, monitor, conn, name: str, arguments: dict) -> object:
+    # The command table is imported at the first command, not at start-up (which a cpr-exec pays for).
     from .commands import dispatch
 
+    return dispatch(machine, monitor, conn, name, arguments)
+
+
+def open_monitors(machine) -> list[Monitor]:
+    """Bind every configured monitor (errors name the option) and subscribe them to events."""
     monitors: list[Monitor] = []
     try:
         for config in machine.config.monitors:
             if config.fd is not None:
                 machine.check_saved_fd("monitor", config.id, config.option)
             try:
-                monitors.append(Monitor(config, machine.loop, partial(dispatch, machine), machine.preserve))
+                monitors.append(Monitor(config, machine.loop, partial(_dispatch, machine), machine.preserve))
             except MonitorError as e:
                 raise MonitorError(f"{config.option}: {e}") from None
     except BaseException:
