@@ -122,7 +122,7 @@ class Watch(threading.Thread):
             if now != seen:
                 self.changes.append(time.monotonic())
                 seen = now
-            time.sleep(0.0002)
+            time.sleep(0.001)  # 1 ms: finer polling would itself slow the machine
 
     def pause_ms(self, settle: float = 1.0, timeout: float = 120) -> float:
         """Once the guest has run ``settle`` seconds after the update: the longest gap."""
