@@ -648,3 +648,28 @@ def test_fd_option_takes_an_inherited_socket_and_is_looked_up_by_id_in_cpr(vmm, 
         assert "cannot find saved value for fd other" in proc.stderr.read().decode()
     finally:
         client.close()
+
+
+def test_cpr_transfer_with_an_inherited_cpr_socket(qmp_vm, vmm, ram_fds, tmp_path):
+    """addr.type=fd: the target's cpr channel is a socket already listening on an inherited fd."""
+    args = walker(256)
+    src = qmp_vm(*args)
+    fd = ram_fds(src.proc.pid)
+    walking(fd)
+    cpr, main = tmp_path / "cpr.sock", tmp_path / "main.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(cpr))
+    listener.listen(1)
+    vmm.start(
+        *args,
+        "-incoming",
+        f"unix:{main}",
+        "-incoming",
+        f"cpr,addr.transport=socket,addr.type=fd,addr.str={listener.fileno()}",
+        pass_fds=[listener.fileno()],
+    )
+    listener.close()
+    src.cmd("migrate-set-parameters", mode="cpr-transfer")
+    src.cmd("migrate", channels=_channels(main, cpr))
+    assert wait_migration(src.qmp)["status"] == "completed"
+    still_walking(fd)

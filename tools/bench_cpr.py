@@ -47,8 +47,10 @@ def bench_exec(workdir: str, ram: int) -> float:
         vm.qmp.cmd("migrate", uri=f"file:{state}")
         pause = watch.pause_ms()
         vm.reconnect()
-        print(f"  cpr-exec {ram} MiB: the VMM's own downtime {vm.qmp.cmd('query-migrate')['downtime']} ms, "
-              f"guest-visible {pause:.1f} ms", file=sys.stderr)
+        downtime = vm.qmp.cmd("query-migrate")["downtime"]
+        print(
+            f"  cpr-exec {ram} MiB: VMM-reported downtime {downtime} ms, guest-visible {pause:.1f} ms", file=sys.stderr
+        )
         return pause
     finally:
         vm.close()
