@@ -110,6 +110,8 @@ class Machine:
         self.migration = MigrationManager(self)
         self._request_lock = threading.Lock()
         self.chardevs: list[Chardev] = []
+        self.irqfds: dict[int, int] = {}  # GSI -> eventfd for KVM_IRQFD
+        self.irqfds_bound = False  # an incoming CPR binds them once the source has let go
         self.vcpus: list[VcpuThread] = []
         self.memory = GuestMemory()
         self.image = self._prepare_boot()
@@ -153,6 +155,8 @@ class Machine:
         self.pio = Bus("port I/O")
         self.mmio = Bus("MMIO")
         self._build_devices()
+        if self.cpr_incoming is None:
+            self.bind_irqfds()
         self._build_vcpus()
         if self.config.incoming:
             self.set_runstate(runstate.INMIGRATE)  # RAM and state come from the stream: load nothing
@@ -326,7 +330,7 @@ class Machine:
             port, irq = COM_PORTS[index]
             uart = Serial(
                 chardev.write,
-                lambda level, irq=irq: self.vm.irq_line(irq, level),
+                self._isa_irq(irq),
                 name=f"serial{index}",
                 room_available=chardev.frontend_ready,
             )
@@ -341,6 +345,36 @@ class Machine:
         self.pio.register(layout.PORT_ACPI_PM1A_CNT, 2, AcpiPm(lambda: self.request_shutdown("guest-shutdown")))
         for dev in cfg.devices:
             self._add_device(dev)
+
+    def _isa_irq(self, gsi: int) -> Callable[[int], None]:
+        """An edge-triggered ISA interrupt line, as Firecracker wires its devices: through
+        an irqfd (an eventfd KVM listens on) when KVM has them, else KVM_IRQ_LINE.
+
+        The eventfd is a device fd like VFIO's interrupt eventfds: it is kept in the CPR
+        table ("irqfd", "gsiN"), so an update binds the very same eventfd to the new VM.
+        A rising edge is all an edge-triggered PIC or IOAPIC input sees of a level, so a
+        pulse per rise of the device's level is the same interrupt.
+        """
+        if not self.kvm.check_extension(c.KVM_CAP_IRQFD):
+            return lambda level: self.vm.irq_line(gsi, level)
+        fd = self.irqfds.get(gsi)
+        if fd is None:
+            fd, _ = self.preserve("irqfd", f"gsi{gsi}", lambda: os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+            self.irqfds[gsi] = fd
+
+        def raise_edge(level: int) -> None:
+            if level:
+                os.eventfd_write(fd, 1)  # while unbound the count waits; binding injects it
+
+        return raise_edge
+
+    def bind_irqfds(self, bind: bool = True) -> None:
+        """Bind the irqfds to this VM, or let them go (a CPR source, stopped, before the new VM binds them)."""
+        if bind == self.irqfds_bound:
+            return
+        for gsi, fd in self.irqfds.items():
+            self.vm.irqfd(fd, gsi, assign=bind)
+        self.irqfds_bound = bind
 
     def _add_device(self, dev: DeviceConfig) -> None:
         """-device: the ISA devices QEMU users reach for in tests, at their QEMU defaults."""
@@ -639,6 +673,9 @@ class Machine:
             t.quit()
         for chardev in self.chardevs:
             chardev.close()
+        for fd in self.irqfds.values():
+            os.close(fd)
+        self.irqfds.clear()
         self.memory.close()
         for t in self.vcpus:
             t.vcpu.close()

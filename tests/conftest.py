@@ -103,11 +103,11 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02, what: str
 class QmpVm:
     """A minivmm process with a QMP socket, and qemu.qmp's legacy sync client on it."""
 
-    def __init__(self, vmm: Vmm, *args: str, negotiate: bool = True) -> None:
+    def __init__(self, vmm: Vmm, *args: str, negotiate: bool = True, **kw) -> None:
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
         self.socket = str(vmm.cwd / f"qmp{len(vmm.procs)}.sock")
-        self.proc = vmm.start(*args, "-qmp", f"unix:{self.socket},server=on,wait=off")
+        self.proc = vmm.start(*args, "-qmp", f"unix:{self.socket},server=on,wait=off", **kw)
         wait_for(lambda: _listening(self.socket) or self.proc.poll() is not None, what="the QMP socket")
         assert self.proc.poll() is None, self.proc.stderr.read().decode()
         self.qmp = QEMUMonitorProtocol(self.socket)

@@ -8,15 +8,17 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import select
 import socket
 import stat
+import subprocess
 import sys
 import threading
 import time
 
 import pytest
 
-from conftest import MiB, guest, qmp_connect, ram_hash, ram_path, wait_for, wait_migration
+from conftest import DEBUG_EXIT, GUEST_EXIT_OK, MiB, guest, qmp_connect, ram_hash, ram_path, wait_for, wait_migration
 from minivmm.guests.abwalk import check_invariant, read_status
 
 pytest.importorskip("qemu.qmp", reason="the qemu.qmp client library is not installed")
@@ -145,6 +147,65 @@ def test_cpr_exec_of_a_running_guest_reports_its_phases(qmp_vm, ram_fds, tmp_pat
         client.close()
 
 
+def eventfds(pid: int) -> dict[int, str]:
+    """fd -> the kernel's id of the eventfd behind it."""
+    out = {}
+    for fd, (target, _) in fd_report(pid).items():
+        if target == "anon_inode:[eventfd]":
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                out[fd] = re.search(r"eventfd-id:\s+(\d+)", f.read()).group(1)
+    return out
+
+
+def read_until(proc, text: str, timeout: float = 20) -> None:
+    """Read the VMM's stdout (the guest's serial) until ``text`` has appeared."""
+    seen, deadline = b"", time.monotonic() + timeout
+    while text.encode() not in seen:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0, deadline - time.monotonic()))
+        chunk = os.read(proc.stdout.fileno(), 4096) if ready else b""
+        if not chunk:
+            pytest.fail(f"no {text!r} from the guest; it printed {seen!r}")
+        seen += chunk
+
+
+def test_cpr_exec_rebinds_the_serial_irqfd(qmp_vm, tmp_path):
+    """The UART's interrupt eventfd is a preserved device fd: the source lets go of it when
+    it stops, binds it again when an update fails, and after an update the same eventfd,
+    bound to the new VM, still delivers the guest's receive interrupts."""
+    args = ["-kernel", guest("timer.elf"), "-append", "serial", "-m", "64", "-machine", "aux-ram-share=on"]
+    args += DEBUG_EXIT
+    vm = qmp_vm(*args, stdin=subprocess.PIPE)
+    pid = vm.proc.pid
+    before = eventfds(pid)
+    assert len(before) == 1, before  # COM1's IRQ 4
+    # An exec that fails: the guest resumes and its interrupts come through the old VM again.
+    broken = tmp_path / "broken-interpreter"
+    broken.write_text("#!/no/such/interpreter\n")  # passes the checks, but execve fails
+    broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
+    vm.cmd("migrate-set-parameters", mode="cpr-exec", **{"cpr-exec-command": [str(broken)]})
+    assert vm.cmd("migrate", uri=f"file:{tmp_path / 'failed.state'}") == {"return": {}}
+    assert wait_migration(vm.qmp)["status"] == "failed"
+    vm.proc.stdin.write(b"a")
+    vm.proc.stdin.flush()
+    read_until(vm.proc, "timer: got a\n")
+    # An update that works.
+    state = tmp_path / "vm.state"
+    cmd = [*argv_of(vm, *args), "-incoming", f"file:{state}"]
+    vm.cmd("migrate-set-parameters", **{"cpr-exec-command": cmd})
+    vm.cmd("migrate", uri=f"file:{state}")
+    wait_exec(vm.qmp)
+    client = qmp_connect(vm.socket)
+    try:
+        wait_status(client, "running")
+        assert eventfds(pid) == before  # the same eventfd object, at the same number
+    finally:
+        client.close()
+    out, _ = vm.proc.communicate(b"bq", timeout=30)  # received by the new image, interrupting through it
+    assert vm.proc.returncode == GUEST_EXIT_OK
+    got = [line for line in out.decode().splitlines() if line.startswith("timer: ")]
+    assert got == ["timer: got b", "timer: got q", "timer: serial done"]
+
+
 def test_twenty_chained_cpr_exec_updates_leak_nothing(qmp_vm, ram_fds, tmp_path):
     args = walker()
     vm = qmp_vm(*args)
@@ -194,6 +255,7 @@ def test_cpr_transfer(qmp_vm, vmm, ram_fds, tmp_path, source_running):
     fd = ram_fds(src.proc.pid)
     walking(fd)
     inode = os.stat(ram_path(src.proc.pid)).st_ino
+    irqfds = sorted(eventfds(src.proc.pid).values())
     main, cpr, dst_qmp = tmp_path / "main.sock", tmp_path / "cpr.sock", tmp_path / "dst.qmp"
     dst = vmm.start(
         *args, "-qmp", f"unix:{dst_qmp},server=on,wait=off", "-incoming", f"unix:{main}", "-incoming", _cpr_channel(cpr)
@@ -212,6 +274,7 @@ def test_cpr_transfer(qmp_vm, vmm, ram_fds, tmp_path, source_running):
     try:
         wait_status(client, "running" if source_running else "paused")
         assert os.stat(ram_path(dst.pid)).st_ino == inode  # the very same memfd, by SCM_RIGHTS
+        assert sorted(eventfds(dst.pid).values()) == irqfds  # and the serial's interrupt eventfd
         target = client.cmd("query-migrate")
         assert target["ram"]["total"] == 0
         assert set(target["x-phase-times"]) == {"stop", "save", "hand-over", "load", "resume"}

@@ -4,7 +4,8 @@ Transmission is instantaneous: a byte written to THR goes straight to the
 chardev and THR is empty again, so LSR reads 0x60 (THRE|TEMT) when idle.
 Received bytes wait in a 16-byte FIFO (1 byte in 16450 mode); the chardev is
 only read while there is room, so input is never dropped. Interrupts follow
-QEMU's priority order and drive IRQ 4 as a level through the irqchip. With
+QEMU's priority order; each rise of the IRQ level is an edge on IRQ 4 (the
+machine wires it through an irqfd). With
 the FIFO enabled and fewer bytes than the trigger level, the character
 time-out interrupt is raised at once (there is no bit clock to wait for).
 """

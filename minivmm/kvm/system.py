@@ -139,6 +139,15 @@ class Vm:
     def irq_line(self, irq: int, level: int) -> None:
         ioctl(self.fd, io.KVM_IRQ_LINE, byref(s.kvm_irq_level(irq, level)))
 
+    def irqfd(self, fd: int, gsi: int, assign: bool = True) -> None:
+        """Each write to eventfd ``fd`` becomes an edge on ``gsi``, injected by the kernel.
+
+        An eventfd serves one VM at a time (EBUSY otherwise), so a CPR source lets go
+        of it (``assign=False``) before the new VM binds it.
+        """
+        flags = 0 if assign else c.KVM_IRQFD_FLAG_DEASSIGN
+        ioctl(self.fd, io.KVM_IRQFD, byref(s.kvm_irqfd(fd=fd, gsi=gsi, flags=flags)))
+
     def get_irqchip(self, chip_id: int) -> s.kvm_irqchip:
         chip = s.kvm_irqchip(chip_id=chip_id)
         ioctl(self.fd, io.KVM_GET_IRQCHIP, byref(chip))

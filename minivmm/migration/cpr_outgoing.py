@@ -87,6 +87,10 @@ def validate(machine, main: channels.Channel, others: list[channels.Channel]) ->
 class CprOutgoing(Outgoing):
     """What both modes share: a stream that keeps every RAM block in place."""
 
+    def _stop_on_main(self) -> None:
+        super()._stop_on_main()
+        self.machine.bind_irqfds(False)  # the new VM binds the same eventfds
+
     def _write_state(self, out) -> None:
         writer = stream.Writer(out)
         blocks = self.machine.memory.blocks

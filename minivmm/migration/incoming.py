@@ -127,6 +127,7 @@ class Incoming:
     def _complete(self, loaded: machine_state.Loaded) -> None:
         m = self.machine
         machine_state.apply(m, loaded)
+        m.bind_irqfds()  # a CPR source let go of them when it stopped
         loaded_ns = now_ns()
         self.stats.end = time.monotonic()
         self.manager.set_status(self, "completed")

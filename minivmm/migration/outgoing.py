@@ -187,6 +187,7 @@ class Outgoing:
         if status == "completed":
             m.set_runstate(runstate.POSTMIGRATE)
         elif self.stopped_vm:
+            m.bind_irqfds()  # back from a CPR source's hand-over
             if self.old_state == runstate.RUNNING:
                 m.vm_start()
             else:
