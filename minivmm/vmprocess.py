@@ -17,6 +17,26 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from .guests.abwalk import Status, read_status
 
 
+def qmp_connect(
+    path: str, timeout: float = 30, reply_timeout: float = 30, proc: subprocess.Popen | None = None
+) -> QEMUMonitorProtocol:
+    """qemu.qmp's sync client on ``path``, retried while the VMM comes up (or back, after a
+    cpr-exec); ``proc``, if given, exiting meanwhile is an error with its stderr."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"minivmm exited: {proc.stderr.read().decode().strip()}")
+        client = QEMUMonitorProtocol(path)
+        try:
+            client.connect()
+            client.settimeout(reply_timeout)
+            return client
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class VmProcess:
     def __init__(self, workdir: str, name: str, args: list[str], env: dict | None = None) -> None:
         self.socket = os.path.join(workdir, f"{name}.qmp")
@@ -30,19 +50,7 @@ class VmProcess:
         self.fd = self.open_ram()
 
     def connect(self, timeout: float = 60) -> QEMUMonitorProtocol:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"minivmm exited: {self.proc.stderr.read().decode().strip()}")
-            client = QEMUMonitorProtocol(self.socket)
-            try:
-                client.connect()
-                client.settimeout(600)
-                return client
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        return qmp_connect(self.socket, timeout, reply_timeout=600, proc=self.proc)
 
     def reconnect(self) -> None:
         """After a cpr-exec: the old connection is gone, the socket is the same."""

@@ -19,6 +19,10 @@ from minivmm import guests
 
 REPO = Path(__file__).resolve().parent.parent
 DEBUG_EXIT = ["-device", "isa-debug-exit,iobase=0xf4,iosize=0x4"]
+NO_EMULATION_FAILURE = (
+    "needs nested paravirtual KVM (PVM), whose emulator cannot run xgetbv at CPL0; "
+    "this host's KVM runs it, so there is no internal error to see"
+)
 GUEST_EXIT_OK = (0x10 << 1) | 1  # the shipped guests write 0x10 to debug-exit when they succeed
 
 
@@ -202,23 +206,6 @@ def ram_fds():
         os.close(fd)
 
 
-def qmp_connect(path: str):
-    """qemu.qmp's sync client on ``path``, retried while the VMM comes up (or back, after cpr-exec)."""
-    from qemu.qmp.legacy import QEMUMonitorProtocol
-
-    deadline = time.monotonic() + 30
-    while True:
-        client = QEMUMonitorProtocol(path)
-        try:
-            client.connect()
-            client.settimeout(30)
-            return client
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
 def wait_migration(client, timeout: float = 60) -> dict:
     """query-migrate once the migration has ended."""
     return wait_for(
@@ -226,3 +213,18 @@ def wait_migration(client, timeout: float = 60) -> dict:
         timeout=timeout,
         what="the migration to end",
     )
+
+
+def walking(fd: int, more_than: int = 1) -> None:
+    """Wait until the A-B walker (its RAM open as ``fd``) has made more than ``more_than`` passes."""
+    from minivmm.guests.abwalk import read_status
+
+    wait_for(lambda: (s := read_status(fd)) and s.passes > more_than, what="the walker to walk")
+
+
+def still_walking(fd: int, by: int = 0) -> None:
+    """Wait until the walker makes more than ``by`` further passes: the guest runs."""
+    from minivmm.guests.abwalk import read_status
+
+    before = read_status(fd).passes
+    wait_for(lambda: read_status(fd).passes > before + by, what="the walker to go on")

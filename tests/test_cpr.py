@@ -18,10 +18,20 @@ import time
 
 import pytest
 
-from conftest import DEBUG_EXIT, GUEST_EXIT_OK, MiB, guest, qmp_connect, ram_hash, ram_path, wait_for, wait_migration
-from minivmm.guests.abwalk import check_invariant, read_status
-
-pytest.importorskip("qemu.qmp", reason="the qemu.qmp client library is not installed")
+from conftest import (
+    DEBUG_EXIT,
+    GUEST_EXIT_OK,
+    MiB,
+    guest,
+    ram_hash,
+    ram_path,
+    still_walking,
+    wait_for,
+    wait_migration,
+    walking,
+)
+from minivmm.guests.abwalk import check_invariant
+from minivmm.vmprocess import qmp_connect
 
 RAM = 1024
 O_CLOEXEC = 0o2000000
@@ -75,15 +85,6 @@ def wait_exec(client) -> None:
 
 def wait_status(client, want: str, timeout: float = 30) -> None:
     wait_for(lambda: client.cmd("query-status")["status"] == want, timeout=timeout, what=f"runstate {want}")
-
-
-def walking(fd: int, more_than: int = 1) -> None:
-    wait_for(lambda: (s := read_status(fd)) and s.passes > more_than, what="the walker to walk")
-
-
-def still_walking(fd: int) -> None:
-    before = read_status(fd).passes
-    wait_for(lambda: read_status(fd).passes > before, what="the walker to go on")
 
 
 # --- cpr-exec -------------------------------------------------------------------------------

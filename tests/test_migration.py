@@ -9,10 +9,8 @@ import time
 
 import pytest
 
-from conftest import DEBUG_EXIT, GUEST_EXIT_OK, MiB, guest, ram_hash, wait_for, wait_migration
+from conftest import DEBUG_EXIT, GUEST_EXIT_OK, MiB, guest, ram_hash, still_walking, wait_for, wait_migration, walking
 from minivmm.guests.abwalk import check_invariant, read_status
-
-pytest.importorskip("qemu.qmp", reason="the qemu.qmp client library is not installed")
 
 RAM = 128
 
@@ -41,7 +39,7 @@ def hmp(vm, line: str) -> str:
 def test_file_migration_of_a_paused_guest_is_bit_identical(qmp_vm, ram_fds, tmp_path):
     src = qmp_vm(*walker())
     fd = ram_fds(src.proc.pid)
-    wait_for(lambda: (s := read_status(fd)) and s.passes > 3, what="the walker")
+    walking(fd, 3)
     src.cmd("stop")
     before_regs, before_hash = hmp(src, "info registers"), ram_hash(src.proc.pid, RAM * MiB)
     state = tmp_path / "vm.state"
@@ -93,7 +91,7 @@ def test_live_migration_of_a_running_guest(qmp_vm, ram_fds, tmp_path, transport)
     dst = qmp_vm(*walker(ram), "-incoming", uri)
     src = qmp_vm(*walker(ram))
     src_fd = ram_fds(src.proc.pid)
-    wait_for(lambda: (s := read_status(src_fd)) and s.passes > 2, what="the walker")
+    walking(src_fd, 2)
     src.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 2 << 30, "downtime-limit": 50})
     assert src.cmd("migrate", uri=uri) == {"return": {}}
@@ -143,8 +141,7 @@ def test_failed_outgoing_migration_leaves_the_source_running(qmp_vm, ram_fds, tm
     assert info["status"] == "failed"
     assert info["error-desc"].startswith(f"Failed to connect to 'unix:{tmp_path / 'nobody.sock'}'")
     assert src.status() == "running"
-    before = read_status(fd).passes
-    wait_for(lambda: read_status(fd).passes > before, what="the walker to go on")
+    still_walking(fd)
 
 
 def test_target_dying_mid_stream_fails_the_source_which_keeps_running(qmp_vm, ram_fds, tmp_path):
@@ -162,8 +159,7 @@ def test_target_dying_mid_stream_fails_the_source_which_keeps_running(qmp_vm, ra
     info = wait_migration(src.qmp)
     assert info["status"] == "failed", info
     assert src.status() == "running"
-    before = read_status(fd).passes
-    wait_for(lambda: read_status(fd).passes > before, what="the walker to go on")
+    still_walking(fd)
 
 
 def test_migrate_cancel_while_copying(qmp_vm, ram_fds, tmp_path):

@@ -12,10 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import guest, wait_for
-from minivmm.guests.abwalk import read_status
-
-pytest.importorskip("qemu.qmp", reason="the qemu.qmp client library is not installed")
+from conftest import guest, still_walking, wait_for
 
 # Commands that change nothing outside the monitor: anything else (quit, stop, pmemsave
 # to a random path, human-monitor-command) could end the VM or write files.
@@ -114,7 +111,6 @@ def test_any_input_gets_well_formed_replies_and_the_guest_survives(walker, paylo
 
 def test_after_the_storm_the_guest_still_runs(walker):
     proc, sock, fd = walker
-    before = read_status(fd).passes
-    wait_for(lambda: read_status(fd).passes > before, what="the walker to go on")
+    still_walking(fd)
     replies = _session(sock, b'{"execute": "qmp_capabilities"}{"execute": "query-status"}', False)
     assert replies[-1]["return"]["status"] == "running"

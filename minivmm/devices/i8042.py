@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from minivmm.devices.state import LockedState
 from minivmm.vmstate import VMSD, Field, as_dict
 
 STATUS_OBF, STATUS_SYS, STATUS_CMD = 0x01, 0x04, 0x08
@@ -47,7 +48,7 @@ VMSTATE = VMSD(
 )
 
 
-class I8042:
+class I8042(LockedState):
     name = "i8042"
     vmstate = VMSTATE
 
@@ -59,14 +60,6 @@ class I8042:
     def reset(self) -> None:
         with self.lock:
             self.s = I8042State()
-
-    def save_state(self) -> I8042State:
-        with self.lock:
-            return I8042State(**{**as_dict(self.s), "queue": deque(self.s.queue)})
-
-    def load_state(self, state: I8042State) -> None:
-        with self.lock:
-            self.s = state
 
     def _reply(self, byte: int) -> None:
         self.s.queue.append(byte)

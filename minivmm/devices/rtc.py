@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from minivmm.arch.x86 import layout
+from minivmm.devices.state import LockedState
 from minivmm.vmstate import VMSD, Field
 
 SECONDS, MINUTES, HOURS, WEEKDAY, DAY, MONTH, YEAR = 0, 2, 4, 6, 7, 8, 9
@@ -61,7 +62,7 @@ VMSTATE = VMSD(
 )
 
 
-class Rtc:
+class Rtc(LockedState):
     name = "rtc"
     vmstate = VMSTATE
 
@@ -73,14 +74,6 @@ class Rtc:
         for reg, value in _cmos_memory(ram_below_4g, ram_above_4g).items():
             self.s.cmos[reg] = value
         self.lock = threading.Lock()
-
-    def save_state(self) -> RtcState:
-        with self.lock:
-            return RtcState(self.s.index, bytearray(self.s.cmos), self.s.offset_s)
-
-    def load_state(self, state: RtcState) -> None:
-        with self.lock:
-            self.s = state
 
     def _encode(self, value: int) -> int:
         return value if self.s.cmos[REG_B] & REG_B_BINARY else (value // 10) * 16 + value % 10

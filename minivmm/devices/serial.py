@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from minivmm.devices.state import LockedState
 from minivmm.vmstate import VMSD, Field, as_dict
 
 RBR_THR_DLL, IER_DLM, IIR_FCR, LCR, MCR, LSR, MSR, SCR = range(8)
@@ -80,7 +81,7 @@ VMSTATE = VMSD(
 )
 
 
-class Serial:
+class Serial(LockedState):
     vmstate = VMSTATE
 
     def __init__(
@@ -102,14 +103,10 @@ class Serial:
         with self.lock:
             self.s = SerialState()
 
-    def save_state(self) -> SerialState:
-        with self.lock:
-            return SerialState(**{**as_dict(self.s), "rx": deque(self.s.rx)})
-
     def load_state(self, state: SerialState) -> None:
         """Take saved registers; the irqchip holds the line level, so only our view is set."""
+        super().load_state(state)
         with self.lock:
-            self.s = state
             if state.irq_level < 0:  # state from before version 2
                 state.irq_level = 0 if self._iir() & IIR_NO_INT else 1
         self.room_available()

@@ -47,6 +47,9 @@ class Channel:
     addr: Address
 
 
+NO_EXEC = "exec: migration is not supported: minivmm never runs commands through a shell"
+
+
 def parse_uri(uri: str) -> Address:
     kind, _, rest = uri.partition(":")
     if kind == "unix" and rest:
@@ -68,7 +71,7 @@ def parse_uri(uri: str) -> Address:
     if kind == "fd" and rest:
         return Address("socket", "fd", fd_name=rest)
     if kind == "exec":
-        raise ChannelError("exec: migration is not supported: minivmm never runs commands through a shell")
+        raise ChannelError(NO_EXEC)
     raise ChannelError(f"unknown migration protocol: {uri}")
 
 
@@ -91,7 +94,7 @@ def parse_address(addr: object) -> Address:
             raise ChannelError("Parameter 'filename' is missing")
         return Address("file", path=addr["filename"], offset=int(addr.get("offset", 0)))
     if transport == "exec":
-        raise ChannelError("exec: migration is not supported: minivmm never runs commands through a shell")
+        raise ChannelError(NO_EXEC)
     raise ChannelError(f"Parameter 'transport' does not accept value '{transport}'")
 
 

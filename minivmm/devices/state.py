@@ -1,0 +1,27 @@
+"""Register state shared between vCPU threads and the main loop."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any
+
+
+class LockedState:
+    """A device whose registers are one dataclass, ``s``, guarded by ``lock``.
+
+    vCPU threads (port I/O) and the main loop (chardev input, migration) both
+    touch it. A saved state is a deep copy, so FIFOs and CMOS bytes in a
+    snapshot do not change as the guest runs on.
+    """
+
+    s: Any
+    lock: threading.Lock
+
+    def save_state(self) -> Any:
+        with self.lock:
+            return copy.deepcopy(self.s)
+
+    def load_state(self, state: Any) -> None:
+        with self.lock:
+            self.s = state
