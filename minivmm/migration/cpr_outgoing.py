@@ -179,10 +179,16 @@ class CprTransfer(CprOutgoing):
             on_main(loop, lambda: self.manager.set_status(self, "active"))
             self._wait_hangup(cpr_sock)
         out = channels.connect(self.addr, self.manager.named_fd)
+        return_path = self.manager.capabilities["return-path"]
         try:
             self._stop_vm()
-            self._write_state(out)
-            if self.manager.capabilities["return-path"]:
+            try:
+                self._write_state(out)
+            except OSError:
+                if return_path:  # a target that failed early hangs up: its verdict says why
+                    self._wait_verdict(out)
+                raise
+            if return_path:
                 self._wait_verdict(out)
         finally:
             out.close()
@@ -200,7 +206,10 @@ class CprTransfer(CprOutgoing):
         out.settimeout(None)
         verdict = b""
         while not verdict.endswith(b"\n"):
-            chunk = out.recv(4096)
+            try:
+                chunk = out.recv(4096)
+            except ConnectionResetError:
+                chunk = b""
             if not chunk:
                 raise CprError("the target closed the return path before loading the state")
             verdict += chunk
