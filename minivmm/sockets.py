@@ -11,7 +11,7 @@ def unix_listen(path: str, backlog: int = 4) -> socket.socket:
     """Bind ``path`` (replacing a stale socket) with mode 0600.
 
     The socket is bound in a fresh 0700 directory next to ``path``, chmod'ed,
-    then renamed into place, so no other user can ever connect to it and the
+    put to listen, then renamed into place, so no other user can ever connect to it and the
     process umask is never touched (other threads may be creating files).
     """
     path = os.path.abspath(path)
@@ -29,6 +29,7 @@ def unix_listen(path: str, backlog: int = 4) -> socket.socket:
     try:
         sock.bind(tmp)
         os.chmod(tmp, 0o600)
+        sock.listen(backlog)  # so that once ``path`` exists, connecting to it works
         os.rename(tmp, path)
     except BaseException:
         sock.close()
@@ -37,5 +38,4 @@ def unix_listen(path: str, backlog: int = 4) -> socket.socket:
         raise
     finally:
         os.rmdir(tmpdir)
-    sock.listen(backlog)
     return sock
