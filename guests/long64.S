@@ -3,8 +3,10 @@
  *
  * Entered at CPL0 in 64-bit mode with paging on (identity map, User pages),
  * RBX = multiboot information.  CPL0 is emulated on PVM (slow), so it only
- * checks two command-line words and then drops to CPL3 with IOPL=3 (see
- * user64.S), where everything else runs natively.
+ * checks two command-line words, reads CPUID (CPL0 is where the VMM's
+ * table is seen: on some hosts CPUID at CPL3 is not intercepted and returns
+ * the host's own leaves) and then drops to CPL3 with IOPL=3 (see user64.S),
+ * where everything else runs natively.
  *
  * Run:    python -m minivmm -kernel long64.elf -append "..."
  * Prints: long64: hello from 64-bit long mode
@@ -56,6 +58,17 @@ _start:					/* CPL0: keep this short */
 	call cmd_find
 	test %rax, %rax
 	jnz bench
+
+	xor %eax, %eax			/* CPUID as the VMM set it (emulated at CPL0) */
+	cpuid
+	mov %ebx, vendor		/* vendor string: EBX, EDX, ECX */
+	mov %edx, vendor + 4
+	mov %ecx, vendor + 8
+	mov $1, %eax			/* feature flags, as -cpu edits them */
+	xor %ecx, %ecx
+	cpuid
+	mov %ecx, leaf1_ecx
+	mov %edx, leaf1_edx
 
 	mov $user_main, %edi
 	mov $ustack_top, %esi
@@ -128,26 +141,16 @@ user_main:
 	call puthex
 	PUTC('\n')
 
-	xor %eax, %eax			/* vendor string: EBX, EDX, ECX */
-	cpuid
-	mov %ebx, vendor
-	mov %edx, vendor + 4
-	mov %ecx, vendor + 8
-	PRINT("long64: cpuid vendor=")
+	PRINT("long64: cpuid vendor=")	/* read at CPL0, above */
 	mov $vendor, %esi
 	call puts
 	PUTC('\n')
-
-	mov $1, %eax			/* feature flags, as -cpu edits them */
-	xor %ecx, %ecx
-	cpuid
-	mov %edx, %ebx
 	PRINT("long64: cpuid 1 ecx=")
-	mov %ecx, %eax
+	mov leaf1_ecx, %eax
 	mov $8, %ecx
 	call puthex
 	PRINT(" edx=")
-	mov %ebx, %eax
+	mov leaf1_edx, %eax
 	call puthex
 	PUTC('\n')
 
@@ -175,6 +178,9 @@ null_idt:	.word 0			/* limit 0: no vector is valid */
 	.data
 cmdline:	.quad 0
 vendor:		.space 13		/* 12 characters and a NUL */
+	.balign 4
+leaf1_ecx:	.long 0
+leaf1_edx:	.long 0
 
 	.bss
 	.balign 16

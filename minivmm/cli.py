@@ -481,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minivmm version {__version__}")
         return 0
     cfg = p.config
+    if cpr_state is not None and not cfg.incoming:  # booting afresh would overwrite the guest's RAM
+        return _fail("cpr-exec: the new command line needs -incoming (defer, or the state file)", cpr_state)
     builtin = cfg.kernel is None and cfg.bios is None
     if builtin:
         cfg.kernel = guests.path(guests.DEFAULT)

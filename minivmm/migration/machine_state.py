@@ -1,6 +1,6 @@
 """A machine's whole non-RAM state as one vmstate blob.
 
-Sections, in load order: globalstate (the run state), each vCPU (BOOT.md's
+Sections, in load order: globalstate (the run state), each vCPU (docs/boot.md's
 order inside), the PIT, the clock and the irqchips, then every device with
 state. Loading decodes and checks everything before applying anything, so a
 bad blob leaves the machine untouched; a section this machine has no place

@@ -29,7 +29,7 @@ APIC_BASE_ENABLE = 1 << 11
 
 
 def boot_msrs() -> dict[int, int]:
-    """The MSRs set on every vCPU before it first runs (BOOT.md step 9)."""
+    """The MSRs set on every vCPU before it first runs (docs/boot.md, building a machine)."""
     return {
         IA32_SYSENTER_CS: 0,
         IA32_SYSENTER_ESP: 0,

@@ -1,6 +1,6 @@
 """Saving and restoring a vCPU's whole state, in the order KVM needs.
 
-Order (BOOT.md): save MP_STATE, REGS, SREGS, XSAVE (or FPU), XCRS, DEBUGREGS,
+Order (docs/boot.md): save MP_STATE, REGS, SREGS, XSAVE (or FPU), XCRS, DEBUGREGS,
 LAPIC, MSRs, VCPU_EVENTS last; restore CPUID first (done at creation), then
 MP_STATE, REGS, SREGS (sets the APIC base), XSAVE, XCRS, DEBUGREGS, LAPIC
 (before MSRs: the TSC-deadline MSR needs the LAPIC), MSRs, VCPU_EVENTS.
