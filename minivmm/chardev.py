@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from .mainloop import MainLoop
-from .sockets import unix_listen
+from .sockets import check_listening_fd, unix_listen
 
 
 class ChardevError(ValueError):
@@ -194,10 +194,14 @@ class SocketChardev(Chardev):
         self.path = path
         try:
             listen_fd, reused = preserve(
-                "chardev-socket", chardev_id, lambda: fd if fd is not None else unix_listen(path).detach()
+                "chardev-socket",
+                chardev_id,
+                lambda: check_listening_fd(fd) if fd is not None else unix_listen(path).detach(),
             )
         except OSError as e:
-            raise ChardevError(f"Failed to bind socket {path}: {e.strerror or e}") from None
+            raise ChardevError(
+                f"fd={fd}: {e.strerror}" if fd is not None else f"Failed to bind socket {path}: {e.strerror or e}"
+            ) from None
         self.listener = socket.socket(fileno=listen_fd)
         self.client: socket.socket | None = None
         self.lock = threading.Lock()

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from . import __version__, guests
 from .arch.x86.cpuid import CpuModel, CpuModelError
-from .config import ChardevConfig, DeviceConfig, MachineConfig, MemoryBackendConfig, MonitorConfig
+from .arch.x86.layout import PAGE_SIZE, KiB
+from .config import MIN_RAM, ChardevConfig, DeviceConfig, MachineConfig, MemoryBackendConfig, MonitorConfig
 from .options import OptionError, parse_bool, parse_keyval, parse_object, parse_size
 
 USAGE = """\
@@ -55,6 +56,7 @@ Control:
   -no-shutdown             stop (runstate shutdown) instead of exiting when the guest powers off
   -action panic=pause|shutdown|exit-failure|none   what a pvpanic report does
   -device pvpanic[,ioport=0x505]
+  -global migration.x-listen-remote=on   let -incoming tcp: listen beyond loopback (unauthenticated)
   -name NAME  -pidfile FILE  -nodefaults  -display none  -nographic
   -d postcode              print every write to port 0x80 with its time
   -version  -help
@@ -77,18 +79,33 @@ class _Parsed:
     show: str | None = None  # "help" or "version"
 
 
+def _where(opt: str, value: str | None) -> str:
+    """An option as error messages name it; a huge value is cut short."""
+    if value is None:
+        return opt
+    if len(value) > 120:
+        value = f"{value[:100]}...({len(value)} characters)"
+    return f"{opt} {value}"
+
+
 def _size_option(opt: str, value: str) -> int:
     text = value
     if "=" in value:
         props = parse_keyval(value)
         if "size" not in props:
-            raise CliError(f"{opt} {value}: missing 'size'")
+            raise CliError(f"{_where(opt, value)}: missing 'size'")
         text = props["size"]
     return parse_size(text, default_unit="M")
 
 
+RAM_ALIGN = 8 * KiB  # QEMU rounds -m up to this
+
+
 def _opt_m(p: _Parsed, opt: str, value: str) -> None:
-    p.config.ram_size = _size_option(opt, value)
+    size = -(-_size_option(opt, value) // RAM_ALIGN) * RAM_ALIGN
+    if size < MIN_RAM:
+        raise OptionError(f"guest RAM must be at least {MIN_RAM >> 20} MiB")
+    p.config.ram_size = size
     p.config.ram_size_option = value
 
 
@@ -122,7 +139,7 @@ _MACHINE_TYPES = ("pc", "pc-i440fx", "microvm", "none")
 
 def _opt_machine(p: _Parsed, opt: str, value: str) -> None:
     for key, val in parse_keyval(value, "type").items():
-        p.machine_props[key] = (val, f"{opt} {value}")
+        p.machine_props[key] = (val, _where(opt, value))
 
 
 def _apply_machine(p: _Parsed) -> None:
@@ -153,7 +170,7 @@ def _opt_accel(p: _Parsed, opt: str, value: str) -> None:
 
 def _opt_object(p: _Parsed, opt: str, value: str) -> None:
     props = parse_object(value, "qom-type")
-    where = f"{opt} {value}"
+    where = _where(opt, value)
     qom_type = props.pop("qom-type", None)
     kinds = {"memory-backend-memfd": "memfd", "memory-backend-file": "file", "memory-backend-ram": "ram"}
     if qom_type not in kinds:
@@ -167,6 +184,8 @@ def _opt_object(p: _Parsed, opt: str, value: str) -> None:
     if "size" not in props:
         raise OptionError("can't create backend with size 0")
     size = parse_size(props.pop("size"))
+    if size % PAGE_SIZE:
+        raise OptionError(f"size {size} is not a multiple of the page size ({PAGE_SIZE})")
     share = parse_bool("share", props.pop("share", "on" if kind == "memfd" else "off"))
     hugetlb = parse_bool("hugetlb", props.pop("hugetlb", "off")) if kind == "memfd" else False
     mem_path = props.pop("mem-path", None) if kind == "file" else None
@@ -191,10 +210,9 @@ def _socket_props(text: str, implied: str) -> dict[str, str]:
 def _loopback_port(host: str, port: str) -> tuple[str, int]:
     if host not in ("localhost", "127.0.0.1", "::1", "[::1]"):
         raise OptionError(f"host '{host}' is not loopback: an unauthenticated monitor must only listen locally")
-    try:
-        return host.strip("[]"), int(port)
-    except ValueError:
-        raise OptionError(f"port '{port}' is not a number") from None
+    if not port.isdigit() or int(port) > 65535:
+        raise OptionError(f"port '{port}' is not a number from 0 to 65535")
+    return host.strip("[]"), int(port)
 
 
 def _chardev_from_props(chardev_id: str, backend: str, props: dict[str, str], where: str) -> ChardevConfig:
@@ -236,7 +254,7 @@ def _opt_chardev(p: _Parsed, opt: str, value: str) -> None:
         raise OptionError("Parameter 'id' is missing")
     if chardev_id in p.chardevs:
         raise OptionError(f"Duplicate chardev ID '{chardev_id}'")
-    p.chardevs[chardev_id] = _chardev_from_props(chardev_id, props.pop("backend"), props, f"{opt} {value}")
+    p.chardevs[chardev_id] = _chardev_from_props(chardev_id, props.pop("backend"), props, _where(opt, value))
 
 
 def _opt_serial(p: _Parsed, opt: str, value: str) -> None:
@@ -244,7 +262,7 @@ def _opt_serial(p: _Parsed, opt: str, value: str) -> None:
 
 
 def _serial_config(p: _Parsed, index: int, value: str) -> ChardevConfig:
-    where = f"-serial {value}"
+    where = _where("-serial", value)
     chardev_id = f"serial{index}"
     if value.startswith("chardev:"):
         name = value[len("chardev:") :]
@@ -278,8 +296,8 @@ def _opt_qmp(p: _Parsed, opt: str, value: str) -> None:
         props.update(host=host, port=port)
     else:
         raise OptionError(f"'{kind}' is not a valid monitor address (use unix:PATH or tcp:HOST:PORT)")
-    cc = _chardev_from_props(f"compat_monitor{len(p.monitor_specs)}", "socket", props, f"{opt} {value}")
-    p.monitor_specs.append((cc, False, f"{opt} {value}"))
+    cc = _chardev_from_props(f"compat_monitor{len(p.monitor_specs)}", "socket", props, _where(opt, value))
+    p.monitor_specs.append((cc, False, _where(opt, value)))
 
 
 def _opt_mon(p: _Parsed, opt: str, value: str) -> None:
@@ -293,7 +311,7 @@ def _opt_mon(p: _Parsed, opt: str, value: str) -> None:
         raise OptionError(f"mode={mode}: minivmm only has the control (QMP) monitor: use mode=control")
     if chardev not in p.chardevs:
         raise OptionError(f"chardev '{chardev}' not found")
-    p.monitor_specs.append((p.chardevs[chardev], pretty, f"{opt} {value}"))
+    p.monitor_specs.append((p.chardevs[chardev], pretty, _where(opt, value)))
 
 
 def _opt_incoming(p: _Parsed, opt: str, value: str) -> None:
@@ -307,7 +325,7 @@ def _opt_incoming(p: _Parsed, opt: str, value: str) -> None:
     except ChannelError as e:
         raise OptionError(str(e)) from None
     p.config.incoming.append(channel)
-    p.incoming.append((channel, f"{opt} {value}"))
+    p.incoming.append((channel, _where(opt, value)))
 
 
 def _opt_action(p: _Parsed, opt: str, value: str) -> None:
@@ -331,7 +349,24 @@ def _opt_action(p: _Parsed, opt: str, value: str) -> None:
 
 def _opt_device(p: _Parsed, opt: str, value: str) -> None:
     props = parse_keyval(value, "driver")
-    p.config.devices.append(DeviceConfig(props.pop("driver"), props, f"{opt} {value}"))
+    p.config.devices.append(DeviceConfig(props.pop("driver"), props, _where(opt, value)))
+
+
+def _opt_global(p: _Parsed, opt: str, value: str) -> None:
+    """QEMU's device-property defaults, DRIVER.PROP=VALUE (or driver=,property=,value=)."""
+    if value.startswith("driver="):
+        props = parse_keyval(value)
+        if set(props) != {"driver", "property", "value"}:
+            raise OptionError("give DRIVER.PROP=VALUE or driver=D,property=P,value=V")
+        name, setting = f"{props['driver']}.{props['property']}", props["value"]
+    else:
+        name, eq, setting = value.partition("=")
+        if not eq or "." not in name:
+            raise OptionError("give DRIVER.PROP=VALUE")
+    if name == "migration.x-listen-remote":
+        p.config.listen_remote = parse_bool(name, setting)
+    else:
+        raise OptionError(f"Property '{name}' not found (minivmm knows: migration.x-listen-remote)")
 
 
 def _opt_display(p: _Parsed, opt: str, value: str) -> None:
@@ -402,6 +437,7 @@ OPTIONS: dict[str, tuple[bool, Callable]] = {
     "pidfile": (True, _set_pidfile),
     "nodefaults": (False, _ignore),
     "display": (True, _opt_display),
+    "global": (True, _opt_global),
     "nographic": (False, _ignore),
     "d": (True, _opt_d),
     "version": (False, _show("version")),
@@ -430,7 +466,7 @@ def parse(argv: list[str]) -> _Parsed:
         try:
             handler(p, f"-{name}", value)
         except OptionError as e:
-            raise CliError(f"-{name} {value}: {e}") from None
+            raise CliError(f"{_where('-' + name, value)}: {e}") from None
         i += 1
     _apply_machine(p)
     cfg = p.config
@@ -449,6 +485,13 @@ def parse(argv: list[str]) -> _Parsed:
     mains = [c for c in cfg.incoming if c == "defer" or c.channel_type == "main"]
     if len(mains) > 1:
         raise CliError("-incoming: more than one main migration channel")
+    from .migration.channels import ChannelError, check_listen
+
+    for channel, option in p.incoming:
+        try:
+            check_listen(channel.addr, cfg.listen_remote)
+        except ChannelError as e:
+            raise CliError(f"{option}: {e}") from None
     if cfg.kernel is None and cfg.bios is None:
         for opt in ("append", "initrd"):
             if getattr(cfg, opt) is not None:
@@ -470,6 +513,15 @@ def main(argv: list[str] | None = None) -> int:
     except CprError as e:
         print(f"minivmm: {e}", file=sys.stderr)
         return 1
+    try:
+        return _run(argv, cpr_state, start_ns)
+    except Exception as e:  # the last barrier: one line, and an exec'd image's guest RAM kept for a retry
+        return _fail(f"internal error: {type(e).__name__}: {e}", cpr_state)
+
+
+def _run(argv: list[str], cpr_state, start_ns: int) -> int:
+    from .migration.cpr import CprError
+
     try:
         p = parse(argv)
     except CliError as e:

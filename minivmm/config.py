@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from .arch.x86.cpuid import CpuModel
 
 DEFAULT_RAM_SIZE = 128 << 20  # QEMU's default
+MIN_RAM = 1 << 20  # below it there is no room for the boot structures and a kernel at 1 MiB
 
 
 @dataclass
@@ -80,6 +81,7 @@ class MachineConfig:
     devices: list[DeviceConfig] = field(default_factory=list)
     no_reboot: bool = False
     no_shutdown: bool = False  # on guest power-off, stop in runstate "shutdown" instead of exiting
+    listen_remote: bool = False  # -global migration.x-listen-remote=on: -incoming beyond loopback
     panic_action: str = "shutdown"  # -action panic=pause|shutdown|exit-failure|none
     monitors: list[MonitorConfig] = field(default_factory=list)
     start_paused: bool = False

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from . import runstate
 from .arch.x86 import cpuid, layout, modes, msr, vcpu_state
 from .chardev import Chardev, ChardevError, FileChardev, SocketChardev, StdioChardev, message
-from .config import ChardevConfig, DeviceConfig, MachineConfig, MemoryBackendConfig
+from .config import MIN_RAM, ChardevConfig, DeviceConfig, MachineConfig, MemoryBackendConfig
 from .devices import pvpanic
 from .devices.acpi_pm import AcpiPm
 from .devices.bus import Bus, BusError
@@ -127,12 +127,11 @@ class Machine:
 
     # --- building ---------------------------------------------------------------
     def _prepare_boot(self):
-        """The boot images, read and checked; nothing for an incoming migration (RAM comes with it)."""
+        """The boot images, read and checked. An incoming migration reads them too but loads
+        nothing (RAM comes with the stream): a reset after it boots the machine afresh from them."""
         from .arch.x86 import boot
 
         cfg = self.config
-        if cfg.incoming and cfg.bios is None:  # the firmware is still read: its ROM block must exist
-            return boot.BootImage("incoming", "")
         try:
             return boot.prepare(cfg.kernel, cfg.append, cfg.initrd, cfg.bios)
         except boot.BootError as e:
@@ -140,9 +139,14 @@ class Machine:
 
     def _build(self) -> None:
         cfg = self.config
-        max_vcpus = self.kvm.check_extension(c.KVM_CAP_MAX_VCPUS) or self.kvm.check_extension(c.KVM_CAP_NR_VCPUS)
+        kvm_max = self.kvm.check_extension(c.KVM_CAP_MAX_VCPUS) or self.kvm.check_extension(c.KVM_CAP_NR_VCPUS)
+        max_vcpus = min(kvm_max, layout.MP_MAX_CPUS)
         if not 1 <= cfg.smp <= max_vcpus:
-            raise MachineError(f"-smp {cfg.smp}", f"the number of CPUs must be between 1 and {max_vcpus} (KVM's limit)")
+            raise MachineError(
+                f"-smp {cfg.smp}",
+                f"the number of CPUs must be between 1 and {max_vcpus} (KVM allows {kvm_max}; "
+                f"the MP table's 8-bit APIC ids allow {layout.MP_MAX_CPUS})",
+            )
         self.vm = self.kvm.create_vm()
         self.vm.set_tss_addr(layout.TSS_ADDR)
         self.vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
@@ -173,6 +177,8 @@ class Machine:
                 f"-machine memory-backend={cfg.memory_backend}",
                 f"Device '{cfg.memory_backend}' not found (no -object with that id)",
             )
+        if backend.size < MIN_RAM:
+            raise MachineError(backend.option, f"guest RAM must be at least {MIN_RAM >> 20} MiB")
         if cfg.ram_size_option is not None and backend.size != cfg.ram_size:
             raise MachineError(
                 f"-m {cfg.ram_size_option}",
@@ -563,7 +569,8 @@ class Machine:
         for device in self.pio.devices() + self.mmio.devices():
             if hasattr(device, "reset"):
                 device.reset()
-        self._load_boot()
+        if self.runstate != runstate.INMIGRATE:  # as QEMU's rom_reset: RAM still to come is not written
+            self._load_boot()
         self.emit("RESET", {"guest": reason.startswith("guest"), "reason": reason})
 
     # --- requests: from any thread, carried out on the main loop --------------------

@@ -12,6 +12,7 @@ import heapq
 import os
 import selectors
 import stat
+import sys
 import threading
 import time
 from collections import deque
@@ -108,20 +109,32 @@ class MainLoop:
             for key, events in self.selector.select(timeout):
                 reader, writer = key.data
                 if events & selectors.EVENT_READ and reader:
-                    reader()
+                    self._call(reader)
                 if events & selectors.EVENT_WRITE and writer and key.fd in self.selector.get_map():
-                    writer()
+                    self._call(writer)
             for reader, writer in list(self._always_ready.values()):
                 for handler in (reader, writer):
                     if handler:
-                        handler()
+                        self._call(handler)
             now = time.monotonic()
             while self._timers and self._timers[0][0] <= now:
                 _, _, fn, args = heapq.heappop(self._timers)
-                fn(*args)
+                self._call(fn, *args)
             for _ in range(len(self._calls)):
                 fn, args = self._calls.popleft()
-                fn(*args)
+                self._call(fn, *args)
+
+    def _call(self, fn: Callable, *args: object) -> None:
+        """The main thread's barrier: a failing callback is reported and the loop (and guest) go on."""
+        try:
+            fn(*args)
+        except Exception as e:
+            self.on_error(fn, e)
+
+    @staticmethod
+    def on_error(fn: Callable, error: Exception) -> None:
+        name = getattr(fn, "__qualname__", repr(fn))
+        print(f"minivmm: internal error in {name}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self.selector.close()

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 MFD_CLOEXEC = 0x1
 MFD_HUGETLB = 0x4
 PAGE_SIZE = mmap.PAGESIZE
+ZERO_CHUNK = 1 << 20
+_ZEROS = bytes(ZERO_CHUNK)
 
 
 class GuestMemoryError(Exception):
@@ -61,13 +63,11 @@ class RamBlock:
     @classmethod
     def file(cls, name: str, size: int, path: str, *, shared: bool, prealloc: bool = False) -> RamBlock:
         """A file-backed block (memory-backend-file): the file outlives the process."""
-        if os.path.isdir(path):
-            fd = os.open(path, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
-        else:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            except OSError as e:
-                raise GuestMemoryError(f"can't open backing store {path} for guest RAM: {e.strerror}") from None
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_TMPFILE if os.path.isdir(path) else os.O_CREAT)
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as e:
+            raise GuestMemoryError(f"can't open backing store {path} for guest RAM: {e.strerror}") from None
         try:
             if os.fstat(fd).st_size < size:
                 os.ftruncate(fd, size)
@@ -186,11 +186,22 @@ class GuestMemory:
         m, off = self._find(gpa, len(data))
         m.block.mem[off : off + len(data)] = data
 
+    def zero(self, gpa: int, length: int) -> None:
+        """Zero a range (a segment's bss) without a buffer of its size: all of it must be RAM."""
+        for block, off, n in self.pieces(gpa, length):
+            for at in range(off, off + n, ZERO_CHUNK):
+                end = min(at + ZERO_CHUNK, off + n)
+                block.mem[at:end] = _ZEROS[: end - at]
+
     def pieces(self, gpa: int, length: int) -> list[tuple[RamBlock, int, int]]:
         """(block, offset, length) covering [gpa, gpa+length) across mappings; all of it must be RAM."""
         out = []
+        start, total = gpa, length
         while length > 0:
-            m, off = self._find(gpa, 1)
+            try:
+                m, off = self._find(gpa, 1)
+            except GuestMemoryError:
+                raise GuestMemoryError(f"guest-physical range {start:#x}+{total:#x} is not all RAM") from None
             n = min(length, m.end - gpa)
             out.append((m.block, off, n))
             gpa += n

@@ -11,6 +11,7 @@ import json
 import re
 
 _SUFFIXES = {"": 0, "B": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
+MAX_SIZE_DIGITS = 24  # more than any size a 64-bit machine can have
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|0x[0-9a-fA-F]+)\s*([bBkKmMgGtTpPeE]?)\s*$")
 
 
@@ -24,6 +25,8 @@ def parse_size(text: str, default_unit: str = "B") -> int:
     if not m:
         raise OptionError(f"invalid size '{text}' (use a number with an optional K, M, G or T suffix)")
     number, suffix = m.groups()
+    if len(number) > MAX_SIZE_DIGITS:
+        raise OptionError(f"invalid size '{text[:40]}...': more than {MAX_SIZE_DIGITS} digits")
     unit = _SUFFIXES[(suffix or default_unit).upper()]
     if number.startswith("0x"):
         if suffix:
@@ -78,6 +81,10 @@ def parse_object(text: str, implied_key: str) -> dict[str, str]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise OptionError(f"JSON parse error, {e.msg}") from None
+        except RecursionError:
+            raise OptionError("JSON parse error, nesting depth limit exceeded") from None
+        except ValueError as e:  # e.g. an integer of more than 4300 digits
+            raise OptionError(f"JSON parse error, {e}") from None
         if not isinstance(data, dict):
             raise OptionError("JSON value must be an object")
         return {k: _json_value(v) for k, v in data.items()}

@@ -39,3 +39,15 @@ def unix_listen(path: str, backlog: int = 4) -> socket.socket:
     finally:
         os.rmdir(tmpdir)
     return sock
+
+
+def check_listening_fd(fd: int) -> int:
+    """``fd=N`` options: the number must name a listening stream socket this process holds."""
+    try:
+        probe = socket.socket(fileno=os.dup(fd))
+    except OSError as e:
+        raise OSError(e.errno, f"fd {fd} is not an open socket ({e.strerror})") from None
+    with probe:
+        if probe.type != socket.SOCK_STREAM or not probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise OSError(0, f"fd {fd} is not a listening stream socket")
+    return fd

@@ -118,7 +118,10 @@ class VcpuThread:
 
     def _main(self) -> None:
         while self._park():
-            stop = self._run()
+            try:
+                stop = self._run()
+            except Exception as e:  # the barrier: a bug in a device or here ends the guest's run, not the thread
+                stop = VcpuExit("internal-error", f"vCPU loop failed: {type(e).__name__}: {e}")
             if stop is not None:
                 with self.cond:
                     self.want_pause = True
@@ -133,13 +136,14 @@ class VcpuThread:
         pio_cache_get, pio_lookup = self.pio.cache.get, self.pio.lookup
         exit_io, exit_mmio, out = c.KVM_EXIT_IO, c.KVM_EXIT_MMIO, c.KVM_EXIT_IO_OUT
         exits = 0
+        reason = 0
         try:
             while True:
                 if ioctl(fd, kvm_run, None) < 0:
                     err = get_errno()
                     if err in (errno.EINTR, errno.EAGAIN):
                         return None
-                    raise KvmError("KVM_RUN", err)
+                    return VcpuExit("internal-error", f"{KvmError('KVM_RUN', err)} at {self.describe(self)}", err)
                 exits += 1
                 reason, direction, size, port, count, offset = decode(view, RUN_OFFSET_EXIT_REASON)
                 if reason == exit_io:
@@ -157,9 +161,23 @@ class VcpuThread:
                     self._mmio(view)
                 else:
                     return self._other_exit(reason)
+        except Exception as e:  # device emulation failed: the guest cannot trust its device any more
+            return VcpuExit("internal-error", f"{self._access(view, reason)} failed: {type(e).__name__}: {e}")
         finally:
             self.exits += exits
             view.release()
+
+    def _access(self, view: memoryview, reason: int) -> str:
+        """The guest access being emulated, for an error message."""
+        if reason == c.KVM_EXIT_IO:
+            _, direction, size, port, _, _ = _EXIT.unpack_from(view, RUN_OFFSET_EXIT_REASON)
+            device = self.pio.lookup(port)[0]
+            verb = "write to" if direction == c.KVM_EXIT_IO_OUT else "read of"
+            return f"{size}-byte {verb} port {port:#x} ({getattr(device, 'name', type(device).__name__)})"
+        if reason == c.KVM_EXIT_MMIO:
+            addr, _, length, is_write = _MMIO.unpack_from(view, RUN_OFFSET_EXIT)
+            return f"{length}-byte MMIO {'write to' if is_write else 'read of'} {addr:#x}"
+        return f"exit {c.EXIT_NAMES.get(reason, reason)}"
 
     def _mmio(self, view: memoryview) -> None:
         addr, data, length, is_write = _MMIO.unpack_from(view, RUN_OFFSET_EXIT)

@@ -3,6 +3,7 @@ its own process group, always killed at the end of the test."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -228,3 +229,54 @@ def still_walking(fd: int, by: int = 0) -> None:
 
     before = read_status(fd).passes
     wait_for(lambda: read_status(fd).passes > before + by, what="the walker to go on")
+
+
+# --- raw QMP: exactly the bytes a test writes ---------------------------------------------------
+
+WALKER = ["-kernel", guest("abwalk.elf"), "-m", "64", "-machine", "aux-ram-share=on", "-serial", "null"]
+
+
+class Raw:
+    """A bare socket: exactly the bytes the test writes."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+        self.sock.settimeout(20)
+        self.buf = b""
+        self.greeting = self.read()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read(self) -> dict:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        msg = json.loads(line)
+        assert isinstance(msg, dict)
+        return msg
+
+    def reply(self, data: bytes) -> dict:
+        self.send(data)
+        while True:
+            msg = self.read()
+            if "event" not in msg:
+                return msg
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def raw(qmp_vm):
+    """A raw QMP connection to the 64 MiB A-B walker, not yet negotiated."""
+    vm = qmp_vm(*WALKER, negotiate=False)
+    vm.qmp.close()
+    r = Raw(vm.socket)
+    r.vm = vm
+    yield r
+    r.close()

@@ -68,10 +68,61 @@ def _one_line_error(result, *fragments):
         ([*KERNEL, "-display", "gtk"], ["-display gtk: Display 'gtk' is not available"]),
         ([*KERNEL, "-d", "everything"], ["-d everything: unknown log item 'everything'"]),
         (["disk.img"], ["disk.img: unexpected argument"]),
+        # Values that once gave a traceback:
+        ([*KERNEL, "-m", "1K"], ["-m 1K: guest RAM must be at least 1 MiB"]),
+        ([*KERNEL, "-m", "9" * 5000], ["-m 99999", "(5000 characters): invalid size", "more than 24 digits"]),
+        (
+            [*KERNEL, "-object", "memory-backend-memfd,id=r,size=1000", "-machine", "memory-backend=r"],
+            ["size=1000: size 1000 is not a multiple of the page size (4096)"],
+        ),
+        (
+            [*KERNEL, "-object", "memory-backend-file,id=r,size=1M,mem-path=/proc", "-machine", "memory-backend=r"],
+            ["mem-path=/proc: can't open backing store /proc for guest RAM"],
+        ),
+        ([*KERNEL, "-object", '{"a":' * 3000 + "1" + "}" * 3000], ["-object {", "nesting depth limit exceeded"]),
+        ([*KERNEL, "-object", '{"qom-type": ' + "1" * 5000 + "}"], ["-object {", "JSON parse error"]),
+        (
+            [*KERNEL, "-chardev", "socket,id=c,fd=999,server=on", "-serial", "chardev:c"],
+            ["fd=999: fd 999 is not an open socket"],
+        ),
+        (
+            [*KERNEL, "-chardev", "socket,id=c,fd=2,server=on", "-serial", "chardev:c"],
+            ["fd=2: fd 2 is not an open socket"],
+        ),
+        ([*KERNEL, "-qmp", "tcp:127.0.0.1:99999,server=on,wait=off"], ["port '99999' is not a number from 0 to 65535"]),
+        ([*KERNEL, "-incoming", "tcp:127.0.0.1:99999"], ["port '99999' is not a number from 0 to 65535"]),
+        ([*KERNEL, "-incoming", "file:/x,offset=abc"], ["Parameter 'offset' expects a non-negative integer"]),
+        ([*KERNEL, "-smp", "256"], ["-smp 256: the number of CPUs must be between 1 and 254", "8-bit APIC ids"]),
+        (
+            [*KERNEL, "-incoming", "tcp:0.0.0.0:4444"],
+            ["refusing to listen on 0.0.0.0:4444", "unauthenticated", "-global migration.x-listen-remote=on"],
+        ),
+        ([*KERNEL, "-global", "foo.bar=1"], ["-global foo.bar=1: Property 'foo.bar' not found"]),
+        ([*KERNEL, "-global", "nodot"], ["-global nodot: give DRIVER.PROP=VALUE"]),
     ],
 )
 def test_bad_input_is_one_clear_line(vmm, args, fragments):
     _one_line_error(vmm.run(*args, timeout=30), *fragments)
+
+
+def test_kernel_whose_segment_is_larger_than_ram_is_refused(vmm, tmp_path):
+    import struct
+    from pathlib import Path
+
+    image = bytearray(Path(guest("long64.elf")).read_bytes())
+    phoff = struct.unpack_from("<Q", image, 32)[0]
+    struct.pack_into("<Q", image, phoff + 40, 1 << 40)  # the first segment's p_memsz: 1 TiB
+    (tmp_path / "huge.elf").write_bytes(image)
+    _one_line_error(vmm.run("-kernel", str(tmp_path / "huge.elf")), "does not fit in guest RAM", "is not all RAM")
+
+
+def test_remote_incoming_listens_once_allowed(vmm):
+    proc = vmm.start(*KERNEL, "-global", "migration.x-listen-remote=on", "-incoming", "tcp:0.0.0.0:0")
+    try:
+        proc.wait(2)
+    except subprocess.TimeoutExpired:
+        pass  # still waiting for a stream: it listens
+    assert proc.poll() is None, proc.stderr.read().decode()
 
 
 def test_bzimage_is_recognised_but_not_supported_yet(vmm, tmp_path):

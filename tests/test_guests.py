@@ -151,12 +151,12 @@ def test_i8042_reset_with_no_reboot_exits(vmm):
 # --- SMP and interrupts ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ncpus", [1, 2, 4])
+@pytest.mark.parametrize("ncpus", [1, 2, 4, 64])  # 64: more than the EBDA holds, the MP table is in the BIOS area
 def test_smp_application_processors_start_and_report(vmm, ncpus):
     r = vmm.run("-kernel", guest("smp.elf"), "-smp", str(ncpus), *DEBUG_EXIT)
     assert r.status == GUEST_EXIT_OK, r
     assert f"smp: mptable cpus={ncpus}" in r.stdout
-    assert sorted(lines(r.stdout, "smp: ap ")) == [f"smp: ap apic_id={i} up" for i in range(1, ncpus)]
+    assert lines(r.stdout, "smp: ap ") == [f"smp: ap apic_id={i} up" for i in range(1, ncpus)]  # in id order
     assert f"smp: all {ncpus} cpus up" in r.stdout
 
 

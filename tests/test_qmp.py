@@ -5,7 +5,6 @@ real guest."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import socket
@@ -15,11 +14,8 @@ import time
 
 import pytest
 
-from conftest import DEBUG_EXIT, NO_EMULATION_FAILURE, guest, still_walking, wait_for, walking
+from conftest import DEBUG_EXIT, NO_EMULATION_FAILURE, WALKER, Raw, guest, still_walking, wait_for, walking
 from minivmm.guests.abwalk import read_status
-
-WALKER = ["-kernel", guest("abwalk.elf"), "-m", "64", "-machine", "aux-ram-share=on", "-serial", "null"]
-
 
 # --- clients from qemu.qmp --------------------------------------------------------------------
 
@@ -346,51 +342,6 @@ def test_wait_on_holds_the_guest_until_a_client_connects(vmm, tmp_path):
 
 
 # --- protocol errors, with raw sockets ------------------------------------------------------------
-
-
-class Raw:
-    """A bare socket: exactly the bytes the test writes."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
-        self.sock.settimeout(20)
-        self.buf = b""
-        self.greeting = self.read()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def read(self) -> dict:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        msg = json.loads(line)
-        assert isinstance(msg, dict)
-        return msg
-
-    def reply(self, data: bytes) -> dict:
-        self.send(data)
-        while True:
-            msg = self.read()
-            if "event" not in msg:
-                return msg
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@pytest.fixture
-def raw(qmp_vm):
-    vm = qmp_vm(*WALKER, negotiate=False)
-    vm.qmp.close()
-    r = Raw(vm.socket)
-    r.vm = vm
-    yield r
-    r.close()
 
 
 def test_errors_before_and_after_negotiation(raw):

@@ -14,6 +14,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+from minivmm.files import open_regular
 from minivmm.sockets import unix_listen
 
 
@@ -48,6 +49,34 @@ class Channel:
 
 
 NO_EXEC = "exec: migration is not supported: minivmm never runs commands through a shell"
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def _port(text: object) -> int:
+    if isinstance(text, int) and not isinstance(text, bool):
+        text = str(text)
+    if not isinstance(text, str) or not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise ChannelError(f"port '{text}' is not a number from 0 to 65535")
+    return int(text)
+
+
+def _offset(value: object) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 63:
+        raise ChannelError(f"Parameter 'offset' expects a non-negative integer, not {json.dumps(value)}")
+    return value
+
+
+def check_listen(addr: Address, allow_remote: bool) -> None:
+    """A migration stream takes the guest over and has no authentication: listening beyond this
+    machine must be asked for, as the user's own decision."""
+    if addr.type == "inet" and addr.host not in LOOPBACK and not allow_remote:
+        raise ChannelError(
+            f"refusing to listen on {addr.host}:{addr.port}: an incoming migration is unauthenticated and "
+            "anyone who reaches it controls the guest; listen on 127.0.0.1, or allow it with "
+            "-global migration.x-listen-remote=on"
+        )
 
 
 def parse_uri(uri: str) -> Address:
@@ -56,17 +85,17 @@ def parse_uri(uri: str) -> Address:
         return Address("socket", "unix", path=rest)
     if kind == "tcp" and rest:
         host, _, port = rest.rpartition(":")
-        if not host or not port.isdigit():
+        if not host or not port:
             raise ChannelError(f"error parsing address '{rest}'")
-        return Address("socket", "inet", host=host.strip("[]"), port=int(port))
+        return Address("socket", "inet", host=host.strip("[]"), port=_port(port))
     if kind == "file" and rest:
         path, _, opts = rest.partition(",")
         offset = 0
         if opts:
             key, _, value = opts.partition("=")
-            if key != "offset" or not value.isdigit():
+            if key != "offset":
                 raise ChannelError(f"file URI has an invalid option '{opts}' (only offset=N)")
-            offset = int(value)
+            offset = _offset(value)
         return Address("file", path=path, offset=offset)
     if kind == "fd" and rest:
         return Address("socket", "fd", fd_name=rest)
@@ -84,15 +113,15 @@ def parse_address(addr: object) -> Address:
         kind = addr.get("type")
         if kind == "unix" and isinstance(addr.get("path"), str):
             return Address("socket", "unix", path=addr["path"])
-        if kind == "inet" and isinstance(addr.get("host"), str) and str(addr.get("port", "")).isdigit():
-            return Address("socket", "inet", host=addr["host"], port=int(addr["port"]))
+        if kind == "inet" and isinstance(addr.get("host"), str) and "port" in addr:
+            return Address("socket", "inet", host=addr["host"], port=_port(addr["port"]))
         if kind == "fd" and isinstance(addr.get("str"), str):
             return Address("socket", "fd", fd_name=addr["str"])
         raise ChannelError(f"invalid socket address {json.dumps(addr)}")
     if transport == "file":
         if not isinstance(addr.get("filename"), str):
             raise ChannelError("Parameter 'filename' is missing")
-        return Address("file", path=addr["filename"], offset=int(addr.get("offset", 0)))
+        return Address("file", path=addr["filename"], offset=_offset(addr.get("offset", 0)))
     if transport == "exec":
         raise ChannelError(NO_EXEC)
     raise ChannelError(f"Parameter 'transport' does not accept value '{transport}'")
@@ -115,6 +144,8 @@ def parse_channel_text(text: str) -> Channel:
             return parse_channel(json.loads(stripped))
         except json.JSONDecodeError as e:
             raise ChannelError(f"JSON parse error, {e.msg}") from None
+        except (RecursionError, ValueError):
+            raise ChannelError("JSON parse error, value too deep or too large") from None
     if text.startswith(("main,", "cpr,")) or text in ("main", "cpr"):
         kind, _, rest = text.partition(",")
         addr: dict[str, str] = {}
@@ -134,7 +165,7 @@ def connect(addr: Address, named_fd) -> socket.socket | object:
     """An outgoing stream: a connected socket, or a file object positioned at the offset."""
     try:
         if addr.transport == "file":
-            fd = os.open(addr.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = open_regular(addr.path, os.O_WRONLY | os.O_CREAT)
             os.ftruncate(fd, addr.offset)
             f = os.fdopen(fd, "wb", buffering=0)
             f.seek(addr.offset)
@@ -163,7 +194,7 @@ class Listener:
         self.sock: socket.socket | None = None
         try:
             if addr.transport == "file":
-                fd = os.open(addr.path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = open_regular(addr.path, os.O_RDONLY)
                 self.file = os.fdopen(fd, "rb", buffering=0)
                 self.file.seek(addr.offset)
             elif addr.type == "unix":

@@ -73,6 +73,7 @@ class MigrationManager:
     # --- incoming ---------------------------------------------------------------------------
     def start_incoming(self, channel: channels.Channel) -> None:
         """Receive a stream: a file is read at once (the vCPU threads must exist), a socket in a thread."""
+        channels.check_listen(channel.addr, self.machine.config.listen_remote)
         self.incoming = Incoming(self, channel)
         if self.machine.cpr_channel is not None:  # cpr-transfer: listening now, so hang up the cpr channel
             self.machine.cpr_channel.close()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from minivmm import runstate
+from minivmm.files import open_regular
 from minivmm.memory import GuestMemoryError
 
 from . import hmp
@@ -25,6 +26,55 @@ _TYPES = {
     "list": (list, "array"),
     "object": (dict, "object"),
 }
+INT64 = (-(1 << 63), (1 << 63) - 1)
+MAX_STR = 4096  # characters: PATH_MAX, and more than any name or URI needs
+MAX_ITEMS = 1024  # elements of a list argument
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument's schema, checked before any handler runs."""
+
+    kind: str  # a key of _TYPES
+    required: bool = False
+    range: tuple[int, int] = INT64  # int: inclusive bounds
+    max_len: int | None = None  # str: characters (MAX_STR); list: elements (MAX_ITEMS)
+    items: str | None = None  # list: every element's kind
+
+    def check(self, key: str, value: object) -> None:
+        python_type, name = _TYPES[self.kind]
+        if not isinstance(value, python_type) or (self.kind == "int" and isinstance(value, bool)):
+            raise QmpError(f"Invalid parameter type for '{key}', expected: {name}")
+        if self.kind == "int" and not self.range[0] <= value <= self.range[1]:
+            raise QmpError(f"Parameter '{key}' expects an integer from {self.range[0]} to {self.range[1]}")
+        if self.kind == "str":
+            _check_string(key, value, self.max_len or MAX_STR)
+        if self.kind == "list":
+            limit = self.max_len or MAX_ITEMS
+            if len(value) > limit:
+                raise QmpError(f"Parameter '{key}' takes at most {limit} elements")
+            if self.items is not None:
+                for i, item in enumerate(value):
+                    Arg(self.items).check(f"{key}[{i}]", item)
+
+
+def _check_string(key: str, value: str, max_len: int) -> None:
+    if len(value) > max_len:
+        raise QmpError(f"Parameter '{key}' is longer than {max_len} characters")
+    if "\0" in value:
+        raise QmpError(f"Parameter '{key}' must not contain a NUL character")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise QmpError(f"Parameter '{key}' is not valid Unicode (a lone surrogate)") from None
+
+
+def req(kind: str, **kw) -> Arg:
+    return Arg(kind, True, **kw)
+
+
+def opt(kind: str, **kw) -> Arg:
+    return Arg(kind, False, **kw)
 
 
 @dataclass
@@ -38,13 +88,13 @@ class Context:
 class Command:
     name: str
     handler: Callable[..., object]
-    args: dict[str, tuple[str, bool]]  # name -> (type, required)
+    args: dict[str, Arg]
 
 
 COMMANDS: dict[str, Command] = {}
 
 
-def command(name: str, **args: tuple[str, bool]):
+def command(name: str, **args: Arg):
     def register(fn):
         COMMANDS[name] = Command(name, fn, args)
         return fn
@@ -58,16 +108,13 @@ def check_arguments(cmd: Command, arguments: dict) -> dict:
         if key not in cmd.args:
             raise QmpError(f"Parameter '{key}' is unexpected")
     out = {}
-    for key, (kind, required) in cmd.args.items():
+    for key, arg in cmd.args.items():
         if key not in arguments:
-            if required:
+            if arg.required:
                 raise QmpError(f"Parameter '{key}' is missing")
             continue
-        value = arguments[key]
-        python_type, name = _TYPES[kind]
-        if not isinstance(value, python_type) or (kind == "int" and isinstance(value, bool)):
-            raise QmpError(f"Invalid parameter type for '{key}', expected: {name}")
-        out[key.replace("-", "_")] = value
+        arg.check(key, arguments[key])
+        out[key.replace("-", "_")] = arguments[key]
     return out
 
 
@@ -82,7 +129,7 @@ def dispatch(machine, monitor: Monitor, conn: Connection, name: str, arguments: 
 # --- the protocol ------------------------------------------------------------------
 
 
-@command("qmp_capabilities", enable=("list", False))
+@command("qmp_capabilities", enable=opt("list", items="str", max_len=16))
 def qmp_capabilities(ctx: Context, enable: list | None = None) -> dict:
     if ctx.conn.negotiated:
         raise QmpError("Capabilities negotiation is already complete, command ignored", "CommandNotFound")
@@ -197,7 +244,7 @@ def query_memdev(ctx: Context) -> list:
 
 def _save(filename: str, pieces: list[tuple[object, int, int]]) -> dict:
     try:
-        fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = open_regular(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     except OSError as e:
         raise QmpError(f"Could not open '{filename}': {e.strerror}") from None
     try:
@@ -213,7 +260,7 @@ def _bad_range(addr: int, size: int) -> QmpError:
     return QmpError(f"Invalid addr 0x{addr & (2**64 - 1):016x}/size {size} specified")
 
 
-@command("pmemsave", val=("int", True), size=("int", True), filename=("str", True))
+@command("pmemsave", val=req("int"), size=req("int"), filename=req("str"))
 def pmemsave(ctx: Context, val: int, size: int, filename: str) -> dict:
     """Guest-physical memory to a file; every byte asked for must be RAM."""
     if val < 0 or size < 0:
@@ -225,7 +272,13 @@ def pmemsave(ctx: Context, val: int, size: int, filename: str) -> dict:
     return _save(filename, pieces)
 
 
-@command("memsave", val=("int", True), size=("int", True), filename=("str", True), **{"cpu-index": ("int", False)})
+@command(
+    "memsave",
+    val=req("int"),
+    size=req("int"),
+    filename=req("str"),
+    **{"cpu-index": opt("int")},
+)
 def memsave(ctx: Context, val: int, size: int, filename: str, cpu_index: int = 0) -> dict:
     """Guest-virtual memory (as the given vCPU maps it) to a file."""
     machine = ctx.machine
@@ -252,7 +305,7 @@ def memsave(ctx: Context, val: int, size: int, filename: str, cpu_index: int = 0
 # --- file descriptors -----------------------------------------------------------------------
 
 
-@command("getfd", fdname=("str", True))
+@command("getfd", fdname=req("str", max_len=255))
 def getfd(ctx: Context, fdname: str) -> dict:
     if not ctx.conn.fds:
         raise QmpError("No file descriptor supplied via SCM_RIGHTS")
@@ -263,7 +316,7 @@ def getfd(ctx: Context, fdname: str) -> dict:
     return {}
 
 
-@command("closefd", fdname=("str", True))
+@command("closefd", fdname=req("str", max_len=255))
 def closefd(ctx: Context, fdname: str) -> dict:
     if not ctx.machine.close_named_fd(fdname):
         raise QmpError(f"File descriptor named '{fdname}' not found")
@@ -273,7 +326,7 @@ def closefd(ctx: Context, fdname: str) -> dict:
 # --- the human monitor ---------------------------------------------------------------------------
 
 
-@command("human-monitor-command", **{"command-line": ("str", True), "cpu-index": ("int", False)})
+@command("human-monitor-command", **{"command-line": req("str", max_len=65536), "cpu-index": opt("int")})
 def human_monitor_command(ctx: Context, command_line: str, cpu_index: int = 0) -> str:
     if not 0 <= cpu_index < len(ctx.machine.vcpus):
         raise QmpError("Parameter 'cpu-index' expects a CPU number")
@@ -311,7 +364,13 @@ def _main_channel(uri: str | None, channels_arg: list | None, command: str):
     return mains[0], [c for c in parsed if c.channel_type != "main"]
 
 
-@command("migrate", uri=("str", False), channels=("list", False), detach=("bool", False), resume=("bool", False))
+@command(
+    "migrate",
+    uri=opt("str"),
+    channels=opt("list", items="object", max_len=8),
+    detach=opt("bool"),
+    resume=opt("bool"),
+)
 def migrate(
     ctx: Context, uri: str | None = None, channels: list | None = None, detach: bool = True, resume: bool = False
 ) -> dict:
@@ -327,7 +386,12 @@ def migrate(
     return {}
 
 
-@command("migrate-incoming", uri=("str", False), channels=("list", False), **{"exit-on-error": ("bool", False)})
+@command(
+    "migrate-incoming",
+    uri=opt("str"),
+    channels=opt("list", items="object", max_len=8),
+    **{"exit-on-error": opt("bool")},
+)
 def migrate_incoming(
     ctx: Context, uri: str | None = None, channels: list | None = None, exit_on_error: bool = True
 ) -> dict:
@@ -360,10 +424,10 @@ def migrate_cancel(ctx: Context) -> dict:
 @command(
     "migrate-set-parameters",
     **{
-        "downtime-limit": ("int", False),
-        "max-bandwidth": ("int", False),
-        "mode": ("str", False),
-        "cpr-exec-command": ("list", False),
+        "downtime-limit": opt("int"),  # ranges: params.py, in QEMU's words
+        "max-bandwidth": opt("int"),
+        "mode": opt("str", max_len=64),
+        "cpr-exec-command": opt("list", items="str"),
     },
 )
 def migrate_set_parameters(ctx: Context, **kwargs) -> dict:
@@ -381,7 +445,7 @@ def query_migrate_parameters(ctx: Context) -> dict:
     return ctx.machine.migration.params.to_qmp()
 
 
-@command("migrate-set-capabilities", capabilities=("list", True))
+@command("migrate-set-capabilities", capabilities=req("list", items="object", max_len=64))
 def migrate_set_capabilities(ctx: Context, capabilities: list) -> dict:
     from minivmm.migration.manager import ACTIVE
     from minivmm.migration.params import ParameterError, parse_capabilities

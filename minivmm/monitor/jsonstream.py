@@ -11,6 +11,7 @@ reported and skipped to its end without being stored.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -33,6 +34,14 @@ class Parsed:
 
 def _no_constants(name: str) -> object:
     raise ValueError(f"invalid keyword '{name}'")
+
+
+def _finite(text: str) -> float:
+    """A number JSON can say back: 1e999 would be echoed as Infinity, which is not JSON."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number '{text}' is out of range")
+    return value
 
 
 class JsonStream:
@@ -157,7 +166,7 @@ class JsonStream:
             out.append(Parsed(error="JSON parse error, invalid UTF-8 sequence in string"))
             return end
         try:
-            value = json.loads(text, parse_constant=_no_constants)
+            value = json.loads(text, parse_constant=_no_constants, parse_float=_finite)
         except ValueError as e:
             reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
             out.append(Parsed(error=f"JSON parse error, {reason[0].lower()}{reason[1:]}"))

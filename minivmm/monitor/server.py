@@ -23,7 +23,7 @@ from minivmm import __version__
 from minivmm.chardev import fresh
 from minivmm.config import MonitorConfig
 from minivmm.mainloop import MainLoop
-from minivmm.sockets import unix_listen
+from minivmm.sockets import check_listening_fd, unix_listen
 
 from .jsonstream import JsonStream
 
@@ -78,7 +78,7 @@ class Monitor:
 
         def listen() -> int:
             if config.fd is not None:
-                return config.fd
+                return check_listening_fd(config.fd)
             if config.path is not None:
                 return unix_listen(config.path).detach()
             return socket.create_server((config.host, config.port)).detach()
@@ -87,6 +87,8 @@ class Monitor:
             # Preserved across cpr-exec: clients reconnect to the same socket at once.
             fd, self.reused = preserve("monitor", config.id, listen)
         except OSError as e:
+            if config.fd is not None:
+                raise MonitorError(f"fd={config.fd}: {e.strerror}") from None
             where = config.path or f"{config.host}:{config.port}"
             raise MonitorError(f"Failed to bind socket {where}: {e.strerror or e}") from None
         self.listener = socket.socket(fileno=fd)
@@ -163,6 +165,7 @@ class Monitor:
     def _handle(self, conn: Connection, request: object) -> None:
         reply: dict = {}
         request_id = request.get("id") if isinstance(request, dict) else None
+        command = None
         try:
             command, arguments = _check_request(request)
             if not conn.negotiated and command != "qmp_capabilities":
@@ -170,6 +173,10 @@ class Monitor:
             reply["return"] = self.dispatch(self, conn, command, arguments)
         except QmpError as e:
             reply["error"] = {"class": e.error_class, "desc": e.desc}
+        except Exception as e:  # the barrier: a bug in a command is its client's error, never the VM's end
+            desc = f"internal error in '{command}': {type(e).__name__}: {e}"
+            print(f"minivmm: QMP {desc}", file=sys.stderr, flush=True)
+            reply["error"] = {"class": "GenericError", "desc": desc}
         if isinstance(request, dict) and "id" in request:
             reply["id"] = request_id
         self.send(conn, reply)
@@ -179,7 +186,7 @@ class Monitor:
         if self.conn is not conn:
             return
         indent = 4 if self.config.pretty else None
-        conn.out += json.dumps(message, indent=indent).encode() + b"\n"
+        conn.out += json.dumps(message, indent=indent, allow_nan=False).encode() + b"\n"
         self._flush(conn)
 
     def event(self, name: str, data: dict | None) -> None:

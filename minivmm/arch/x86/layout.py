@@ -12,8 +12,9 @@ Low memory as the VMM fills it before the first instruction::
     0x009000  PML4, then PDPT, then 2 MiB page directories (ELF64 boot only)
     0x020000  kernel command line (CMDLINE_MAX bytes)
     0x021000  free for the guest, up to the EBDA
-    0x09fc00  EBDA: MP floating pointer and MP configuration table
+    0x09fc00  EBDA: MP floating pointer
     0x0a0000  legacy VGA/ROM hole (with -bios: its last 128 KiB at 0xe0000)
+    0x0f0000  MP configuration table (in the reserved BIOS area)
     0x100000  kernels usually load here
 """
 
@@ -36,7 +37,10 @@ CMDLINE_ADDR = 0x20000
 CMDLINE_MAX = 4096
 GUEST_FREE_LOW = 0x21000  # first byte the VMM never writes below 1 MiB
 EBDA_ADDR = 0x9FC00
-MPTABLE_ADDR = EBDA_ADDR
+MP_FLOATING_ADDR = EBDA_ADDR
+MP_CONFIG_ADDR = 0xF0000  # the BIOS area: room for a table of MP_MAX_CPUS
+MP_CONFIG_END = 0x100000
+MP_MAX_CPUS = 254  # 8-bit APIC ids, 0xff is broadcast, and the IOAPIC takes the id after the CPUs
 LOW_RAM_END = 0xA0000  # end of conventional memory (640 KiB)
 BIOS_ALIAS_END = 0x100000
 BIOS_ALIAS_MAX = 128 * KiB  # the "isa-bios" alias below 1 MiB

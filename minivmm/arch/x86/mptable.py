@@ -1,5 +1,7 @@
-"""The Intel MultiProcessor table (spec 1.4) at the EBDA: how guests (and Linux
-with ``noacpi``) learn how many CPUs there are and where the IOAPIC is.
+"""The Intel MultiProcessor table (spec 1.4): how guests (and Linux with
+``noacpi``) learn how many CPUs there are and where the IOAPIC is. The
+floating pointer sits in the EBDA, the configuration table in the BIOS area,
+where there is room for MP_MAX_CPUS processor entries.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ def _checksum(data: bytes) -> int:
     return (-sum(data)) & 0xFF
 
 
-def build(ncpus: int, cpu_signature: int, cpu_features: int) -> bytes:
-    """The floating pointer followed by the configuration table, for MPTABLE_ADDR."""
+def build(ncpus: int, cpu_signature: int, cpu_features: int) -> list[tuple[int, bytes]]:
+    """(guest-physical address, bytes): the floating pointer and the configuration table."""
+    if not 1 <= ncpus <= layout.MP_MAX_CPUS:
+        raise ValueError(f"an MP table describes 1 to {layout.MP_MAX_CPUS} CPUs, not {ncpus}")
     entries = []
     for apic_id in range(ncpus):
         flags = 1 | (2 if apic_id == 0 else 0)  # enabled, bootstrap processor
@@ -32,7 +36,7 @@ def build(ncpus: int, cpu_signature: int, cpu_features: int) -> bytes:
     entries.append(struct.pack("<BBHBBBB", 4, _MP_EXTINT, 0, 0, 0, 0xFF, 0))  # LINT0: ExtINT
     entries.append(struct.pack("<BBHBBBB", 4, _MP_NMI, 0, 0, 0, 0xFF, 1))  # LINT1: NMI
     body = b"".join(entries)
-    table_addr = layout.MPTABLE_ADDR + 16
+    table_addr = layout.MP_CONFIG_ADDR
     header = struct.pack(
         "<4sHBB8s12sIHHIHBB",
         b"PCMP",
@@ -53,7 +57,5 @@ def build(ncpus: int, cpu_signature: int, cpu_features: int) -> bytes:
     table = table[:7] + bytes([_checksum(table)]) + table[8:]
     fp = struct.pack("<4sIBBBB4x", b"_MP_", table_addr, 1, 4, 0, 0)
     fp = fp[:10] + bytes([_checksum(fp)]) + fp[11:]
-    blob = fp + table
-    if layout.MPTABLE_ADDR + len(blob) > layout.LOW_RAM_END:
-        raise ValueError(f"MP table for {ncpus} CPUs does not fit in the EBDA")
-    return blob
+    assert table_addr + len(table) <= layout.MP_CONFIG_END
+    return [(layout.MP_FLOATING_ADDR, fp), (table_addr, table)]

@@ -120,8 +120,9 @@ def load(
     opt = f"-kernel {image.path}"
     try:
         for seg in image.segments:
+            mem.pieces(seg.paddr, seg.memsz)  # all of it RAM, before anything is written
             mem.write(seg.paddr, seg.data)
-            mem.write(seg.paddr + len(seg.data), bytes(seg.memsz - len(seg.data)))
+            mem.zero(seg.paddr + len(seg.data), seg.memsz - len(seg.data))
         end = _page_up(max(s.paddr + s.memsz for s in image.segments))
         mods = []
         for mod in image.modules:
@@ -133,7 +134,8 @@ def load(
         mem.write(layout.CMDLINE_ADDR, image.cmdline + b"\0")
         for gpa, blob in multiboot.build_info(ram_ranges, mods):
             mem.write(gpa, blob)
-        mem.write(layout.MPTABLE_ADDR, mptable.build(ncpus, cpu_signature, cpu_features))
+        for gpa, blob in mptable.build(ncpus, cpu_signature, cpu_features):
+            mem.write(gpa, blob)
         if image.kind == "multiboot":
             return Entry("protected", image.entry, layout.MULTIBOOT_BOOTLOADER_MAGIC, layout.BOOT_INFO_ADDR)
         top = max(layout.FOUR_GIB, max(base + size for base, size in ram_ranges))
