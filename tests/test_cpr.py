@@ -542,7 +542,7 @@ def test_new_image_that_cannot_load_keeps_the_ram_for_a_retry(
 class FakeTarget:
     """A cpr-transfer target that takes the fds and then misbehaves (for failure injection)."""
 
-    def __init__(self, tmp_path, *, hang_up: bool, listen: bool, read_bytes: int = 0) -> None:
+    def __init__(self, tmp_path, *, hang_up: bool, listen: bool, read_bytes: int = 0, silent: bool = False) -> None:
         from minivmm.migration.cpr import recv_state
         from minivmm.sockets import unix_listen
 
@@ -561,6 +561,10 @@ class FakeTarget:
             if self.main is not None:
                 main, _ = self.main.accept()
                 self.conns.append(main)
+                if silent:  # takes the whole stream and never answers
+                    while main.recv(65536):
+                        pass
+                    return
                 main.recv(read_bytes)
                 main.close()  # mid-stream
 
@@ -610,6 +614,34 @@ def test_migrate_cancel_while_waiting_for_the_hang_up(qmp_vm, ram_fds, tmp_path)
         target.close()
 
 
+@pytest.mark.parametrize("cancel", [False, True], ids=["timeout", "cancel"])
+def test_transfer_target_that_never_answers_does_not_freeze_the_source(vmm, ram_fds, tmp_path, cancel):
+    from conftest import QmpVm
+
+    vm = QmpVm(vmm, *walker(256), env={"MINIVMM_STREAM_TIMEOUT": "60" if cancel else "2"})
+    try:
+        fd = ram_fds(vm.proc.pid)
+        walking(fd)
+        target = FakeTarget(tmp_path, hang_up=True, listen=True, silent=True)
+        vm.cmd("migrate-set-parameters", mode="cpr-transfer")
+        vm.cmd("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
+        vm.cmd("migrate", channels=_channels(target.main_path, target.cpr_path))
+        if cancel:
+            wait_for(lambda: vm.status() == "finish-migrate", what="the source to stop for the hand-over")
+            assert vm.cmd("migrate_cancel") == {"return": {}}
+        info = wait_migration(vm.qmp, timeout=30)
+        if cancel:
+            assert info["status"] == "cancelled", info
+        else:
+            assert info["status"] == "failed", info
+            assert "the target did not report its load within 2 s" in info["error-desc"]
+        assert vm.status() == "running"
+        still_walking(fd)
+    finally:
+        target.close()
+        vm.close()
+
+
 @pytest.mark.parametrize("return_path", [True, False], ids=["return-path", "no-return-path"])
 def test_target_that_fails_to_load(qmp_vm, vmm, ram_fds, tmp_path, return_path):
     args = walker(256)
@@ -629,6 +661,9 @@ def test_target_that_fails_to_load(qmp_vm, vmm, ram_fds, tmp_path, return_path):
         assert info["status"] == "failed"
         assert "the target failed to load the state: FAIL serial[1]: missing" in info["error-desc"]
         assert src.status() == "running"  # resumed on the target's verdict
+        still_walking(fd)
+    elif info["status"] == "failed":  # the target hung up while the last records were still going out
+        assert src.status() == "running"
         still_walking(fd)
     else:
         assert info["status"] == "completed"  # as QEMU: the source cannot know

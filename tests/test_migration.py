@@ -5,6 +5,7 @@ and every error the target or the source can hit."""
 from __future__ import annotations
 
 import re
+import struct
 import time
 
 import pytest
@@ -294,3 +295,34 @@ def test_x_ignore_shared_leaves_file_backed_ram_out_of_the_stream(qmp_vm, tmp_pa
     dst = qmp_vm(*args, "-incoming", f"file:{state}")  # the same file: the same RAM
     wait_for(lambda: dst.status() == "running", what="the target")
     wait_for(lambda: ram.read_bytes() != frozen, what="the walker to go on from the file's RAM")
+
+
+def test_flipped_ram_record_offset_is_refused_not_written_elsewhere(vmm, saved, tmp_path):
+    data = bytearray(saved.read_bytes())
+    (length,) = struct.unpack_from("<I", data, 8)
+    first = 12 + length + 4  # the first page record, after the header and its checksum
+    assert data[first] == 1
+    data[first + 3 + 2] ^= 0x01  # bit 16 of its offset: 64 KiB away
+    flipped = tmp_path / "flipped"
+    flipped.write_bytes(data)
+    _target_fails(vmm, walker(64), flipped, "RAM page record header: checksum mismatch")
+
+
+def test_device_field_out_of_range_names_the_field(vmm, saved, tmp_path):
+    from minivmm.devices import rtc
+    from minivmm.vmstate import Section, StateWriter, encode, read_blob
+
+    data = saved.read_bytes()
+    start = data.index(b"MVMS")
+    (blob_len,) = struct.unpack_from("<Q", data, start - 8)
+    sections = read_blob(data[start : start + blob_len])
+    lax = rtc.VMSTATE.__class__("rtc", 1, 1, tuple(f.__class__(f.name, f.kind) for f in rtc.VMSTATE.fields))
+    w = StateWriter()
+    for sec in sections:
+        if sec.name == "rtc":
+            sec = Section("rtc", 0, 1, encode(lax, {"index": 200, "cmos": bytes(128), "offset_s": 0}))
+        w.sections.append(sec)
+    blob = w.blob()
+    bad = tmp_path / "rtc200"
+    bad.write_bytes(data[: start - 8] + struct.pack("<Q", len(blob)) + blob + data[start + blob_len :])
+    _target_fails(vmm, walker(64), bad, "rtc[0]/index: 200 is out of range (at most 127)")

@@ -107,3 +107,71 @@ def test_blob_magic_version_and_checksum():
     blob[20] ^= 0xFF
     with pytest.raises(VMStateError, match="checksum mismatch"):
         read_blob(bytes(blob))
+
+
+# --- declared ranges, checked in one place ---------------------------------------------------
+
+CHECKED = VMSD(
+    "dev",
+    1,
+    1,
+    (
+        Field("index", "u8", max=127),
+        Field("offset", "i64", min=-10, max=10),
+        Field("ier", "u8", mask=0x0F),
+        Field("mode", "str", choices=frozenset({"a", "b"})),
+        Field("fpu", "bytes", size=(0, 4)),
+        Field("queue", "bytes", max=2),
+        Field("on", "bool"),
+        Field("items", VMSD("item", 1, 1, (Field("v", "u8"),)), is_list=True, max=2),
+    ),
+)
+GOOD = {"index": 1, "offset": 0, "ier": 1, "mode": "a", "fpu": b"", "queue": b"", "on": True, "items": []}
+LAX = VMSD("dev", 1, 1, tuple(Field(f.name, f.kind, is_list=f.is_list) for f in CHECKED.fields))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"index": 200}, "dev/index: 200 is out of range (at most 127)"),
+        ({"offset": -11}, "dev/offset: -11 is out of range (at least -10)"),
+        ({"ier": 0x10}, "dev/ier: 0x10 has bits outside 0xf set"),
+        ({"mode": "c"}, "dev/mode: 'c' is not one of a, b"),
+        ({"fpu": b"abc"}, "dev/fpu: expected 0 or 4 bytes, got 3"),
+        ({"queue": bytes(3)}, "dev/queue: 3 bytes is more than the 2 allowed"),
+        ({"items": [{"v": 1}] * 3}, "dev/items: 3 items is more than the 2 allowed"),
+    ],
+)
+def test_declared_ranges_refuse_values_by_field(edit, message):
+    assert decode(CHECKED, encode(LAX, GOOD), 1) == GOOD
+    with pytest.raises(VMStateError, match=f"^{message.replace('(', '.').replace(')', '.')}$"):
+        decode(CHECKED, encode(LAX, {**GOOD, **edit}), 1)
+
+
+def test_malformed_primitives_are_vmstate_errors():
+    payload = bytearray(encode(LAX, GOOD))
+    payload[payload.index(b"a")] = 0xFF  # the mode string
+    with pytest.raises(VMStateError, match=r"^dev/mode: invalid UTF-8 at byte 0 of 1$"):
+        decode(CHECKED, bytes(payload), 1)
+    raw = bytearray(encode(LAX, GOOD))
+    raw[-9] = 2  # the bool, before the item count and the subsection count
+    with pytest.raises(VMStateError, match=r"^dev/on: 2 is not a boolean"):
+        decode(CHECKED, bytes(raw), 1)
+    huge = encode(LAX, GOOD)[:-8] + struct.pack("<I", 1 << 31) + bytes(4)
+    with pytest.raises(VMStateError, match=r"^dev/items: count 2147483648 is more than the 4 bytes left$"):
+        decode(CHECKED, huge, 1)
+
+
+def test_duplicate_sections_and_subsections_are_refused():
+    w = StateWriter()
+    w.add(SERIAL_V1, serial.SerialState(), 0)
+    w.sections.append(w.sections[0])
+    with pytest.raises(VMStateError, match=r"^serial\[0\]: section appears twice in the state$"):
+        read_blob(w.blob())
+    extra = VMSD("extra", 1, 1, (Field("v", "u8"),))
+    outer = VMSD("rtc", 1, 1, (Field("index", "u8"),), subsections=(Subsection(extra, lambda o: True),))
+    payload = encode(outer, {"index": 1, "v": 2})
+    sub = payload[1 + 4 :]  # after the field and the subsection count
+    twice = payload[:1] + struct.pack("<I", 2) + sub + sub
+    with pytest.raises(VMStateError, match=r"^rtc: subsection 'extra' appears twice$"):
+        decode(outer, twice, 1)

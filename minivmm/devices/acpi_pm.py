@@ -13,7 +13,8 @@ from minivmm.vmstate import VMSD, Field
 SLP_EN = 1 << 13
 
 
-VMSTATE = VMSD("acpi-pm", 1, 1, (Field("control", "u16"),))
+# SLP_EN reads as 0: writing it powers off rather than being stored.
+VMSTATE = VMSD("acpi-pm", 1, 1, (Field("control", "u16", mask=0xFFFF & ~SLP_EN),))
 
 
 @dataclass
@@ -36,7 +37,9 @@ class AcpiPm:
         return (self.control >> (8 * offset)) & ((1 << (8 * size)) - 1)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        value = (value << (8 * offset)) & 0xFFFF
+        """A byte write to one half leaves the other half as it was."""
+        lanes = (((1 << (8 * size)) - 1) << (8 * offset)) & 0xFFFF
+        value = self.control & ~lanes | (value << (8 * offset)) & lanes
         if value & SLP_EN:
             self.poweroff()
         self.control = value & ~SLP_EN

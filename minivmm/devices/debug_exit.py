@@ -1,4 +1,5 @@
-"""QEMU's isa-debug-exit: a write of v ends minivmm with exit status (v << 1) | 1."""
+"""QEMU's isa-debug-exit: a write of v ends minivmm with exit status (v << 1) | 1,
+of which, as for any process, only the low 8 bits reach the parent."""
 
 from __future__ import annotations
 
@@ -17,4 +18,4 @@ class DebugExit:
         return (1 << (8 * size)) - 1
 
     def write(self, offset: int, size: int, value: int) -> None:
-        self.exit((value << 1) | 1)
+        self.exit(((value << 1) | 1) & 0xFF)

@@ -2,6 +2,12 @@
 self-tests, the command byte, and the CPU reset line (0xfe to port 0x64, or
 output-port bit 0 cleared), which is how ``reboot=k`` resets the machine.
 No keyboard or mouse is attached.
+
+A real i8042 has a one-byte output buffer; replies wait here in a queue of
+at most QUEUE_SIZE bytes (QEMU's PS/2 queue is bounded too), and a reply
+that finds it full is dropped, so a guest that issues commands without
+reading cannot grow it. Ports 0x61-0x63 inside the claimed range are not the
+controller's: they read as all ones and ignore writes.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ CMD_SELF_TEST, CMD_KBD_TEST, CMD_KBD_DISABLE, CMD_KBD_ENABLE = 0xAA, 0xAB, 0xAD,
 CMD_READ_OUTPORT, CMD_WRITE_OUTPORT, CMD_PULSE_RESET = 0xD0, 0xD1, 0xFE
 CTR_KBD_DISABLED, CTR_SYS = 0x10, 0x04
 OUTPORT_RESET_DEASSERTED, OUTPORT_A20 = 0x01, 0x02
+DATA, COMMAND = 0, 4  # offsets of ports 0x60 and 0x64
+QUEUE_SIZE = 16
 
 
 @dataclass
@@ -40,8 +48,8 @@ VMSTATE = VMSD(
         Field("status", "u8"),
         Field("ctr", "u8"),
         Field("outport", "u8"),
-        Field("pending", "u8"),
-        Field("queue", "bytes"),
+        Field("pending", "u8", choices=frozenset({0, CMD_WRITE_CTR, CMD_WRITE_OUTPORT})),
+        Field("queue", "bytes", max=QUEUE_SIZE),
     ),
     pre_save=lambda s: {**as_dict(s), "queue": bytes(s.queue)},
     post_load=lambda v: I8042State(**{**v, "queue": deque(v["queue"])}),
@@ -62,21 +70,26 @@ class I8042(LockedState):
             self.s = I8042State()
 
     def _reply(self, byte: int) -> None:
-        self.s.queue.append(byte)
+        if len(self.s.queue) < QUEUE_SIZE:
+            self.s.queue.append(byte)
 
     def read(self, offset: int, size: int) -> int:
         with self.lock:
             s = self.s
-            if offset == 4:  # status
+            if offset == COMMAND:  # status
                 return s.status | (STATUS_OBF if s.queue else 0)
+            if offset != DATA:
+                return 0xFF
             return s.queue.popleft() if s.queue else 0
 
     def write(self, offset: int, size: int, value: int) -> None:
         value &= 0xFF
         do_reset = False
+        if offset not in (DATA, COMMAND):
+            return
         with self.lock:
             s = self.s
-            if offset == 4:
+            if offset == COMMAND:
                 s.status |= STATUS_CMD
                 s.pending = 0
                 if value == CMD_READ_CTR:

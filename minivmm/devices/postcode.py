@@ -2,7 +2,8 @@
 
 minivmm keeps the last value and a count, so tests and benchmarks can see how
 far a guest got; ``-d postcode`` prints each marker with the time since the
-machine started.
+machine started. A read returns the last value written, cut to the size of
+the read (``outl`` then ``inb`` gives the low byte); the count wraps at 2**64.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 
 from minivmm.vmstate import VMSD, Field
 
+COUNT_MASK = (1 << 64) - 1
 VMSTATE = VMSD("post-code", 1, 1, (Field("last", "u32"), Field("count", "u64")))
 
 
@@ -32,11 +34,11 @@ class PostCode:
         self.last, self.count = state["last"], state["count"]
 
     def read(self, offset: int, size: int) -> int:
-        return self.last
+        return self.last & ((1 << (8 * size)) - 1)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        self.last = value
-        self.count += 1
+        self.last = value & ((1 << (8 * min(size, 4))) - 1)
+        self.count = (self.count + 1) & COUNT_MASK
         if self.trace:
             ms = (time.monotonic_ns() - self.start_ns) / 1e6
             print(f"minivmm: post code {value:#04x} at {ms:.3f} ms", file=sys.stderr)

@@ -4,6 +4,12 @@ RAM, with the memory-size bytes QEMU's PC stores there.
 The clock is the host's UTC plus an offset the guest sets by writing the time
 registers. Update-in-progress is never reported and no RTC interrupt (IRQ 8)
 is raised: periodic and alarm interrupts are not emulated.
+
+A guest may write any byte to any register. Out-of-range date and time
+values (month 0, BCD nibbles above 9, hour 0x3f) are taken arithmetically,
+as QEMU's mktimegm does (month 0 is December of the year before), and the
+guest clock is kept within years 1 to 9999, so every later read has an
+answer.
 """
 
 from __future__ import annotations
@@ -23,6 +29,18 @@ REG_B_24H, REG_B_BINARY, REG_B_SET = 0x02, 0x04, 0x80
 REG_D_VALID = 0x80
 NMI_DISABLE = 0x80
 _TIME_REGS = {SECONDS, MINUTES, HOURS, WEEKDAY, DAY, MONTH, YEAR, CENTURY}
+# The guest clock's range: 0001-01-01 00:00:00 to 9999-12-31 23:59:59 UTC (what gmtime can show).
+TIME_MIN, TIME_MAX = -62135596800, 253402300799
+OFFSET_LIMIT = TIME_MAX - TIME_MIN  # |guest time - host time| never needs more
+
+
+def mktimegm(year: int, month: int, day: int, hour: int, minute: int, second: int) -> int:
+    """Seconds since the epoch for any field values, in range or not (QEMU's mktimegm)."""
+    if month < 3:
+        month += 12
+        year -= 1
+    days = day + (153 * month - 457) // 5 + 365 * year + year // 4 - year // 100 + year // 400 - 719469
+    return 86400 * days + 3600 * hour + 60 * minute + second
 
 
 def _cmos_memory(ram_below_4g: int, ram_above_4g: int) -> dict[int, int]:
@@ -57,7 +75,11 @@ VMSTATE = VMSD(
     "rtc",
     version_id=1,
     minimum_version_id=1,
-    fields=(Field("index", "u8"), Field("cmos", "bytes", size=128), Field("offset_s", "i64")),
+    fields=(
+        Field("index", "u8", max=0x7F),  # the index port masks NMI_DISABLE off
+        Field("cmos", "bytes", size=128),
+        Field("offset_s", "i64", min=-OFFSET_LIMIT, max=OFFSET_LIMIT),
+    ),
     post_load=lambda v: RtcState(v["index"], bytearray(v["cmos"]), v["offset_s"]),
 )
 
@@ -82,7 +104,7 @@ class Rtc(LockedState):
         return value if self.s.cmos[REG_B] & REG_B_BINARY else (value >> 4) * 10 + (value & 0xF)
 
     def _now(self) -> time.struct_time:
-        return time.gmtime(time.time() + self.s.offset_s)
+        return time.gmtime(min(max(int(time.time()) + self.s.offset_s, TIME_MIN), TIME_MAX))
 
     def _time_reg(self, reg: int) -> int:
         t = self._now()
@@ -131,21 +153,19 @@ class Rtc(LockedState):
                 self.s.cmos[reg] = value
 
     def _set_time(self, reg: int, value: int) -> None:
-        """Move the guest clock so that ``reg`` reads ``value``."""
-        t = list(self._now())
+        """Move the guest clock so that ``reg`` reads ``value`` (as far as the value makes sense)."""
+        t = self._now()
+        fields = [t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec]
         decoded = self._decode(value & 0x7F if reg == HOURS else value)
         if reg == HOURS and not self.s.cmos[REG_B] & REG_B_24H:
             decoded = decoded % 12 + (12 if value & 0x80 else 0)
-        field_index = {SECONDS: 5, MINUTES: 4, HOURS: 3, DAY: 2, MONTH: 1}.get(reg)
         if reg == YEAR:
-            t[0] = t[0] // 100 * 100 + decoded
+            fields[0] = fields[0] // 100 * 100 + decoded
         elif reg == CENTURY:
-            t[0] = decoded * 100 + t[0] % 100
-        elif field_index is not None:
-            t[field_index] = decoded
+            fields[0] = decoded * 100 + fields[0] % 100
+        elif reg in (MONTH, DAY, HOURS, MINUTES, SECONDS):
+            fields[{MONTH: 1, DAY: 2, HOURS: 3, MINUTES: 4, SECONDS: 5}[reg]] = decoded
         else:
             return  # the weekday follows from the date
-        import calendar  # only when a guest sets the clock
-
-        wanted = calendar.timegm(tuple(t[:6]) + (0, 0, 0))
-        self.s.offset_s = int(wanted - time.time())
+        wanted = min(max(mktimegm(*fields), TIME_MIN), TIME_MAX)
+        self.s.offset_s = wanted - int(time.time())

@@ -54,6 +54,14 @@ class SerialState:
     irq_level: int = 0
 
 
+def _check(values: dict) -> tuple[str, str] | None:
+    """The receive FIFO never holds more than the mode allows (16450 mode: one byte)."""
+    room = FIFO_SIZE if values["fcr"] & FCR_ENABLE else 1
+    if len(values["rx"]) > room:
+        return "rx", f"{len(values['rx'])} bytes waiting, more than the {room} the FIFO mode holds"
+    return None
+
+
 def _state_from(values: dict) -> SerialState:
     return SerialState(**{**values, "rx": deque(values["rx"])})
 
@@ -65,19 +73,20 @@ VMSTATE = VMSD(
     minimum_version_id=1,
     fields=(
         Field("divisor", "u16"),
-        Field("ier", "u8"),
+        Field("ier", "u8", mask=0x0F),  # what write() keeps of each value
         Field("lcr", "u8"),
-        Field("mcr", "u8"),
+        Field("mcr", "u8", mask=0x1F),
         Field("lsr", "u8"),
         Field("msr", "u8"),
         Field("scr", "u8"),
-        Field("fcr", "u8"),
+        Field("fcr", "u8", mask=0xC9),
         Field("thr_ipending", "bool"),
-        Field("rx", "bytes"),
-        Field("irq_level", "u8", since=2, default=-1),
+        Field("rx", "bytes", max=FIFO_SIZE),
+        Field("irq_level", "u8", since=2, default=-1, max=1),
     ),
     pre_save=lambda s: {**as_dict(s), "rx": bytes(s.rx)},
     post_load=_state_from,
+    check=_check,
 )
 
 

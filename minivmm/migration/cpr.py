@@ -36,17 +36,19 @@ class CprError(Exception):
     pass
 
 
-FD_ENTRY = VMSD("fd", 1, 1, (Field("name", "str"), Field("id", "str"), Field("fd", "u32")))
-TIMES = VMSD("time", 1, 1, (Field("phase", "str"), Field("at", "u64")))  # CLOCK_MONOTONIC ns
+FD_ENTRY = VMSD(
+    "fd", 1, 1, (Field("name", "str", max=64), Field("id", "str", max=4096), Field("fd", "u32", max=(1 << 31) - 1))
+)
+TIMES = VMSD("time", 1, 1, (Field("phase", "str", max=64), Field("at", "u64")))  # CLOCK_MONOTONIC ns
 CPR_STATE = VMSD(
     "cpr-state",
     1,
     1,
     (
-        Field("mode", "str"),
-        Field("fds", FD_ENTRY, is_list=True),
-        Field("times", TIMES, is_list=True),
-        Field("teardown_helper", "u32"),  # cpr-exec: the pid holding the old address space, to reap
+        Field("mode", "str", choices=frozenset({"cpr-exec", "cpr-transfer"})),
+        Field("fds", FD_ENTRY, is_list=True, max=MAX_FDS),
+        Field("times", TIMES, is_list=True, max=64),
+        Field("teardown_helper", "u32", max=(1 << 22)),  # cpr-exec: the pid holding the old address space, to reap
     ),
 )
 
@@ -153,7 +155,14 @@ def take_exec_state() -> CprState | None:
     except (ValueError, OSError) as e:
         raise CprError(f"cpr: {ENV}={text}: cannot read the CPR state: {e}") from None
     state = CprState.from_blob(data)
-    state.table.walk(lambda name, id_, fd: set_cloexec(fd, True))
+
+    def cloexec(name: str, id_: str, fd: int) -> None:
+        try:
+            set_cloexec(fd, True)
+        except OSError as e:
+            raise CprError(f"cpr: {name} '{id_}': fd {fd} from the previous image is unusable: {e.strerror}") from None
+
+    state.table.walk(cloexec)
     return state
 
 
@@ -184,6 +193,22 @@ def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
 
 
 def recv_state(sock: socket.socket) -> CprState:
+    """The state and its fds; a source that stalls for the stream timeout is given up."""
+    from .stream import StreamError, timeout
+
+    try:
+        sock.settimeout(timeout())
+    except StreamError as e:
+        raise CprError(f"cpr: {e}") from None
+    try:
+        return _recv_state(sock)
+    except TimeoutError:
+        raise CprError(f"cpr: the source stalled: nothing received for {sock.gettimeout():g} s") from None
+    finally:
+        sock.settimeout(None)
+
+
+def _recv_state(sock: socket.socket) -> CprState:
     size = int.from_bytes(_recv_exact(sock, 8, "the CPR state"), "little")
     if size > 64 << 20:
         raise CprError(f"cpr: a CPR state of {size} bytes is too large")

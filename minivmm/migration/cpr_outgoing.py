@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 
 from . import channels, stream
 from .cpr import CprError, CprState, now_ns, send_state, set_cloexec, state_memfd
@@ -162,6 +163,7 @@ class CprTransfer(CprOutgoing):
             on_main(loop, lambda: self.manager.set_status(self, "active"))
             self._wait_hangup(cpr_sock)
         out = channels.connect(self.addr, self.manager.named_fd)
+        out.settimeout(stream.timeout())  # a target that stops reading fails the migration: the guest resumes here
         return_path = self.manager.capabilities["return-path"]
         try:
             self._stop_vm()
@@ -186,9 +188,17 @@ class CprTransfer(CprOutgoing):
                 return
 
     def _wait_verdict(self, out: socket.socket) -> None:
-        out.settimeout(None)
+        """The target's answer, within the peer timeout; a cancel ends the wait (the guest resumes here)."""
+        limit = stream.timeout()
+        deadline = time.monotonic() + limit
         verdict = b""
         while not verdict.endswith(b"\n"):
+            self._check_cancel()
+            if time.monotonic() > deadline:
+                raise CprError(f"the target did not report its load within {limit:g} s (return path)")
+            ready, _, _ = select.select([out], [], [], 0.05)
+            if not ready:
+                continue
             try:
                 chunk = out.recv(4096)
             except ConnectionResetError:

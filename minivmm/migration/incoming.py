@@ -4,7 +4,11 @@ source was running (QEMU's process_incoming_migration).
 
 The endpoint is bound when the incoming migration is set up, so a bad
 address is an error at once; a stream that cannot be loaded ends the
-process with one line and a non-zero status, as QEMU's target does.
+process with one line and a non-zero status, as QEMU's target does. That
+holds for any bytes: the decoders raise only StreamError and VMStateError,
+a stalled socket times out (stream.timeout()), and anything else that
+escapes still ends in one line ("internal error: ...") rather than a
+traceback and a target left waiting.
 """
 
 from __future__ import annotations
@@ -20,6 +24,15 @@ from minivmm.vmstate import VMStateError
 from . import channels, machine_state, stream
 from .cpr import now_ns
 from .progress import VERDICT_OK, Stats, on_main
+
+LOAD_ERRORS = (stream.StreamError, VMStateError, KvmError, OSError)
+
+
+def describe_error(e: BaseException) -> str:
+    """The one line for a failed load; an exception no decoder should raise says so."""
+    if isinstance(e, LOAD_ERRORS):
+        return str(e) or e.__class__.__name__
+    return f"internal error: {e.__class__.__name__}: {e}"
 
 
 class Incoming:
@@ -46,8 +59,8 @@ class Incoming:
         try:
             loaded = self._receive(conn)
             self._complete(loaded)
-        except (stream.StreamError, VMStateError, KvmError, OSError) as e:
-            self._fail(str(e))
+        except Exception as e:  # noqa: BLE001 - every failure is one line, see describe_error
+            self._fail(describe_error(e))
         finally:
             conn.close()
 
@@ -64,8 +77,8 @@ class Incoming:
             loaded = self._receive(conn)
             on_main(loop, lambda: self._complete(loaded))
             self._verdict(conn, VERDICT_OK)
-        except (stream.StreamError, VMStateError, KvmError, OSError) as e:
-            text = str(e)
+        except Exception as e:  # noqa: BLE001 - every failure is one line, see describe_error
+            text = describe_error(e)
             self._verdict(conn, f"FAIL {text}\n".encode())
             on_main(loop, lambda: self._fail(text))
         finally:
@@ -81,47 +94,13 @@ class Incoming:
                 pass
 
     def _receive(self, conn) -> machine_state.Loaded:
-        m = self.machine
         reader = stream.Reader(conn)
-        infos, layout = reader.header()
-        blocks = self._match_blocks(infos)
-        if layout != self.manager.layout():
-            raise stream.StreamError("guest-physical RAM layout differs: the source machine was set up differently")
-        self.stats.setup_end = time.monotonic()
-        loaded = None
-        while True:
-            kind = reader.next_record()
-            if kind == stream.REC_PAGES:
-                n = reader.pages_into(blocks)
-                self.stats.normal_pages += n // stream.PAGE_SIZE
-            elif kind == stream.REC_STATE:
-                if loaded is not None:
-                    raise stream.StreamError("two device states in one migration stream")
-                loaded = machine_state.decode_all(m, reader.state())
-            elif kind == stream.REC_TIMES:
-                self.source_times = reader.times()
-            elif kind == stream.REC_END:
-                if loaded is None:
-                    raise stream.StreamError("migration stream ended without the device state")
-                self.stats.transferred = reader.bytes
-                self.received_ns = now_ns()
-                return loaded
-            else:
-                raise stream.StreamError(f"unknown record type {kind} in the migration stream")
-
-    def _match_blocks(self, infos: list[stream.BlockInfo]) -> list:
-        """The local block for each of the stream's, checked by name and size (QEMU's wording)."""
-        local = {b.name: b for b in self.machine.memory.blocks}
-        for info in infos:
-            block = local.get(info.name)
-            if block is None:
-                raise stream.StreamError(f'Unknown ramblock "{info.name}", cannot accept migration')
-            if block.size != info.size:
-                raise stream.StreamError(f"Length mismatch: {info.name}: {info.size:#x} in != {block.size:#x}")
-        missing = set(local) - {i.name for i in infos}
-        if missing:
-            raise stream.StreamError(f"RAM block '{sorted(missing)[0]}' is not in the migration stream")
-        return [local[i.name] for i in infos]
+        loaded, self.source_times = read_stream(
+            reader, self.machine.memory.blocks, self.manager.layout(), self.machine, self.stats
+        )
+        self.stats.transferred = reader.bytes
+        self.received_ns = now_ns()
+        return loaded
 
     # --- main thread -------------------------------------------------------------------
     def _complete(self, loaded: machine_state.Loaded) -> None:
@@ -166,3 +145,52 @@ class Incoming:
 
             line += holder.retry_hint(m.cpr_incoming, f"-incoming {self.addr.describe()}")
         m.request_shutdown("host-error", 1, line, force=True)
+
+
+def read_stream(
+    reader: stream.Reader, local: list, layout: list[stream.Placement], machine, stats: Stats | None = None
+) -> tuple[machine_state.Loaded, dict[str, int]]:
+    """A whole stream: RAM into ``local``'s blocks, the machine state decoded and checked
+    for ``machine`` (not applied), and the source's timestamps. Raises StreamError or
+    VMStateError for anything wrong with the bytes."""
+    infos, got_layout = reader.header()
+    blocks = match_blocks(local, infos)
+    if got_layout != layout:
+        raise stream.StreamError("guest-physical RAM layout differs: the source machine was set up differently")
+    if stats is not None:
+        stats.setup_end = time.monotonic()
+    loaded, times = None, {}
+    while True:
+        kind = reader.next_record()
+        if kind == stream.REC_PAGES:
+            n = reader.pages_into(blocks)
+            if stats is not None:
+                stats.normal_pages += n // stream.PAGE_SIZE
+        elif kind == stream.REC_STATE:
+            if loaded is not None:
+                raise stream.StreamError("two device states in one migration stream")
+            loaded = machine_state.decode_all(machine, reader.state())
+        elif kind == stream.REC_TIMES:
+            times = reader.times()
+        elif kind == stream.REC_END:
+            reader.end()
+            if loaded is None:
+                raise stream.StreamError("migration stream ended without the device state")
+            return loaded, times
+        else:
+            raise stream.StreamError(f"unknown record type {kind} in the migration stream")
+
+
+def match_blocks(local: list, infos: list[stream.BlockInfo]) -> list:
+    """The local block for each of the stream's, checked by name and size (QEMU's wording)."""
+    by_name = {b.name: b for b in local}
+    for info in infos:
+        block = by_name.get(info.name)
+        if block is None:
+            raise stream.StreamError(f'Unknown ramblock "{info.name}", cannot accept migration')
+        if block.size != info.size:
+            raise stream.StreamError(f"Length mismatch: {info.name}: {info.size:#x} in != {block.size:#x}")
+    missing = set(by_name) - {i.name for i in infos}
+    if missing:
+        raise stream.StreamError(f"RAM block '{sorted(missing)[0]}' is not in the migration stream")
+    return [by_name[i.name] for i in infos]

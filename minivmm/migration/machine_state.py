@@ -9,13 +9,33 @@ for, or one it lacks, is an error naming it (QEMU's wording).
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
+from minivmm import runstate as rs
 from minivmm.arch.x86 import vcpu_state, vm_state
 from minivmm.kvm import constants as c
+from minivmm.kvm import structs as s
+from minivmm.kvm.system import KvmError
 from minivmm.vmstate import VMSD, Field, StateWriter, VMStateError, decode, read_blob
 
-GLOBALSTATE = VMSD("globalstate", 1, 1, (Field("runstate", "str"),))
+
+def _resumable() -> frozenset[str]:
+    """The run states a target takes from inmigrate (running: by starting), as a source at
+    ``migrate`` can be in; finish-migrate and colo are steps of a migration, never its result."""
+    names = {v for k, v in vars(rs).items() if k.isupper() and isinstance(v, str)}
+    out = {rs.RUNNING}
+    for name in names - {rs.INMIGRATE, rs.FINISH_MIGRATE, rs.COLO}:
+        try:
+            rs.check_transition(rs.INMIGRATE, name)
+            out.add(name)
+        except rs.RunStateError:
+            pass
+    return frozenset(out)
+
+
+RESUMABLE = _resumable()
+GLOBALSTATE = VMSD("globalstate", 1, 1, (Field("runstate", "str", max=64, choices=RESUMABLE),))
 
 
 @dataclass
@@ -75,11 +95,12 @@ def decode_all(machine, blob: bytes) -> Loaded:
         if sec is None:
             raise VMStateError(f"{key[0]}[{key[1]}]: missing from the stream: the saved machine was set up differently")
         values[key] = decode(vmsd, sec.payload, sec.version, sec.path)
-    xsave = machine.state_caps.xsave_size
     for t in machine.vcpus:
-        got = values[("vcpu", t.index)].xsave
-        if xsave and (got is None or len(bytes(got)) != xsave):
-            raise VMStateError(f"vcpu[{t.index}]/xsave: expected {xsave} bytes, got {len(bytes(got)) if got else 0}")
+        _check_vcpu(machine.state_caps, values[("vcpu", t.index)], f"vcpu[{t.index}]")
+    for i in range(3):
+        chip_id = s.kvm_irqchip.from_buffer_copy(values[("kvm-irqchip", i)]["chip"]).chip_id
+        if chip_id != i:
+            raise VMStateError(f"kvm-irqchip[{i}]/chip: holds chip {chip_id}, not {i}")
     return Loaded(
         runstate=values[("globalstate", 0)]["runstate"],
         vcpus=[values[("vcpu", t.index)] for t in machine.vcpus],
@@ -92,11 +113,34 @@ def decode_all(machine, blob: bytes) -> Loaded:
     )
 
 
+def _check_vcpu(caps: vcpu_state.StateCaps, st: vcpu_state.VcpuState, path: str) -> None:
+    """What this host's vCPUs take: its XSAVE size (or FPU), XCRs if it has them, its MSRs."""
+    if caps.xsave_size:
+        got = ctypes.sizeof(st.xsave) if st.xsave is not None else 0
+        if got != caps.xsave_size:
+            raise VMStateError(f"{path}/xsave: expected {caps.xsave_size} bytes, got {got}")
+    elif st.xsave is not None:
+        raise VMStateError(f"{path}/xsave: this host saves FPU state, not XSAVE")
+    if caps.xcrs != (st.xcrs is not None):
+        want, got = (ctypes.sizeof(s.kvm_xcrs), 0) if caps.xcrs else (0, ctypes.sizeof(s.kvm_xcrs))
+        raise VMStateError(f"{path}/xcrs: expected {want} bytes, got {got}")
+    known = set(caps.msr_indices)
+    for index in st.msrs:
+        if index not in known:
+            raise VMStateError(f"{path}/msrs: MSR {index:#x} is not one this host saves")
+
+
 def apply(machine, loaded: Loaded) -> None:
-    """Put decoded state into a machine whose vCPUs are paused."""
+    """Put decoded state into a machine whose vCPUs are paused; KVM refusing a piece names it."""
     for t, state in zip(machine.vcpus, loaded.vcpus):
-        vcpu_state.restore(t.vcpu, state)
-    vm_state.restore(machine.vm, loaded.vm, machine.kvm.check_extension(c.KVM_CAP_ADJUST_CLOCK))
+        try:
+            vcpu_state.restore(t.vcpu, state)
+        except KvmError as e:
+            raise VMStateError(f"vcpu[{t.index}]: KVM refused the state: {e}") from None
+    try:
+        vm_state.restore(machine.vm, loaded.vm, machine.kvm.check_extension(c.KVM_CAP_ADJUST_CLOCK))
+    except KvmError as e:
+        raise VMStateError(f"kvm-pit, kvmclock or kvm-irqchip: KVM refused the state: {e}") from None
     for device, state in loaded.devices:
         device.load_state(state)
 

@@ -116,7 +116,7 @@ class Outgoing:
             if skip_zero and is_zero(block, at, n):
                 self.stats.zero_pages += pages
                 continue
-            writer.pages(index, at, memoryview(block.mem)[at : at + n])
+            writer.pages(index, at, memoryview(block.mem)[at : at + n], live=not self.stopped_vm)
             self.stats.normal_pages += pages
             self.stats.transferred = writer.bytes
             if throttle:

@@ -3,28 +3,62 @@ the machine state blob (vmstate.py, with its own checksum), and an end mark.
 
 RAM goes from the source's mmap straight into the socket or file and, on the
 other side, from the socket straight into the target's mmap: no copies in
-Python. Every record is bounds-checked against the receiving block.
+Python (but for pages sent while the guest runs, which are copied so that
+their checksum matches what is sent). Every record is bounds-checked against the receiving block.
+
+Version 2 (this one writes it; version 1 still loads) adds integrity: a
+CRC-32 of the header, of each page record's header (checked before a byte is
+written, so a flipped offset is refused rather than written to the wrong
+place) and of its data, of the timestamps, and an end mark that counts the
+page records and bytes, so a record lost on the way is noticed too.
+
+A reader on a socket gives up when nothing arrives for ``timeout()``
+seconds (MINIVMM_STREAM_TIMEOUT, default 30): a stalled source never keeps
+the target waiting forever.
 """
 
 from __future__ import annotations
 
+import os
 import struct
+import zlib
 from dataclasses import dataclass
 
 from minivmm.memory import RamBlock
 
 MAGIC = b"MVMM"
-VERSION = 1
+VERSION = 2
+OLDEST_VERSION = 1
 REC_PAGES, REC_STATE, REC_END, REC_TIMES = 1, 2, 3, 4
 PAGE_SIZE = 4096
+MAX_HEADER = 1 << 20
+MAX_STATE = 64 << 20
+TIMEOUT_ENV = "MINIVMM_STREAM_TIMEOUT"
+DEFAULT_TIMEOUT = 30.0
 
 _HEAD = struct.Struct("<4sI")
-_PAGES = struct.Struct("<BHQQ")  # type, block index, offset, length
+_PAGES_V1 = struct.Struct("<BHQQ")  # type, block index, offset, length
+_PAGES = struct.Struct("<BHQQII")  # ... then CRC-32 of the data, CRC-32 of the 23 bytes before
 _STATE = struct.Struct("<BQ")  # type, length
+_END = struct.Struct("<BQQI")  # type, page records, page bytes, CRC-32 of the 17 bytes before
 
 
 class StreamError(ValueError):
     pass
+
+
+def timeout() -> float:
+    """Seconds of silence after which a socket stream is given up (MINIVMM_STREAM_TIMEOUT)."""
+    text = os.environ.get(TIMEOUT_ENV)
+    if text is None:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e6:
+        raise StreamError(f"{TIMEOUT_ENV}={text}: expected a number of seconds above 0")
+    return value
 
 
 @dataclass(frozen=True)
@@ -49,6 +83,8 @@ class Writer:
         self.out = out  # a socket (sendall) or an unbuffered file (write)
         self._send = out.sendall if hasattr(out, "sendall") else self._write_all
         self.bytes = 0
+        self.page_records = 0
+        self.page_bytes = 0
 
     def _write_all(self, data) -> None:
         view = memoryview(data)
@@ -68,33 +104,57 @@ class Writer:
         body += struct.pack("<I", len(layout))
         for p in layout:
             body += struct.pack("<QQIQ", p.gpa, p.size, p.block, p.offset)
-        self._put(_HEAD.pack(MAGIC, VERSION) + struct.pack("<I", len(body)) + body)
+        head = _HEAD.pack(MAGIC, VERSION) + struct.pack("<I", len(body))
+        self._put(head + body + struct.pack("<I", zlib.crc32(body)))
 
-    def pages(self, block_index: int, offset: int, data: memoryview) -> None:
-        self._put(_PAGES.pack(REC_PAGES, block_index, offset, len(data)))
+    def pages(self, block_index: int, offset: int, data: memoryview, live: bool = False) -> None:
+        """``live``: the guest runs and may change the pages as they go, so a copy is checked
+        and sent (the dirty log sends them again); a stopped guest's go straight from RAM."""
+        if live:
+            data = bytes(data)
+        head = _PAGES.pack(REC_PAGES, block_index, offset, len(data), zlib.crc32(data), 0)[:-4]
+        self._put(head + struct.pack("<I", zlib.crc32(head)))
         self._put(data)
+        self.page_records += 1
+        self.page_bytes += len(data)
 
     def state(self, blob: bytes) -> None:
         self._put(_STATE.pack(REC_STATE, len(blob)) + blob)
 
     def times(self, times: dict[str, int]) -> None:
         """The source's CLOCK_MONOTONIC timestamps (ns), for the target's phase timeline."""
-        body = b"".join(struct.pack("<B", len(k)) + k.encode() + struct.pack("<Q", v) for k, v in times.items())
-        self._put(struct.pack("<BH", REC_TIMES, len(times)) + body)
+        body = struct.pack("<H", len(times)) + b"".join(
+            struct.pack("<B", len(k)) + k.encode() + struct.pack("<Q", v) for k, v in times.items()
+        )
+        self._put(bytes([REC_TIMES]) + body + struct.pack("<I", zlib.crc32(body)))
 
     def end(self) -> None:
-        self._put(bytes([REC_END]))
+        head = _END.pack(REC_END, self.page_records, self.page_bytes, 0)[:-4]
+        self._put(head + struct.pack("<I", zlib.crc32(head)))
 
 
 class Reader:
-    def __init__(self, src) -> None:
+    def __init__(self, src, timeout_s: float | None = None) -> None:
         self.src = src
         self._recv_into = src.recv_into if hasattr(src, "recv_into") else src.readinto
         self.bytes = 0
+        self.version = VERSION
+        self.infos: list[BlockInfo] = []
+        self.page_records = 0
+        self.page_bytes = 0
+        self.timeout = None
+        if hasattr(src, "settimeout"):  # a socket; a file cannot stall
+            self.timeout = timeout() if timeout_s is None else timeout_s
+            src.settimeout(self.timeout)
 
     def _fill(self, view: memoryview, what: str) -> None:
         while view:
-            n = self._recv_into(view)
+            try:
+                n = self._recv_into(view)
+            except TimeoutError:
+                raise StreamError(
+                    f"migration stream stalled: nothing received for {self.timeout:g} s while reading {what}"
+                ) from None
             if not n:
                 raise StreamError(f"truncated migration stream: {len(view)} more bytes expected in {what}")
             view = view[n:]
@@ -105,29 +165,26 @@ class Reader:
         self._fill(memoryview(buf), what)
         return bytes(buf)
 
+    def _crc(self, data, what: str) -> None:
+        (want,) = struct.unpack("<I", self._take(4, what))
+        if zlib.crc32(data) != want:
+            raise StreamError(f"{what}: checksum mismatch: the migration stream is corrupt")
+
     def header(self) -> tuple[list[BlockInfo], list[Placement]]:
         magic, version = _HEAD.unpack(self._take(_HEAD.size, "the header"))
         if magic != MAGIC:
             raise StreamError(f"Not a migration stream (bad magic {int.from_bytes(magic, 'big'):x})")
-        if version != VERSION:
+        if not OLDEST_VERSION <= version <= VERSION:
             raise StreamError(f"Unsupported migration stream version {version}")
+        self.version = version
         (length,) = struct.unpack("<I", self._take(4, "the header"))
-        if length > 1 << 20:
+        if length > MAX_HEADER:
             raise StreamError(f"migration stream header of {length} bytes is too large")
         body = self._take(length, "the header")
-        (count,) = struct.unpack_from("<I", body)
-        pos, blocks = 4, []
-        try:
-            for _ in range(count):
-                (n,) = struct.unpack_from("<H", body, pos)
-                name = body[pos + 2 : pos + 2 + n].decode()
-                size, sent = struct.unpack_from("<QB", body, pos + 2 + n)
-                pos += 2 + n + 9
-                blocks.append(BlockInfo(name, size, bool(sent)))
-            (count,) = struct.unpack_from("<I", body, pos)
-            layout = [Placement(*struct.unpack_from("<QQIQ", body, pos + 4 + 28 * i)) for i in range(count)]
-        except (struct.error, UnicodeDecodeError):
-            raise StreamError("corrupt RAM block list in the migration stream header") from None
+        if version >= 2:
+            self._crc(body, "the migration stream header")
+        blocks, layout = _parse_header(body)
+        self.infos = blocks
         return blocks, layout
 
     def next_record(self) -> int:
@@ -135,26 +192,98 @@ class Reader:
 
     def pages_into(self, blocks: list[RamBlock]) -> int:
         """A REC_PAGES record (its type byte already read), straight into guest RAM."""
-        _, index, offset, length = _PAGES.unpack(bytes([REC_PAGES]) + self._take(_PAGES.size - 1, "a page record"))
+        fmt = _PAGES if self.version >= 2 else _PAGES_V1
+        head = bytes([REC_PAGES]) + self._take(fmt.size - 1, "a page record")
+        if self.version >= 2:
+            _, index, offset, length, data_crc, head_crc = fmt.unpack(head)
+            if zlib.crc32(head[:-4]) != head_crc:
+                raise StreamError("RAM page record header: checksum mismatch: the migration stream is corrupt")
+        else:
+            _, index, offset, length = fmt.unpack(head)
         if index >= len(blocks):
             raise StreamError(f"RAM page record for unknown block {index}")
         block = blocks[index]
-        if offset % PAGE_SIZE or offset + length > block.size:
+        if index < len(self.infos) and not self.infos[index].sent:
+            raise StreamError(f"RAM page record for '{block.name}', which the header says is not sent")
+        if offset % PAGE_SIZE or length % PAGE_SIZE or not length or offset + length > block.size:
             raise StreamError(f"RAM page record {offset:#x}+{length:#x} is outside '{block.name}' ({block.size:#x})")
-        self._fill(memoryview(block.mem)[offset : offset + length], f"'{block.name}' at {offset:#x}")
+        where = memoryview(block.mem)[offset : offset + length]
+        self._fill(where, f"'{block.name}' at {offset:#x}")
+        if self.version >= 2 and zlib.crc32(where) != data_crc:
+            raise StreamError(f"RAM page record '{block.name}' at {offset:#x}: checksum mismatch: the data is corrupt")
+        self.page_records += 1
+        self.page_bytes += length
         return length
 
     def times(self) -> dict[str, int]:
         (count,) = struct.unpack("<H", self._take(2, "the timestamps"))
+        body = bytearray(struct.pack("<H", count))
         out = {}
         for _ in range(count):
-            n = self._take(1, "the timestamps")[0]
-            name = self._take(n, "the timestamps").decode(errors="replace")
-            out[name] = struct.unpack("<Q", self._take(8, "the timestamps"))[0]
+            n = self._take(1, "the timestamps")
+            name = self._take(n[0], "the timestamps")
+            at = self._take(8, "the timestamps")
+            body += n + name + at
+            out[name.decode(errors="replace")] = struct.unpack("<Q", at)[0]
+        if self.version >= 2:
+            self._crc(body, "the timestamps")
         return out
 
     def state(self) -> bytes:
         (length,) = struct.unpack("<Q", self._take(8, "the device state"))
-        if length > 64 << 20:
+        if length > MAX_STATE:
             raise StreamError(f"device state of {length} bytes is too large")
         return self._take(length, "the device state")
+
+    def end(self) -> None:
+        """The end mark (its type byte already read): version 2 counts what was sent."""
+        if self.version < 2:
+            return
+        head = bytes([REC_END]) + self._take(_END.size - 1, "the end mark")
+        _, records, nbytes, crc = _END.unpack(head)
+        if zlib.crc32(head[:-4]) != crc:
+            raise StreamError("the end mark: checksum mismatch: the migration stream is corrupt")
+        if (records, nbytes) != (self.page_records, self.page_bytes):
+            raise StreamError(
+                f"the source sent {records} RAM page records ({nbytes:#x} bytes) but "
+                f"{self.page_records} ({self.page_bytes:#x} bytes) arrived"
+            )
+
+
+def _parse_header(body: bytes) -> tuple[list[BlockInfo], list[Placement]]:
+    """The block list and the layout; every malformation is a StreamError naming the entry."""
+    where = "migration stream header"
+    pos, blocks, names = 0, [], set()
+    try:
+        (count,) = struct.unpack_from("<I", body, pos)
+        pos += 4
+        if count > len(body) // 11:  # each entry takes at least 11 bytes
+            raise StreamError(f"{where}: {count} RAM blocks cannot fit in {len(body)} bytes")
+        for i in range(count):
+            (n,) = struct.unpack_from("<H", body, pos)
+            raw = body[pos + 2 : pos + 2 + n]
+            if len(raw) != n:
+                raise struct.error("short name")
+            try:
+                name = raw.decode()
+            except UnicodeDecodeError:
+                raise StreamError(f"{where}: block[{i}] name: invalid UTF-8") from None
+            size, sent = struct.unpack_from("<QB", body, pos + 2 + n)
+            pos += 2 + n + 9
+            if name in names:
+                raise StreamError(f"{where}: block '{name}' is listed twice")
+            if sent > 1:
+                raise StreamError(f"{where}: block '{name}' sent flag {sent} is not 0 or 1")
+            names.add(name)
+            blocks.append(BlockInfo(name, size, bool(sent)))
+        (count,) = struct.unpack_from("<I", body, pos)
+        pos += 4
+        if count > (len(body) - pos) // 28:
+            raise StreamError(f"{where}: {count} layout entries cannot fit in {len(body) - pos} bytes")
+        layout = [Placement(*struct.unpack_from("<QQIQ", body, pos + 28 * i)) for i in range(count)]
+        pos += 28 * count
+    except struct.error:
+        raise StreamError(f"{where}: truncated RAM block list or layout") from None
+    if pos != len(body):
+        raise StreamError(f"{where}: {len(body) - pos} bytes after the layout")
+    return blocks, layout

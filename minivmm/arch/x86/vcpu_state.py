@@ -89,6 +89,20 @@ def readable_msrs(vcpu: Vcpu, indices: list[int]) -> tuple[int, ...]:
 # --- the saved form -----------------------------------------------------------------
 
 MSR_VMSD = VMSD("msr", 1, 1, (Field("index", "u32"), Field("value", "u64")))
+MAX_IO_MSRS = 255  # KVM_SET_MSRS takes fewer than 256 at once (E2BIG)
+XSAVE_MAX = 64 << 10  # KVM_GET_XSAVE2 sizes are a few KiB (11 KiB with AMX)
+# MP states an x86 vCPU can be in (KVM_SET_MP_STATE refuses the others).
+MP_STATES = frozenset({0, 1, 2, 3, 4, 9, 10})
+
+
+def _check(v: dict) -> tuple[str, str] | None:
+    """XSAVE or FPU, not neither: restore() sets one of them."""
+    n = len(v["xsave"])
+    if n and not s.KVM_XSAVE_LEGACY_SIZE <= n <= XSAVE_MAX:
+        return "xsave", f"expected 0 or {s.KVM_XSAVE_LEGACY_SIZE} to {XSAVE_MAX} bytes, got {n}"
+    if not n and not v["fpu"]:
+        return "fpu", "neither XSAVE nor FPU state: one is needed"
+    return None
 
 
 def _pre_save(st: VcpuState) -> dict:
@@ -129,18 +143,19 @@ VMSTATE = VMSD(
     version_id=1,
     minimum_version_id=1,
     fields=(
-        Field("mp_state", "u32"),
+        Field("mp_state", "u32", choices=MP_STATES),
         Field("regs", "bytes", size=ctypes.sizeof(s.kvm_regs)),
         Field("sregs", "bytes", size=ctypes.sizeof(s.kvm_sregs)),
-        Field("fpu", "bytes"),
-        Field("xsave", "bytes"),
-        Field("xcrs", "bytes"),
+        Field("fpu", "bytes", size=(0, ctypes.sizeof(s.kvm_fpu))),  # empty when XSAVE is saved
+        Field("xsave", "bytes", max=XSAVE_MAX),
+        Field("xcrs", "bytes", size=(0, ctypes.sizeof(s.kvm_xcrs))),
         Field("debugregs", "bytes", size=ctypes.sizeof(s.kvm_debugregs)),
         Field("lapic", "bytes", size=ctypes.sizeof(s.kvm_lapic_state)),
-        Field("msrs", MSR_VMSD, is_list=True),
+        Field("msrs", MSR_VMSD, is_list=True, max=MAX_IO_MSRS),
         Field("events", "bytes", size=ctypes.sizeof(s.kvm_vcpu_events)),
         Field("tsc_khz", "u32"),
     ),
     pre_save=_pre_save,
     post_load=_post_load,
+    check=_check,
 )
