@@ -11,27 +11,20 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import sys
 import termios
 import threading
 import tty
 from collections.abc import Callable
 from typing import Protocol
 
+from .cpr.fdtable import FdTable
+from .log import message
 from .mainloop import MainLoop
 from .sockets import check_listening_fd, unix_listen
 
 
 class ChardevError(ValueError):
     pass
-
-
-# (table name, id, opener) -> (fd, reused): the machine's CPR fd table, or a fresh open.
-Preserve = Callable[[str, str, Callable[[], int]], tuple[int, bool]]
-
-
-def fresh(name: str, id_: str, opener: Callable[[], int]) -> tuple[int, bool]:
-    return opener(), False
 
 
 class Frontend(Protocol):
@@ -108,12 +101,12 @@ class Chardev:
 class FileChardev(Chardev):
     kind = "file"
 
-    def __init__(self, chardev_id: str, path: str, append: bool = False, preserve: Preserve = fresh) -> None:
+    def __init__(self, chardev_id: str, path: str, fds: FdTable, append: bool = False) -> None:
         super().__init__(chardev_id)
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
         try:
-            # A preserved fd keeps its offset: output goes on where the old process stopped.
-            self.fd, _ = preserve("chardev", chardev_id, lambda: os.open(path, flags, 0o644))
+            # An inherited fd of the same file keeps its offset: output goes on where the old process stopped.
+            self.fd, _ = fds.open("chardev", chardev_id, lambda: os.open(path, flags, 0o644), _same_file(path))
         except OSError as e:
             raise ChardevError(f"Could not open '{path}': {e.strerror}") from None
 
@@ -186,17 +179,17 @@ class SocketChardev(Chardev):
         chardev_id: str,
         path: str | None,
         wait: bool,
-        on_message: Callable[[str], None],
-        preserve: Preserve = fresh,
+        fds: FdTable,
         fd: int | None = None,
     ) -> None:
         super().__init__(chardev_id)
         self.path = path
         try:
-            listen_fd, reused = preserve(
+            listen_fd, reused = fds.open(
                 "chardev-socket",
                 chardev_id,
                 lambda: check_listening_fd(fd) if fd is not None else unix_listen(path).detach(),
+                None if fd is not None else _same_socket(path),  # fd=N: found by id, whatever it is
             )
         except OSError as e:
             raise ChardevError(
@@ -206,7 +199,7 @@ class SocketChardev(Chardev):
         self.client: socket.socket | None = None
         self.lock = threading.Lock()
         if wait and not reused:
-            on_message(f"waiting for connection on: disconnected:unix:{path},server=on")
+            message(f"waiting for connection on: disconnected:unix:{path},server=on")
             conn, _ = self.listener.accept()
             self._set_client(conn)
 
@@ -271,5 +264,27 @@ class SocketChardev(Chardev):
                 pass
 
 
-def message(text: str) -> None:
-    print(f"minivmm: {text}", file=sys.stderr, flush=True)
+def _same_file(path: str) -> Callable[[int], bool]:
+    """Whether an inherited fd is the file ``path`` names (else the new command line wants another)."""
+
+    def matches(fd: int) -> bool:
+        try:
+            a, b = os.fstat(fd), os.stat(path)
+        except OSError:
+            return False
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+    return matches
+
+
+def _same_socket(path: str | None) -> Callable[[int], bool]:
+    """Whether an inherited listening socket is bound to ``path``."""
+
+    def matches(fd: int) -> bool:
+        try:
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                return sock.getsockname() == path
+        except OSError:
+            return False
+
+    return matches

@@ -10,13 +10,12 @@ exit with status 1.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import __version__, guests
+from . import __version__
 from .arch.x86.cpuid import CpuModel, CpuModelError
 from .arch.x86.layout import PAGE_SIZE, KiB
 from .config import MIN_RAM, ChardevConfig, DeviceConfig, MachineConfig, MemoryBackendConfig, MonitorConfig
@@ -132,9 +131,6 @@ def _opt_cpu(p: _Parsed, opt: str, value: str) -> None:
         p.config.cpu = CpuModel.parse(value)
     except CpuModelError as e:
         raise OptionError(str(e)) from None
-
-
-_MACHINE_TYPES = ("pc", "pc-i440fx", "microvm", "none")
 
 
 def _opt_machine(p: _Parsed, opt: str, value: str) -> None:
@@ -317,9 +313,6 @@ def _opt_mon(p: _Parsed, opt: str, value: str) -> None:
 def _opt_incoming(p: _Parsed, opt: str, value: str) -> None:
     from .migration.channels import ChannelError, parse_channel_text
 
-    if value == "defer":
-        p.config.incoming.append("defer")
-        return
     try:
         channel = parse_channel_text(value)
     except ChannelError as e:
@@ -482,10 +475,12 @@ def parse(argv: list[str]) -> _Parsed:
     for cc in cfg.serials:
         if cc.backend == "socket" and cc.path is None and cc.fd is None:
             raise CliError(f"{cc.option}: serial ports take unix sockets only")
-    mains = [c for c in cfg.incoming if c == "defer" or c.channel_type == "main"]
-    if len(mains) > 1:
-        raise CliError("-incoming: more than one main migration channel")
-    from .migration.channels import ChannelError, check_listen
+    from .migration.channels import ChannelError, check_listen, main_of
+
+    try:
+        main_of(cfg.incoming)
+    except ChannelError as e:
+        raise CliError(f"-incoming: {e}") from None
 
     for channel, option in p.incoming:
         try:
@@ -506,158 +501,26 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo
 
         return demo(argv[1:])
-    from .migration.cpr import CprError, take_exec_state
+    from .cpr.incoming import CprError, take_exec_state
 
     try:
-        cpr_state = take_exec_state()  # before anything else: the fds of the previous image
+        state = take_exec_state()  # before anything else: the fds of the previous image
     except CprError as e:
         print(f"minivmm: {e}", file=sys.stderr)
         return 1
+    from . import process
+
     try:
-        return _run(argv, cpr_state, start_ns)
+        try:
+            p = parse(argv)
+        except CliError as e:
+            return process.fail(str(e), state)
+        if p.show == "help":
+            print(USAGE, end="")
+            return 0
+        if p.show == "version":
+            print(f"minivmm version {__version__}")
+            return 0
+        return process.run(p, argv, start_ns, state)
     except Exception as e:  # the last barrier: one line, and an exec'd image's guest RAM kept for a retry
-        return _fail(f"internal error: {type(e).__name__}: {e}", cpr_state)
-
-
-def _run(argv: list[str], cpr_state, start_ns: int) -> int:
-    from .migration.cpr import CprError
-
-    try:
-        p = parse(argv)
-    except CliError as e:
-        return _fail(str(e), cpr_state)
-    if p.show == "help":
-        print(USAGE, end="")
-        return 0
-    if p.show == "version":
-        print(f"minivmm version {__version__}")
-        return 0
-    cfg = p.config
-    if cpr_state is not None and not cfg.incoming:  # booting afresh would overwrite the guest's RAM
-        return _fail("cpr-exec: the new command line needs -incoming (defer, or the state file)", cpr_state)
-    builtin = cfg.kernel is None and cfg.bios is None
-    if builtin:
-        cfg.kernel = guests.path(guests.DEFAULT)
-    cpr_conn = None
-    cpr_channels = [(c, o) for c, o in p.incoming if c.channel_type == "cpr"]
-    if cpr_channels:
-        channel, option = cpr_channels[0]
-        if cpr_state is not None:
-            return _fail(f"{option}: this image was exec'd with CPR state already", cpr_state)
-        try:
-            cpr_conn, cpr_state = _receive_cpr(channel)
-        except (CprError, OSError) as e:
-            print(f"minivmm: {option}: {e}", file=sys.stderr)
-            return 1
-    from .kvm.system import KvmError
-    from .machine import Machine, MachineError
-    from .monitor import MonitorError, open_monitors
-
-    try:
-        machine = Machine(cfg, cpr=cpr_state)
-    except (MachineError, KvmError) as e:
-        return _fail(str(e), cpr_state)
-    machine.start_ns = start_ns
-    machine.cpr_channel = cpr_conn  # hung up once the main channel listens (now, or at migrate-incoming)
-    try:
-        monitors = open_monitors(machine)  # bound (or taken over), not yet serving
-    except (MonitorError, MachineError) as e:
-        machine.close()
-        return _fail(str(e), cpr_state)
-    early = cpr_state is not None  # a cpr-exec's guest resumes first; the monitors serve after
-    if early:
-        try:
-            machine.start()
-            _start_incoming(machine, p, "file")
-        except OSError as e:
-            machine.close()
-            return _fail(str(e), cpr_state)
-    if cpr_state is not None:
-        machine.release_unclaimed_fds()
-        _reap_teardown_helper(cpr_state)
-    if builtin:
-        print(f"minivmm: no -kernel given: booting the built-in guest {guests.DEFAULT}", file=sys.stderr)
-    try:
-        if p.pidfile:
-            _write_pidfile(p.pidfile)
-        for monitor in monitors:
-            monitor.start()  # wait=on: until a client is here
-        if not early:
-            _start_incoming(machine, p, "file")
-        _start_incoming(machine, p, "socket")
-        return machine.run()
-    except OSError as e:
-        print(f"minivmm: {e}", file=sys.stderr)
-        return 1
-    finally:
-        for monitor in monitors:
-            monitor.close()
-        machine.close()
-        if p.pidfile:
-            try:
-                os.unlink(p.pidfile)
-            except OSError:
-                pass
-
-
-def _reap_teardown_helper(cpr_state) -> None:
-    """The previous image's address space is freed by a helper (cpr_outgoing.defer_teardown): reap it."""
-    pid = cpr_state.teardown_helper
-    if pid:
-        import threading
-
-        threading.Thread(target=lambda: os.waitpid(pid, 0), name="reap-teardown", daemon=True).start()
-
-
-def _fail(text: str, cpr_state) -> int:
-    """One line and status 1; an exec'd image first hands the guest's RAM to a holder."""
-    line = f"minivmm: {text}"
-    if cpr_state is not None and cpr_state.mode == "cpr-exec":
-        from .migration import holder
-
-        line += holder.retry_hint(cpr_state, "-incoming <the state file>")
-    print(line, file=sys.stderr)
-    return 1
-
-
-def _receive_cpr(channel):
-    """cpr-transfer: accept the source on the cpr channel and take its fds, before building anything."""
-    import socket
-
-    from .migration.cpr import CprError, recv_state
-    from .sockets import unix_listen
-
-    addr = channel.addr
-    if addr.transport != "socket" or addr.type not in ("unix", "fd"):
-        raise CprError("bad cpr channel address; must be unix")
-    listener = unix_listen(addr.path, backlog=1) if addr.type == "unix" else socket.socket(fileno=int(addr.fd_name))
-    try:
-        conn, _ = listener.accept()
-    finally:
-        listener.close()
-        if addr.type == "unix":
-            os.unlink(addr.path)
-    try:
-        return conn, recv_state(conn)
-    except BaseException:
-        conn.close()
-        raise
-
-
-def _start_incoming(machine, p: _Parsed, transport: str) -> None:
-    from .migration.channels import ChannelError
-
-    for channel, option in p.incoming:
-        if channel.channel_type == "main" and channel.addr.transport == transport:
-            try:
-                machine.migration.start_incoming(channel)
-            except ChannelError as e:
-                raise OSError(f"{option}: {e}") from None
-
-
-def _write_pidfile(path: str) -> None:
-    try:
-        with open(path, "w") as f:
-            f.write(f"{os.getpid()}\n")
-    except OSError as e:
-        raise OSError(f"-pidfile {path}: cannot create pid file: {e.strerror}") from None
+        return process.fail(f"internal error: {type(e).__name__}: {e}", state)

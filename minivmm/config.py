@@ -85,6 +85,6 @@ class MachineConfig:
     panic_action: str = "shutdown"  # -action panic=pause|shutdown|exit-failure|none
     monitors: list[MonitorConfig] = field(default_factory=list)
     start_paused: bool = False
-    incoming: list = field(default_factory=list)  # -incoming channels (migration.channels.Channel), or "defer"
+    incoming: list = field(default_factory=list)  # -incoming channels (migration.channels.Channel; DEFER)
     name: str | None = None
     trace: set[str] = field(default_factory=set)

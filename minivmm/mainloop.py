@@ -82,6 +82,24 @@ class MainLoop:
         except BlockingIOError:
             pass  # the pipe is full of wake-ups already
 
+    def call_and_wait(self, fn: Callable[[], object]) -> object:
+        """Run ``fn`` on the main loop and wait for its result (from another thread); its exception is raised here."""
+        done, box = threading.Event(), {}
+
+        def call() -> None:
+            try:
+                box["result"] = fn()
+            except BaseException as e:  # handed back to the waiting thread
+                box["error"] = e
+            finally:
+                done.set()
+
+        self.call_soon_threadsafe(call)
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
     def call_later(self, delay: float, fn: Callable, *args: object) -> None:
         self._timer_seq += 1
         heapq.heappush(self._timers, (time.monotonic() + delay, self._timer_seq, fn, args))

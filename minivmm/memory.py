@@ -126,6 +126,14 @@ class Mapping:
         return self.gpa + self.size
 
 
+@dataclass
+class Slot:
+    """A KVM memory slot and the mapping it was made from."""
+
+    slot: int
+    mapping: Mapping
+
+
 class GuestMemory:
     """The guest-physical memory map and bounds-checked access to it.
 

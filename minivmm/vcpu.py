@@ -1,10 +1,16 @@
-"""vCPU threads: the KVM_RUN loop and the pause/resume handshake.
+"""vCPU threads: the KVM_RUN loop and a small state machine around it.
 
-Each vCPU runs in its own thread. Another thread pauses it by setting
-``kvm_run.immediate_exit`` and sending SIG_KICK to the thread: if the vCPU is
-inside KVM_RUN the signal makes it return EINTR, and if it is not, the next
-KVM_RUN returns EINTR at once (after completing any pending I/O, so the
-state KVM reports is consistent). On EINTR the thread parks until resumed.
+Each vCPU runs in its own thread, in one of the states of ``VcpuRunState``.
+Other threads never touch a running vCPU: they ask for a state
+(``request``) and the vCPU thread gets there itself. To pause it, the
+requester sets ``kvm_run.immediate_exit`` and sends SIG_KICK to the thread:
+if the vCPU is inside KVM_RUN the signal makes it return EINTR, and if it is
+not, the next KVM_RUN returns EINTR at once (after completing any pending
+I/O, so the state KVM reports is consistent). On EINTR the thread parks.
+
+When the guest cannot go on (a triple fault, an emulation failure, a system
+event) the thread parks too and reports a typed ``VcpuExit``; what happens
+next is the run-state controller's decision.
 
 The exit loop is the hot path: exits are decoded with precompiled structs
 from the mmap'd kvm_run rather than through ctypes attributes, and devices
@@ -13,6 +19,7 @@ are found through the bus's per-address cache.
 
 from __future__ import annotations
 
+import enum
 import errno
 import signal
 import struct
@@ -39,11 +46,37 @@ def install_kick_handler() -> None:
     signal.signal(SIG_KICK, lambda signum, frame: None)
 
 
+class VcpuRunState(enum.Enum):
+    CREATED = "created"  # the thread has not started
+    PAUSED = "paused"  # parked, out of KVM_RUN: its state may be read and written
+    RUNNING = "running"  # in the KVM_RUN loop
+    QUIT = "quit"  # the thread has ended for good
+
+
+class ExitKind(enum.Enum):
+    """Why a vCPU stopped for good."""
+
+    TRIPLE_FAULT = "triple fault"  # KVM_EXIT_SHUTDOWN
+    INTERNAL_ERROR = "internal error"  # KVM could not emulate, or minivmm's device code failed
+    FAIL_ENTRY = "failed entry"  # the hardware refused the guest state
+    POWER_OFF = "power off"  # KVM_SYSTEM_EVENT_SHUTDOWN
+    RESET = "reset"  # KVM_SYSTEM_EVENT_RESET
+    CRASH = "crash"  # KVM_SYSTEM_EVENT_CRASH
+    UNKNOWN = "unknown"  # an exit minivmm does not handle
+
+
+_SYSTEM_EVENTS = {
+    c.KVM_SYSTEM_EVENT_SHUTDOWN: ExitKind.POWER_OFF,
+    c.KVM_SYSTEM_EVENT_RESET: ExitKind.RESET,
+    c.KVM_SYSTEM_EVENT_CRASH: ExitKind.CRASH,
+}
+
+
 @dataclass
 class VcpuExit:
-    """Why a vCPU stopped for good: the machine decides what happens next."""
+    """Why a vCPU stopped for good: the run-state controller decides what happens next."""
 
-    kind: str  # "shutdown" (triple fault), "internal-error", "fail-entry", "system-event", "unknown"
+    kind: ExitKind
     message: str
     data: int = 0
 
@@ -64,19 +97,28 @@ class VcpuThread:
         self.on_exit = on_exit  # called in this thread when the guest cannot go on
         self.describe = describe  # "RIP=... " context for error messages
         self.cond = threading.Condition()
-        self.want_pause = True  # threads are created paused
-        self.paused = False
-        self.want_quit = False
+        self.state = VcpuRunState.CREATED  # where the thread is
+        self.wanted = VcpuRunState.PAUSED  # where it was asked to go: PAUSED, RUNNING or QUIT
         self.exits = 0  # number of KVM_RUN returns, for statistics
         self.thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
 
-    # --- control, from any thread -------------------------------------------
+    @property
+    def paused(self) -> bool:
+        return self.state in (VcpuRunState.PAUSED, VcpuRunState.QUIT)
+
+    # --- requests, from any thread -------------------------------------------
     def start(self) -> None:
         self.thread.start()
 
-    def request_pause(self) -> None:
+    def request(self, wanted: VcpuRunState) -> None:
+        """Ask the thread to run, park or end; a running vCPU is kicked out of KVM_RUN."""
         with self.cond:
-            self.want_pause = True
+            if self.wanted == VcpuRunState.QUIT:
+                return
+            self.wanted = wanted
+            self.cond.notify_all()
+            if wanted == VcpuRunState.RUNNING:
+                return
             self.vcpu.run_mmap[RUN_OFFSET_IMMEDIATE_EXIT] = 1
             ident = self.thread.ident
         if ident is not None and self.thread.is_alive() and ident != threading.get_ident():
@@ -85,46 +127,49 @@ class VcpuThread:
             except ProcessLookupError:
                 pass
 
+    def request_pause(self) -> None:
+        self.request(VcpuRunState.PAUSED)
+
+    def resume(self) -> None:
+        self.request(VcpuRunState.RUNNING)
+
     def wait_paused(self, timeout: float | None = None) -> bool:
         with self.cond:
             return self.cond.wait_for(lambda: self.paused or not self.thread.is_alive(), timeout)
 
-    def resume(self) -> None:
-        with self.cond:
-            self.want_pause = False
-            self.cond.notify_all()
-
     def quit(self, timeout: float = 5.0) -> None:
         """End the thread (from another thread) and wait for it."""
-        with self.cond:
-            self.want_quit = True
-            self.cond.notify_all()
-        self.request_pause()
+        self.request(VcpuRunState.QUIT)
         if self.thread.is_alive() and self.thread.ident != threading.get_ident():
             self.thread.join(timeout)
 
     # --- the thread ----------------------------------------------------------------
     def _park(self) -> bool:
-        """Wait while a pause is wanted. False when the thread should end."""
+        """Wait while a pause is wanted; False when the thread should end."""
         with self.cond:
-            while self.want_pause and not self.want_quit:
-                self.paused = True
+            while self.wanted == VcpuRunState.PAUSED:
+                self.state = VcpuRunState.PAUSED
                 self.cond.notify_all()
                 self.cond.wait()
-            self.paused = False
+            if self.wanted == VcpuRunState.QUIT:
+                self.state = VcpuRunState.QUIT
+                self.cond.notify_all()
+                return False
+            self.state = VcpuRunState.RUNNING
             self.vcpu.run_mmap[RUN_OFFSET_IMMEDIATE_EXIT] = 0  # a request after this sets it again
             self.cond.notify_all()
-            return not self.want_quit
+            return True
 
     def _main(self) -> None:
         while self._park():
             try:
                 stop = self._run()
             except Exception as e:  # the barrier: a bug in a device or here ends the guest's run, not the thread
-                stop = VcpuExit("internal-error", f"vCPU loop failed: {type(e).__name__}: {e}")
+                stop = VcpuExit(ExitKind.INTERNAL_ERROR, f"vCPU loop failed: {type(e).__name__}: {e}")
             if stop is not None:
                 with self.cond:
-                    self.want_pause = True
+                    if self.wanted == VcpuRunState.RUNNING:
+                        self.wanted = VcpuRunState.PAUSED
                 self.on_exit(self, stop)
 
     def _run(self) -> VcpuExit | None:
@@ -143,7 +188,9 @@ class VcpuThread:
                     err = get_errno()
                     if err in (errno.EINTR, errno.EAGAIN):
                         return None
-                    return VcpuExit("internal-error", f"{KvmError('KVM_RUN', err)} at {self.describe(self)}", err)
+                    return VcpuExit(
+                        ExitKind.INTERNAL_ERROR, f"{KvmError('KVM_RUN', err)} at {self.describe(self)}", err
+                    )
                 exits += 1
                 reason, direction, size, port, count, offset = decode(view, RUN_OFFSET_EXIT_REASON)
                 if reason == exit_io:
@@ -162,7 +209,7 @@ class VcpuThread:
                 else:
                     return self._other_exit(reason)
         except Exception as e:  # device emulation failed: the guest cannot trust its device any more
-            return VcpuExit("internal-error", f"{self._access(view, reason)} failed: {type(e).__name__}: {e}")
+            return VcpuExit(ExitKind.INTERNAL_ERROR, f"{self._access(view, reason)} failed: {type(e).__name__}: {e}")
         finally:
             self.exits += exits
             view.release()
@@ -193,7 +240,7 @@ class VcpuThread:
         where = self.describe(self)
         name = c.EXIT_NAMES.get(reason, str(reason))
         if reason == c.KVM_EXIT_SHUTDOWN:
-            return VcpuExit("shutdown", f"triple fault (KVM_EXIT_SHUTDOWN) at {where}")
+            return VcpuExit(ExitKind.TRIPLE_FAULT, f"triple fault (KVM_EXIT_SHUTDOWN) at {where}")
         if reason == c.KVM_EXIT_INTERNAL_ERROR:
             err = run.exit.internal
             what = c.INTERNAL_ERROR_NAMES.get(err.suberror, "unknown")
@@ -205,7 +252,7 @@ class VcpuThread:
                     extra = "; instruction bytes " + " ".join(f"{b:02x}" for b in ef.insn_bytes[:size])
             data = " ".join(f"{err.data[i]:#x}" for i in range(min(err.ndata, 16)))
             return VcpuExit(
-                "internal-error",
+                ExitKind.INTERNAL_ERROR,
                 f"KVM internal error, suberror {err.suberror} ({what}) at {where}{extra}"
                 + (f"; data: {data}" if data else ""),
                 err.suberror,
@@ -213,10 +260,11 @@ class VcpuThread:
         if reason == c.KVM_EXIT_FAIL_ENTRY:
             fe = run.exit.fail_entry
             return VcpuExit(
-                "fail-entry",
+                ExitKind.FAIL_ENTRY,
                 f"KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {fe.hardware_entry_failure_reason:#x} "
                 f"on cpu {fe.cpu} at {where}",
             )
         if reason == c.KVM_EXIT_SYSTEM_EVENT:
-            return VcpuExit("system-event", f"system event {run.exit.system_event.type}", run.exit.system_event.type)
-        return VcpuExit("unknown", f"unexpected exit KVM_EXIT_{name} ({reason}) at {where}", reason)
+            kind = run.exit.system_event.type
+            return VcpuExit(_SYSTEM_EVENTS.get(kind, ExitKind.UNKNOWN), f"system event {kind}", kind)
+        return VcpuExit(ExitKind.UNKNOWN, f"unexpected exit KVM_EXIT_{name} ({reason}) at {where}", reason)

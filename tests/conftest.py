@@ -71,11 +71,12 @@ class Vmm:
 
     @staticmethod
     def kill(proc: subprocess.Popen) -> None:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """The whole process group, even when its leader is gone: holders, watchdogs and a
+        restarted VMM stay in the group of the minivmm that started them."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         proc.wait()
 
     def cleanup(self) -> None:

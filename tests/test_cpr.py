@@ -292,6 +292,41 @@ def test_cpr_transfer(qmp_vm, vmm, ram_fds, tmp_path, source_running):
     assert "handed over with cpr-transfer" in err
 
 
+@pytest.mark.parametrize("same", [True, False], ids=["same-file", "its-own-file"])
+def test_cpr_transfer_target_writes_where_its_own_command_line_says(qmp_vm, vmm, tmp_path, same):
+    """The target inherits a file chardev's fd only when its -serial names the same file (QEMU 11
+    writes to the target's own file); then output goes on where the source left off."""
+    src_log, dst_log = tmp_path / "src.log", tmp_path / ("src.log" if same else "dst.log")
+    args = ["-kernel", guest("abwalk.elf"), "-m", "128", "-machine", "aux-ram-share=on"]
+    src = qmp_vm(*args, "-serial", f"file:{src_log}")
+    wait_for(lambda: src_log.read_bytes().count(b"B") > 2, what="the walker's output")
+    main, cpr, dst_qmp = tmp_path / "main.sock", tmp_path / "cpr.sock", tmp_path / "dst.qmp"
+    vmm.start(
+        *args,
+        "-serial",
+        f"file:{dst_log}",
+        "-qmp",
+        f"unix:{dst_qmp},server=on,wait=off",
+        "-incoming",
+        f"unix:{main}",
+        "-incoming",
+        _cpr_channel(cpr),
+    )
+    wait_for(cpr.exists, what="the target's cpr channel")
+    src.cmd("migrate-set-parameters", mode="cpr-transfer")
+    src.cmd("migrate", channels=_channels(main, cpr))
+    assert wait_migration(src.qmp)["status"] == "completed"
+    handed_over = src_log.stat().st_size
+    wait_for(lambda: dst_log.stat().st_size > (handed_over if same else 0) + 4, what="the target's output")
+    output = dst_log.read_bytes()
+    if same:
+        assert output.startswith(b"AB") and output.count(b"A") == 1  # not truncated, not booted again
+    else:
+        assert set(output) == {ord("B")}  # the guest walks on, printing into the target's file
+        time.sleep(0.3)
+        assert src_log.stat().st_size == handed_over  # and nothing more into the source's
+
+
 def test_cpr_transfer_with_a_deferred_main_channel(qmp_vm, vmm, ram_fds, tmp_path):
     args = walker()
     src = qmp_vm(*args)
@@ -489,6 +524,60 @@ def test_exec_that_fails_anyway_resumes_the_guest_and_a_retry_works(qmp_vm, ram_
         client.close()
 
 
+def _holders_of(inode: int) -> list[int]:
+    """Processes with the guest's pc.ram memfd (by inode) open."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("/memfd:pc.ram") and os.stat(f"/proc/{pid}/fd/{fd}").st_ino == inode:
+                    pids.append(int(pid))
+                    break
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.parametrize(
+    "program,how",
+    [
+        ("#!/bin/sh\nexec /bin/true\n", "ended without taking the guest over"),
+        ("#!/bin/sh\nexit 1\n", "ended without taking the guest over"),
+        ("#!/bin/sh\nexec sleep 600\n", "did not take the guest over within 2 s (killed)"),
+    ],
+    ids=["true", "exit-1", "hangs"],
+)
+def test_exec_of_a_program_that_never_takes_the_guest_over_restarts_it(qmp_vm, ram_fds, tmp_path, program, how):
+    """Beyond QEMU: a cpr-exec-command that is not minivmm (a wrapper that exits, or hangs) does not
+    lose the guest. The watchdog started before the exec restarts it with the old command line."""
+    args = walker(256)
+    vm = qmp_vm(*args, env={"MINIVMM_CPR_EXEC_TIMEOUT": "2"})
+    pid, fd = vm.proc.pid, ram_fds(vm.proc.pid)
+    walking(fd)
+    inode = os.stat(ram_path(pid)).st_ino
+    wrapper = tmp_path / "wrapper.sh"
+    wrapper.write_text(program)
+    wrapper.chmod(0o755)
+    vm.cmd("migrate-set-parameters", mode="cpr-exec", **{"cpr-exec-command": [str(wrapper)]})
+    vm.cmd("migrate", uri=f"file:{tmp_path / 'vm.state'}")
+    wait_exec(vm.qmp)
+    vm.proc.wait(30)  # the wrapper, in the VMM's place, is gone (or was killed)
+    rescued = wait_for(lambda: [p for p in _holders_of(inode) if p != pid], what="the restarted VMM")
+    client = qmp_connect(vm.socket)  # the same monitor socket, kept through it all
+    try:
+        wait_status(client, "running")
+        still_walking(fd)  # same memfd: the guest walks on in the RAM it had
+        client.cmd("stop")
+        assert check_invariant(fd, 256 * MiB) == (256 - 2) * 256
+    finally:
+        client.close()
+    os.set_blocking(vm.proc.stderr.fileno(), False)
+    said = (vm.proc.stderr.read() or b"").decode()
+    assert f"cpr-exec: the new image {how}: restarting the guest with: " in said, said
+    assert len(rescued) == 1
+
+
 @pytest.mark.parametrize(
     "new_args,message",
     [
@@ -543,7 +632,7 @@ class FakeTarget:
     """A cpr-transfer target that takes the fds and then misbehaves (for failure injection)."""
 
     def __init__(self, tmp_path, *, hang_up: bool, listen: bool, read_bytes: int = 0, silent: bool = False) -> None:
-        from minivmm.migration.cpr import recv_state
+        from minivmm.cpr.state import recv_state
         from minivmm.sockets import unix_listen
 
         self.cpr_path, self.main_path = tmp_path / "cpr.sock", tmp_path / "main.sock"
@@ -554,7 +643,7 @@ class FakeTarget:
         def run() -> None:
             conn, _ = self.cpr.accept()
             self.conns.append(conn)
-            state = recv_state(conn)
+            state = recv_state(conn, 30)
             state.table.walk(lambda name, id_, fd: os.close(fd))
             if hang_up:
                 conn.close()
@@ -676,7 +765,8 @@ def test_target_that_fails_to_load(qmp_vm, vmm, ram_fds, tmp_path, return_path):
 def test_new_image_takes_the_state_and_unsets_the_variable(monkeypatch):
     """What the new image does first thing (in-process: /proc/PID/environ of an exec'd
     process always shows the environment it was started with)."""
-    from minivmm.migration.cpr import ENV, CprState, FdTable, set_cloexec, state_memfd, take_exec_state
+    from minivmm.cpr.fdtable import FdTable, set_cloexec
+    from minivmm.cpr.state import ENV, CprState, state_memfd, take_exec_state
 
     r, w = os.pipe()
     table = FdTable()

@@ -132,7 +132,7 @@ def _long64(tmp_path, **kw) -> Machine:
 def test_a_device_that_raises_stops_the_guest_with_a_message_not_a_dead_thread(tmp_path, capfd):
     m = _long64(tmp_path)
     try:
-        m.pio.register(UNASSIGNED_PORT, 1, Boom())
+        m.devices.pio.register(UNASSIGNED_PORT, 1, Boom())
         status = m.run()  # no monitor: the guest cannot go on, so minivmm ends with status 1
         assert status == 1
         err = capfd.readouterr().err
@@ -146,7 +146,7 @@ def test_with_a_monitor_the_failed_guest_waits_in_internal_error(tmp_path, capfd
     sock = str(tmp_path / "qmp.sock")
     m = _long64(tmp_path, monitors=[MonitorConfig("mon0", path=sock)])
     events: list[str] = []
-    m.add_event_listener(lambda name, data: events.append(name))
+    m.control.add_event_listener(lambda name, data: events.append(name))
     seen: dict[str, object] = {}
 
     def watch() -> None:  # the machine runs on this (the main) thread; look at it from another
@@ -154,10 +154,10 @@ def test_with_a_monitor_the_failed_guest_waits_in_internal_error(tmp_path, capfd
         while m.runstate != runstate.INTERNAL_ERROR and time.monotonic() < deadline:
             time.sleep(0.01)
         seen.update(state=m.runstate, alive=all(t.thread.is_alive() for t in m.vcpus))
-        m.request_shutdown("host-qmp-quit", force=True)
+        m.control.request_shutdown("host-qmp-quit", force=True)
 
     try:
-        m.pio.register(UNASSIGNED_PORT, 1, Boom())
+        m.devices.pio.register(UNASSIGNED_PORT, 1, Boom())
         threading.Thread(target=watch, daemon=True).start()
         m.run()
         assert seen == {"state": runstate.INTERNAL_ERROR, "alive": True}

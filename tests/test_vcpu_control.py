@@ -39,13 +39,13 @@ def test_pause_stops_guest_ram_and_resume_restarts_it(machines):
     m.start()
     first = wait_for(lambda: (s := read_status(fd)) and s.passes > 2 and s, what="the walker to run")
     for _ in range(3):
-        m.vm_stop()
+        m.control.vm_stop()
         assert m.runstate == "paused"
         frozen = read_status(fd)
         time.sleep(0.2)
         assert read_status(fd) == frozen  # not one more byte walked
         assert check_invariant(fd, 64 << 20) == (64 - 2) * 256
-        m.vm_start()
+        m.control.vm_start()
         wait_for(lambda f=frozen: read_status(fd).passes > f.passes, what="the walker to go on")
     assert read_status(fd).passes > first.passes
 
@@ -55,9 +55,9 @@ def test_many_quick_pauses_never_hang(machines):
     m.start()
     wait_for(lambda: read_status(fd), what="the walker to start")
     for _ in range(50):
-        m.vm_stop()
-        m.vm_start()
-    m.vm_stop()
+        m.control.vm_stop()
+        m.control.vm_start()
+    m.control.vm_stop()
     assert all(t.paused for t in m.vcpus)
 
 
@@ -68,5 +68,5 @@ def test_start_paused_runs_nothing_until_resumed(machines, tmp_path):
     assert m.runstate == "prelaunch"
     assert read_status(fd) is None
     assert (tmp_path / "serial0.log").read_bytes() == b""
-    m.vm_start()
+    m.control.vm_start()
     wait_for(lambda: (tmp_path / "serial0.log").read_bytes().startswith(b"A"), what="the walker's A")

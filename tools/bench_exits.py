@@ -78,7 +78,7 @@ def bench_exits(rounds: int, exits: int) -> tuple[float, float]:
             run_addr = ctypes.addressof(vcpu.vcpu.run)
             dll.run_loop(vcpu.vcpu.fd, run_addr, 1000)  # warm up: boot into the loop
             machine.start()
-            machine.vm_stop()
+            machine.control.vm_stop()
             c_times, py_times = [], []
             for _ in range(rounds):
                 vcpu.vcpu.run.immediate_exit = 0  # the paused thread may have left it set
@@ -87,9 +87,9 @@ def bench_exits(rounds: int, exits: int) -> tuple[float, float]:
                     raise SystemExit(f"C loop failed: {ns}")
                 c_times.append(ns / exits / 1000)
                 before, t0 = vcpu.exits, time.perf_counter()
-                machine.vm_start()
+                machine.control.vm_start()
                 time.sleep(exits * c_times[-1] * 1.3e-6)
-                machine.vm_stop()
+                machine.control.vm_stop()
                 py_times.append((time.perf_counter() - t0) / (vcpu.exits - before) * 1e6)
             return statistics.median(c_times), statistics.median(py_times)
         finally:

@@ -389,6 +389,14 @@ def mutations(p: Parsed, seed: int, n_trunc: int, n_flip: int, n_field: int) -> 
 # --- loading in-process -----------------------------------------------------------------------
 
 
+class _Vcpus(list):
+    """What machine_state asks of a machine's vCPU manager: the vCPUs (their index) and the state caps."""
+
+    def __init__(self, count: int, caps: vcpu_state.StateCaps) -> None:
+        super().__init__(SimpleNamespace(index=i) for i in range(count))
+        self.caps = caps
+
+
 @dataclass
 class Shape:
     """What a target machine built with the source's options offers the decoders: its RAM
@@ -426,9 +434,8 @@ class Shape:
         ):
             pio.register(base, length, device)
             devices.append(device)
-        machine = SimpleNamespace(
-            vcpus=[SimpleNamespace(index=i) for i in range(len(vcpu))], state_caps=caps, pio=pio, mmio=Bus("mmio")
-        )
+        persistent = [d for d in pio.devices() if d.vmstate is not None]
+        machine = SimpleNamespace(vcpus=_Vcpus(len(vcpu), caps), devices=SimpleNamespace(persistent=lambda: persistent))
         return cls(blocks, got_layout, machine, devices)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from minivmm.devices.device import Device
 from minivmm.vmstate import VMSD, Field
 
 SLP_EN = 1 << 13
@@ -18,7 +19,7 @@ VMSTATE = VMSD("acpi-pm", 1, 1, (Field("control", "u16", mask=0xFFFF & ~SLP_EN),
 
 
 @dataclass
-class AcpiPm:
+class AcpiPm(Device):
     vmstate = VMSTATE
     poweroff: Callable[[], None]
     name: str = "acpi-pm"

@@ -6,15 +6,8 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Protocol
 
-
-class Device(Protocol):
-    name: str
-
-    def read(self, offset: int, size: int) -> int: ...
-
-    def write(self, offset: int, size: int, value: int) -> None: ...
+from .device import Device
 
 
 class BusError(ValueError):
@@ -32,16 +25,10 @@ class Range:
         return self.base + self.length
 
 
-class Unclaimed:
-    """What answers at an address no device claims: reads are all ones, writes vanish."""
+class Unclaimed(Device):
+    """What answers at an address no device claims: reads are all ones, writes vanish (Device's defaults)."""
 
     name = "unclaimed"
-
-    def read(self, offset: int, size: int) -> int:
-        return (1 << (8 * size)) - 1
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        pass
 
 
 UNCLAIMED = Unclaimed()

@@ -6,16 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from minivmm.devices.device import Device
+
 
 @dataclass
-class DebugExit:
+class DebugExit(Device):
     exit: Callable[[int], None]  # called with the process exit status
-    iobase: int
-    iosize: int
     name: str = "isa-debug-exit"
-
-    def read(self, offset: int, size: int) -> int:
-        return (1 << (8 * size)) - 1
 
     def write(self, offset: int, size: int, value: int) -> None:
         self.exit(((value << 1) | 1) & 0xFF)

@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from minivmm.devices.device import Device
 from minivmm.vmstate import VMSD, Field
 
 COUNT_MASK = (1 << 64) - 1
@@ -19,7 +20,7 @@ VMSTATE = VMSD("post-code", 1, 1, (Field("last", "u32"), Field("count", "u64")))
 
 
 @dataclass
-class PostCode:
+class PostCode(Device):
     vmstate = VMSTATE
     trace: bool = False
     name: str = "post-code"

@@ -8,13 +8,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from minivmm.devices.device import Device
+
 PVPANIC_PANICKED = 1 << 0
 PVPANIC_CRASH_LOADED = 1 << 1
 DEFAULT_IOPORT = 0x505
 
 
 @dataclass
-class PvPanic:
+class PvPanic(Device):
     panicked: Callable[[], None]
     crash_loaded: Callable[[], None]
     name: str = "pvpanic"

@@ -6,8 +6,10 @@ import copy
 import threading
 from typing import Any
 
+from minivmm.devices.device import Device
 
-class LockedState:
+
+class LockedState(Device):
     """A device whose registers are one dataclass, ``s``, guarded by ``lock``.
 
     vCPU threads (port I/O) and the main loop (chardev input, migration) both

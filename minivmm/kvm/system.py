@@ -291,6 +291,9 @@ class Vcpu:
     def get_tsc_khz(self) -> int:
         return ioctl(self.fd, io.KVM_GET_TSC_KHZ)
 
+    def set_tsc_khz(self, khz: int) -> None:
+        ioctl(self.fd, io.KVM_SET_TSC_KHZ, khz)
+
     def kvmclock_ctrl(self) -> None:
         ioctl(self.fd, io.KVM_KVMCLOCK_CTRL)
 

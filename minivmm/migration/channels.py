@@ -48,6 +48,9 @@ class Channel:
     addr: Address
 
 
+# -incoming defer: the main channel comes later, with migrate-incoming.
+DEFER = Channel("main", Address("defer"))
+
 NO_EXEC = "exec: migration is not supported: minivmm never runs commands through a shell"
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
@@ -136,8 +139,18 @@ def parse_channel(obj: object) -> Channel:
     return Channel(kind, parse_address(obj.get("addr")))
 
 
+def main_of(channels: list[Channel]) -> Channel | None:
+    """The one main channel of a list (QEMU's wording when there are more); None when there is none."""
+    mains = [c for c in channels if c.channel_type == "main"]
+    if len(mains) > 1:
+        raise ChannelError("Channel list has more than one main entry")
+    return mains[0] if mains else None
+
+
 def parse_channel_text(text: str) -> Channel:
-    """A command-line channel: a URI, JSON, or keyval (``cpr,addr.transport=socket,...``)."""
+    """A command-line channel: ``defer``, a URI, JSON, or keyval (``cpr,addr.transport=socket,...``)."""
+    if text == "defer":
+        return DEFER
     stripped = text.lstrip()
     if stripped.startswith("{"):
         try:
@@ -189,10 +202,16 @@ def connect(addr: Address, named_fd) -> socket.socket | object:
 class Listener:
     """The incoming side's endpoint: bound at start-up, accepting in the migration thread."""
 
-    def __init__(self, addr: Address) -> None:
+    def __init__(self, addr: Address, inherited_fd: bool = False) -> None:
+        """``inherited_fd``: an ``fd`` address names an already listening socket by number (the cpr channel)."""
         self.addr = addr
         self.sock: socket.socket | None = None
         try:
+            if addr.type == "fd" and inherited_fd:
+                if not addr.fd_name.isdigit():
+                    raise ChannelError(f"fd '{addr.fd_name}' is not a number")
+                self.sock = socket.socket(fileno=int(addr.fd_name))
+                return
             if addr.transport == "file":
                 fd = open_regular(addr.path, os.O_RDONLY)
                 self.file = os.fdopen(fd, "rb", buffering=0)

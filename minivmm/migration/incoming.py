@@ -22,8 +22,7 @@ from minivmm.kvm.system import KvmError
 from minivmm.vmstate import VMStateError
 
 from . import channels, machine_state, stream
-from .cpr import now_ns
-from .progress import VERDICT_OK, Stats, on_main
+from .stats import Stats
 
 LOAD_ERRORS = (stream.StreamError, VMStateError, KvmError, OSError)
 
@@ -70,17 +69,17 @@ class Incoming:
             conn = self.listener.accept()
         except OSError as e:
             text = f"accepting the migration connection failed: {e}"
-            on_main(loop, lambda: self._fail(text))
+            loop.call_and_wait(lambda: self._fail(text))
             return
         try:
-            on_main(loop, lambda: self.manager.set_status(self, "active"))
+            loop.call_and_wait(lambda: self.manager.set_status(self, "active"))
             loaded = self._receive(conn)
-            on_main(loop, lambda: self._complete(loaded))
-            self._verdict(conn, VERDICT_OK)
+            loop.call_and_wait(lambda: self._complete(loaded))
+            self._verdict(conn, stream.VERDICT_OK)
         except Exception as e:  # noqa: BLE001 - every failure is one line, see describe_error
             text = describe_error(e)
             self._verdict(conn, f"FAIL {text}\n".encode())
-            on_main(loop, lambda: self._fail(text))
+            loop.call_and_wait(lambda: self._fail(text))
         finally:
             conn.close()
 
@@ -99,36 +98,36 @@ class Incoming:
             reader, self.machine.memory.blocks, self.manager.layout(), self.machine, self.stats
         )
         self.stats.transferred = reader.bytes
-        self.received_ns = now_ns()
+        self.received_ns = time.monotonic_ns()
         return loaded
 
     # --- main thread -------------------------------------------------------------------
     def _complete(self, loaded: machine_state.Loaded) -> None:
-        m = self.machine
+        m, control = self.machine, self.machine.control
         machine_state.apply(m, loaded)
-        m.bind_irqfds()  # a CPR source let go of them when it stopped
-        loaded_ns = now_ns()
+        m.devices.bind_irqfds()  # a CPR source let go of them when it stopped
+        loaded_ns = time.monotonic_ns()
         self.stats.end = time.monotonic()
         self.manager.set_status(self, "completed")
         if loaded.runstate == runstate.RUNNING:
-            if m.autostart:
-                m.vm_start()
+            if control.autostart:
+                control.vm_start()
             else:
-                m.set_runstate(runstate.PAUSED)
+                control.set_state(runstate.PAUSED)
         else:
-            m.set_runstate(loaded.runstate)
-        self._timeline(loaded_ns, now_ns())
-        m.cpr_incoming = None  # the next update starts from this table
+            control.set_state(loaded.runstate)
+        self._timeline(loaded_ns, time.monotonic_ns())
+        self.manager.cpr_state = None  # the next update starts from this table
 
     def _timeline(self, loaded: int, resumed: int) -> None:
         """Phase times (ms) from the source's timestamps and ours, on one CLOCK_MONOTONIC."""
-        cpr = self.machine.cpr_incoming
+        cpr = self.manager.cpr_state
         t = {**self.source_times, **(cpr.times if cpr is not None else {})}
         if "stop" not in t or "saved" not in t:
             return
         marks = [("stop", t["stop"], t.get("stopped")), ("save", t.get("stopped"), t["saved"])]
         if "exec" in t:  # the same process: exec, then this image's start-up and load
-            marks += [("exec", t["exec"], self.machine.start_ns), ("load", self.machine.start_ns, loaded)]
+            marks += [("exec", t["exec"], self.manager.start_ns), ("load", self.manager.start_ns, loaded)]
         else:  # another process: the stream's way here, then the load
             marks += [("hand-over", t["saved"], self.received_ns), ("load", self.received_ns, loaded)]
         marks.append(("resume", loaded, resumed))
@@ -136,15 +135,13 @@ class Incoming:
         self.stats.downtime_ms = (resumed - t["stop"]) / 1e6
 
     def _fail(self, text: str) -> None:
-        m = self.machine
+        from minivmm.cpr.incoming import fail_line
+
         self.error = text
         self.manager.set_status(self, "failed")
-        line = f"{self.addr.describe()}: load of migration failed: {text}"
-        if m.cpr_incoming is not None and m.cpr_incoming.mode == "cpr-exec":
-            from . import holder
-
-            line += holder.retry_hint(m.cpr_incoming, f"-incoming {self.addr.describe()}")
-        m.request_shutdown("host-error", 1, line, force=True)
+        where = f"-incoming {self.addr.describe()}"
+        line = fail_line(f"{self.addr.describe()}: load of migration failed: {text}", self.manager.cpr_state, where)
+        self.machine.control.request_shutdown("host-error", 1, line, force=True)
 
 
 def read_stream(

@@ -49,12 +49,10 @@ class Loaded:
 def _devices(machine) -> list:
     """Devices with state, in a fixed order, with their per-kind instance numbers."""
     out, seen = [], {}
-    for device in machine.pio.devices() + machine.mmio.devices():
-        vmsd = getattr(device, "vmstate", None)
-        if vmsd is not None:
-            instance = seen.get(vmsd.name, 0)
-            seen[vmsd.name] = instance + 1
-            out.append((vmsd, instance, device))
+    for device in machine.devices.persistent():
+        instance = seen.get(device.vmstate.name, 0)
+        seen[device.vmstate.name] = instance + 1
+        out.append((device.vmstate, instance, device))
     return out
 
 
@@ -63,7 +61,7 @@ def save(machine, runstate: str) -> bytes:
     w = StateWriter()
     w.add(GLOBALSTATE, {"runstate": runstate})
     for t in machine.vcpus:
-        w.add(vcpu_state.VMSTATE, vcpu_state.save(t.vcpu, machine.state_caps), t.index)
+        w.add(vcpu_state.VMSTATE, vcpu_state.save(t.vcpu, machine.vcpus.caps), t.index)
     vm = vm_state.save(machine.vm)
     w.add(vm_state.PIT_VMSTATE, {"pit": vm.pit})
     w.add(vm_state.CLOCK_VMSTATE, vm.clock)
@@ -96,7 +94,7 @@ def decode_all(machine, blob: bytes) -> Loaded:
             raise VMStateError(f"{key[0]}[{key[1]}]: missing from the stream: the saved machine was set up differently")
         values[key] = decode(vmsd, sec.payload, sec.version, sec.path)
     for t in machine.vcpus:
-        _check_vcpu(machine.state_caps, values[("vcpu", t.index)], f"vcpu[{t.index}]")
+        _check_vcpu(machine.vcpus.caps, values[("vcpu", t.index)], f"vcpu[{t.index}]")
     for i in range(3):
         chip_id = s.kvm_irqchip.from_buffer_copy(values[("kvm-irqchip", i)]["chip"]).chip_id
         if chip_id != i:
@@ -124,6 +122,9 @@ def _check_vcpu(caps: vcpu_state.StateCaps, st: vcpu_state.VcpuState, path: str)
     if caps.xcrs != (st.xcrs is not None):
         want, got = (ctypes.sizeof(s.kvm_xcrs), 0) if caps.xcrs else (0, ctypes.sizeof(s.kvm_xcrs))
         raise VMStateError(f"{path}/xcrs: expected {want} bytes, got {got}")
+    problem = vcpu_state.tsc_problem(st.tsc_khz, caps)
+    if problem is not None:
+        raise VMStateError(f"{path}/tsc_khz: {problem}")
     known = set(caps.msr_indices)
     for index in st.msrs:
         if index not in known:
@@ -134,7 +135,7 @@ def apply(machine, loaded: Loaded) -> None:
     """Put decoded state into a machine whose vCPUs are paused; KVM refusing a piece names it."""
     for t, state in zip(machine.vcpus, loaded.vcpus):
         try:
-            vcpu_state.restore(t.vcpu, state)
+            vcpu_state.restore(t.vcpu, state, machine.vcpus.caps)
         except KvmError as e:
             raise VMStateError(f"vcpu[{t.index}]: KVM refused the state: {e}") from None
     try:
@@ -143,10 +144,3 @@ def apply(machine, loaded: Loaded) -> None:
         raise VMStateError(f"kvm-pit, kvmclock or kvm-irqchip: KVM refused the state: {e}") from None
     for device, state in loaded.devices:
         device.load_state(state)
-
-
-def load(machine, blob: bytes) -> str:
-    """Decode, check and apply a blob; the run state the source was in."""
-    loaded = decode_all(machine, blob)
-    apply(machine, loaded)
-    return loaded.runstate

@@ -1,5 +1,10 @@
 """A machine's migration state: parameters, capabilities, the current or
-last outgoing migration, the incoming one, and what query-migrate says."""
+last outgoing migration, the incoming one, and what query-migrate says.
+
+``start_outgoing`` picks the kind by the ``mode`` parameter: ``normal`` and
+``cpr-reboot`` copy RAM into the stream (outgoing.py); ``cpr-exec`` and
+``cpr-transfer`` keep it in place (the cpr package).
+"""
 
 from __future__ import annotations
 
@@ -15,23 +20,33 @@ class MigrationError(Exception):
 
 
 class MigrationManager:
-    def __init__(self, machine) -> None:
+    def __init__(self, machine, argv: list[str] | None = None) -> None:
         self.machine = machine
+        self.argv = list(argv or [])  # this image's command line: a failed cpr-exec restarts the guest with it
         self.params = Parameters()
         self.capabilities = dict.fromkeys(CAPABILITIES, False)
         self.outgoing = None
         self.incoming: Incoming | None = None
-        self.named_fd = lambda name: machine.named_fd(name)
+        self.handed_over = False  # after cpr-transfer the guest's RAM belongs to the new process
+        self.cpr_state = None  # an incoming CPR's state (cpr.state.CprState) until the load completes
+        self.cpr_channel = None  # cpr-transfer's connection to the source, hung up once the main channel listens
+        self.start_ns = 0  # when this process began: a cpr-exec's timeline
+
+    def named_fd(self, name: str) -> int:
+        fd = self.machine.fds.find("getfd", name)
+        if fd < 0:
+            raise KeyError(f"File descriptor named '{name}' has not been found")
+        return fd
 
     # --- events ---------------------------------------------------------------------
     def set_status(self, migration, status: str) -> None:
         migration.status = status
         if self.capabilities["events"]:
-            self.machine.emit("MIGRATION", {"status": status})
+            self.machine.control.emit("MIGRATION", {"status": status})
 
     def emit_pass(self, n: int) -> None:
         if self.capabilities["events"]:
-            self.machine.emit("MIGRATION_PASS", {"pass": n})
+            self.machine.control.emit("MIGRATION_PASS", {"pass": n})
 
     # --- outgoing -------------------------------------------------------------------------
     def outgoing_blocks(self) -> list:
@@ -53,15 +68,27 @@ class MigrationManager:
             raise MigrationError("There's a migration process in progress")
         if self.incoming is not None and self.incoming.status != "completed":
             raise MigrationError("Guest is waiting for an incoming migration")
-        from . import cpr_outgoing  # the source side is only needed when migrating out
-
-        if self.machine.cpr_handed_over:
+        if self.handed_over:
             raise MigrationError("The VM was handed over with cpr-transfer: only 'cont' or 'quit' apply to it here")
+        from minivmm.cpr import outgoing as cpr  # the source side is only needed when migrating out
+
+        mode = self.params.mode
         try:
-            cpr = cpr_outgoing.validate(self.machine, main, others)
-        except cpr_outgoing.ValidationError as e:
+            cpr_channel = cpr.validate(self.machine, mode, self.params.cpr_exec_command, main, others)
+        except cpr.ValidationError as e:
             raise MigrationError(str(e)) from None
-        self.outgoing = cpr_outgoing.start(self, main, cpr)
+        if mode == "cpr-exec":
+            from minivmm.cpr.exec import CprExec
+
+            self.outgoing = CprExec(self, main.addr)
+        elif mode == "cpr-transfer":
+            from minivmm.cpr.transfer import CprTransfer
+
+            self.outgoing = CprTransfer(self, main.addr, cpr_channel.addr)
+        else:
+            from .outgoing import Outgoing
+
+            self.outgoing = Outgoing(self, main.addr)
         self.outgoing.start()
 
     def cancel(self) -> None:
@@ -75,9 +102,9 @@ class MigrationManager:
         """Receive a stream: a file is read at once (the vCPU threads must exist), a socket in a thread."""
         channels.check_listen(channel.addr, self.machine.config.listen_remote)
         self.incoming = Incoming(self, channel)
-        if self.machine.cpr_channel is not None:  # cpr-transfer: listening now, so hang up the cpr channel
-            self.machine.cpr_channel.close()
-            self.machine.cpr_channel = None
+        if self.cpr_channel is not None:  # cpr-transfer: listening now, so hang up the cpr channel
+            self.cpr_channel.close()
+            self.cpr_channel = None
         if channel.addr.transport == "file":
             self.set_status(self.incoming, "setup")
             self.incoming.run_now()

@@ -17,9 +17,8 @@ import time
 from minivmm import runstate
 
 from . import channels, machine_state, stream
-from .cpr import now_ns
-from .progress import Stats, on_main
 from .ram import CHUNK, DirtyLog, is_zero
+from .stats import Stats
 
 MAX_PASSES = 30
 STALL_PASSES = 3  # passes in a row without the dirty set shrinking by a tenth
@@ -39,7 +38,7 @@ class Outgoing:
         self.stats = Stats()
         self.cancel_requested = False
         self.stopped_vm = False
-        self.old_state = self.machine.runstate
+        self.old_state = self.machine.control.state
         self.times: dict[str, int] = {}  # CLOCK_MONOTONIC ns of each step, sent to the target
         self.thread = threading.Thread(target=self._thread, name="migration", daemon=True)
 
@@ -60,10 +59,10 @@ class Outgoing:
         try:
             self._migrate()
         except Cancelled:
-            on_main(loop, lambda: self._finish("cancelled", None))
+            loop.call_and_wait(lambda: self._finish("cancelled", None))
         except Exception as e:
             text = str(e) or e.__class__.__name__
-            on_main(loop, lambda: self._finish("failed", text))
+            loop.call_and_wait(lambda: self._finish("failed", text))
 
     def _migrate(self) -> None:
         loop = self.machine.loop
@@ -75,7 +74,7 @@ class Outgoing:
             sent_blocks = [(i, b) for i, (b, sent) in enumerate(blocks) if sent]
             self.stats.total = sum(b.size for _, b in sent_blocks)
             self.stats.setup_end = time.monotonic()
-            on_main(loop, lambda: self.manager.set_status(self, "active"))
+            loop.call_and_wait(lambda: self.manager.set_status(self, "active"))
             index = {id(b): i for i, b in sent_blocks}
             if self.addr.transport == "file" or not sent_blocks:
                 self._stop_vm()
@@ -85,13 +84,13 @@ class Outgoing:
             self._send_state(writer)
         finally:
             out.close()
-        on_main(loop, lambda: self._finish("completed", None))
+        loop.call_and_wait(lambda: self._finish("completed", None))
 
     def _send_state(self, writer: stream.Writer) -> None:
         """The machine state, the timestamps and the end mark (vCPUs stopped)."""
         resume = runstate.RUNNING if self.old_state == runstate.RUNNING else self.old_state
         writer.state(machine_state.save(self.machine, resume))
-        self.times["saved"] = now_ns()
+        self.times["saved"] = time.monotonic_ns()
         writer.times(self.times)
         writer.end()
         self.stats.phases["save"] = (self.times["saved"] - self.times["stopped"]) / 1e6
@@ -99,14 +98,14 @@ class Outgoing:
 
     def _stop_vm(self) -> None:
         self.stats.stop = time.monotonic()
-        self.times["stop"] = now_ns()
-        on_main(self.machine.loop, self._stop_on_main)
-        self.times["stopped"] = now_ns()
+        self.times["stop"] = time.monotonic_ns()
+        self.machine.loop.call_and_wait(self._stop_on_main)
+        self.times["stopped"] = time.monotonic_ns()
         self.stats.phases["stop"] = (self.times["stopped"] - self.times["stop"]) / 1e6
 
     def _stop_on_main(self) -> None:
         self.stopped_vm = True
-        self.machine.vm_stop_force_state(runstate.FINISH_MIGRATE)
+        self.machine.control.vm_stop_force_state(runstate.FINISH_MIGRATE)
 
     def _send(self, writer, index: int, block, offset: int, length: int, skip_zero: bool, throttle: bool) -> None:
         for at in range(offset, offset + length, CHUNK):
@@ -165,7 +164,7 @@ class Outgoing:
                 self._send_chunks(writer, index, pending.values(), throttle=True)
                 pending.clear()
                 self.stats.passes += 1
-                on_main(m.loop, lambda: self.manager.emit_pass(self.stats.passes))
+                m.loop.call_and_wait(lambda: self.manager.emit_pass(self.stats.passes))
                 pass_bytes, pass_time = writer.bytes - before, time.monotonic() - pass_start
             self._stop_vm()
             for chunk in log.dirty_chunks():
@@ -185,11 +184,11 @@ class Outgoing:
         self.stats.end = time.monotonic()
         self.error = error
         if status == "completed":
-            m.set_runstate(runstate.POSTMIGRATE)
+            m.control.set_state(runstate.POSTMIGRATE)
         elif self.stopped_vm:
-            m.bind_irqfds()  # back from a CPR source's hand-over
+            m.devices.bind_irqfds()  # back from a CPR source's hand-over
             if self.old_state == runstate.RUNNING:
-                m.vm_start()
+                m.control.vm_start()
             else:
-                m.set_runstate(self.old_state)
+                m.control.set_state(self.old_state)
         self.manager.set_status(self, status)

@@ -6,10 +6,9 @@ says changed since the last pass.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
 
 from minivmm.kvm import constants as c
-from minivmm.memory import PAGE_SIZE, Mapping, RamBlock
+from minivmm.memory import PAGE_SIZE, RamBlock, Slot
 
 CHUNK = 64 * PAGE_SIZE  # one 64-bit word of the dirty bitmap
 _ZERO = bytes(CHUNK)
@@ -20,12 +19,6 @@ _memcmp.restype = ctypes.c_int
 
 def is_zero(block: RamBlock, offset: int, length: int) -> bool:
     return _memcmp(block.host_addr + offset, _ZERO, length) == 0
-
-
-@dataclass
-class Slot:
-    slot: int
-    mapping: Mapping
 
 
 class DirtyLog:

@@ -33,6 +33,8 @@ REC_PAGES, REC_STATE, REC_END, REC_TIMES = 1, 2, 3, 4
 PAGE_SIZE = 4096
 MAX_HEADER = 1 << 20
 MAX_STATE = 64 << 20
+# The target's answer on the main channel, for a source with the return-path capability.
+VERDICT_OK = b"OK\n"
 TIMEOUT_ENV = "MINIVMM_STREAM_TIMEOUT"
 DEFAULT_TIMEOUT = 30.0
 

@@ -13,22 +13,23 @@ from .server import Monitor, MonitorError, QmpError
 __all__ = ["Monitor", "MonitorError", "QmpError", "open_monitors"]
 
 
-def _dispatch(machine, monitor, conn, name: str, arguments: dict) -> object:
+def _dispatch(machine, migration, monitor, conn, name: str, arguments: dict) -> object:
     # The command table is imported at the first command, not at start-up (which a cpr-exec pays for).
     from .commands import dispatch
 
-    return dispatch(machine, monitor, conn, name, arguments)
+    return dispatch(machine, migration, monitor, conn, name, arguments)
 
 
-def open_monitors(machine) -> list[Monitor]:
+def open_monitors(machine, migration) -> list[Monitor]:
     """Bind every configured monitor (errors name the option) and subscribe them to events."""
     monitors: list[Monitor] = []
     try:
         for config in machine.config.monitors:
-            if config.fd is not None:
-                machine.check_saved_fd("monitor", config.id, config.option)
+            if config.fd is not None and machine.fds.missing("monitor", config.id):
+                raise MonitorError(f"{config.option}: cannot find saved value for fd {config.id}")
             try:
-                monitors.append(Monitor(config, machine.loop, partial(_dispatch, machine), machine.preserve))
+                dispatch = partial(_dispatch, machine, migration)
+                monitors.append(Monitor(config, machine.loop, dispatch, machine.fds))
             except MonitorError as e:
                 raise MonitorError(f"{config.option}: {e}") from None
     except BaseException:
@@ -40,5 +41,5 @@ def open_monitors(machine) -> list[Monitor]:
         for m in monitors:
             m.event(event, data)
 
-    machine.add_event_listener(broadcast)
+    machine.control.add_event_listener(broadcast)
     return monitors

@@ -80,6 +80,7 @@ def opt(kind: str, **kw) -> Arg:
 @dataclass
 class Context:
     machine: object  # minivmm.machine.Machine
+    migration: object  # minivmm.migration.manager.MigrationManager
     monitor: Monitor
     conn: Connection
 
@@ -118,12 +119,12 @@ def check_arguments(cmd: Command, arguments: dict) -> dict:
     return out
 
 
-def dispatch(machine, monitor: Monitor, conn: Connection, name: str, arguments: dict) -> object:
+def dispatch(machine, migration, monitor: Monitor, conn: Connection, name: str, arguments: dict) -> object:
     cmd = COMMANDS.get(name)
     if cmd is None:
         raise QmpError(f"The command {name} has not been found", "CommandNotFound")
     kwargs = check_arguments(cmd, arguments)
-    return cmd.handler(Context(machine, monitor, conn), **kwargs)
+    return cmd.handler(Context(machine, migration, monitor, conn), **kwargs)
 
 
 # --- the protocol ------------------------------------------------------------------
@@ -157,42 +158,43 @@ def query_commands(ctx: Context) -> list:
 
 @command("query-status")
 def query_status(ctx: Context) -> dict:
-    state = ctx.machine.runstate
+    state = ctx.machine.control.state
     return {"running": state == runstate.RUNNING, "singlestep": False, "status": state}
 
 
 @command("stop")
 def stop(ctx: Context) -> dict:
-    if ctx.machine.runstate == runstate.INMIGRATE:
-        ctx.machine.autostart = False
+    control = ctx.machine.control
+    if control.state == runstate.INMIGRATE:
+        control.autostart = False
     else:
-        ctx.machine.vm_stop(runstate.PAUSED)
+        control.vm_stop(runstate.PAUSED)
     return {}
 
 
 @command("cont")
 def cont(ctx: Context) -> dict:
-    machine = ctx.machine
-    if machine.runstate in runstate.NEEDS_RESET:
+    control = ctx.machine.control
+    if control.state in runstate.NEEDS_RESET:
         raise QmpError("Resetting the Virtual Machine is required")
-    if machine.runstate == runstate.FINISH_MIGRATE:
+    if control.state == runstate.FINISH_MIGRATE:
         raise QmpError("Migration is not finalized yet")
-    if machine.runstate == runstate.INMIGRATE:
-        machine.autostart = True  # QEMU: the VM starts when the incoming migration completes
+    if control.state == runstate.INMIGRATE:
+        control.autostart = True  # QEMU: the VM starts when the incoming migration completes
     else:
-        machine.vm_start()
+        control.vm_start()
     return {}
 
 
 @command("system_reset")
 def system_reset(ctx: Context) -> dict:
-    ctx.machine.request_reset("host-qmp-system-reset")
+    ctx.machine.control.request_reset("host-qmp-system-reset")
     return {}
 
 
 @command("quit")
 def quit_(ctx: Context) -> dict:
-    ctx.machine.request_shutdown("host-qmp-quit", force=True)
+    ctx.machine.control.request_shutdown("host-qmp-quit", force=True)
     return {}
 
 
@@ -312,13 +314,14 @@ def getfd(ctx: Context, fdname: str) -> dict:
     if fdname[:1].isdigit():
         os.close(ctx.conn.fds.pop())
         raise QmpError("Parameter 'fdname' expects a name not starting with a digit")
-    ctx.machine.add_named_fd(fdname, ctx.conn.fds.pop())
+    ctx.machine.fds.close("getfd", fdname)  # one of the same name is replaced
+    ctx.machine.fds.save("getfd", fdname, ctx.conn.fds.pop())
     return {}
 
 
 @command("closefd", fdname=req("str", max_len=255))
 def closefd(ctx: Context, fdname: str) -> dict:
-    if not ctx.machine.close_named_fd(fdname):
+    if not ctx.machine.fds.close("getfd", fdname):
         raise QmpError(f"File descriptor named '{fdname}' not found")
     return {}
 
@@ -332,7 +335,7 @@ def human_monitor_command(ctx: Context, command_line: str, cpu_index: int = 0) -
         raise QmpError("Parameter 'cpu-index' expects a CPU number")
 
     def qmp(name: str) -> object:
-        return dispatch(ctx.machine, ctx.monitor, ctx.conn, name, {})
+        return dispatch(ctx.machine, ctx.migration, ctx.monitor, ctx.conn, name, {})
 
     return hmp.run(ctx, command_line, cpu_index, qmp).replace("\n", "\r\n")
 
@@ -341,7 +344,7 @@ def human_monitor_command(ctx: Context, command_line: str, cpu_index: int = 0) -
 
 
 def _main_channel(uri: str | None, channels_arg: list | None, command: str):
-    from minivmm.migration.channels import ChannelError, parse_channel, parse_uri
+    from minivmm.migration.channels import ChannelError, main_of, parse_channel, parse_uri
 
     if (uri is None) == (channels_arg is None):
         if uri is None:
@@ -356,12 +359,12 @@ def _main_channel(uri: str | None, channels_arg: list | None, command: str):
 
             return Channel("main", parse_uri(uri)), []
         parsed = [parse_channel(c) for c in channels_arg]
+        main = main_of(parsed)
     except ChannelError as e:
         raise QmpError(str(e)) from None
-    mains = [c for c in parsed if c.channel_type == "main"]
-    if len(mains) != 1:
-        raise QmpError("Channel list has more than one main entry" if mains else "missing 'main' migration channel")
-    return mains[0], [c for c in parsed if c.channel_type != "main"]
+    if main is None:
+        raise QmpError("missing 'main' migration channel")
+    return main, [c for c in parsed if c.channel_type != "main"]
 
 
 @command(
@@ -380,7 +383,7 @@ def migrate(
         raise QmpError("Cannot resume if there is no paused migration")
     main, others = _main_channel(uri, channels, "migrate")
     try:
-        ctx.machine.migration.start_outgoing(main, others)
+        ctx.migration.start_outgoing(main, others)
     except MigrationError as e:
         raise QmpError(str(e)) from None
     return {}
@@ -395,16 +398,15 @@ def migrate(
 def migrate_incoming(
     ctx: Context, uri: str | None = None, channels: list | None = None, exit_on_error: bool = True
 ) -> dict:
-    from minivmm.migration.channels import ChannelError
+    from minivmm.migration.channels import DEFER, ChannelError
 
-    machine = ctx.machine
-    if "defer" not in machine.config.incoming:
+    if DEFER not in ctx.machine.config.incoming:
         raise QmpError("'-incoming' was not specified on the command line")
-    if machine.migration.incoming is not None:
+    if ctx.migration.incoming is not None:
         raise QmpError("The incoming migration has already been started")
     main, _ = _main_channel(uri, channels, "migrate-incoming")
     try:
-        machine.migration.start_incoming(main)
+        ctx.migration.start_incoming(main)
     except ChannelError as e:
         raise QmpError(str(e)) from None
     return {}
@@ -412,12 +414,12 @@ def migrate_incoming(
 
 @command("query-migrate")
 def query_migrate(ctx: Context) -> dict:
-    return ctx.machine.migration.info()
+    return ctx.migration.info()
 
 
 @command("migrate_cancel")
 def migrate_cancel(ctx: Context) -> dict:
-    ctx.machine.migration.cancel()
+    ctx.migration.cancel()
     return {}
 
 
@@ -434,7 +436,7 @@ def migrate_set_parameters(ctx: Context, **kwargs) -> dict:
     from minivmm.migration.params import ParameterError
 
     try:
-        ctx.machine.migration.params.update({k.replace("_", "-"): v for k, v in kwargs.items()})
+        ctx.migration.params.update({k.replace("_", "-"): v for k, v in kwargs.items()})
     except ParameterError as e:
         raise QmpError(str(e)) from None
     return {}
@@ -442,7 +444,7 @@ def migrate_set_parameters(ctx: Context, **kwargs) -> dict:
 
 @command("query-migrate-parameters")
 def query_migrate_parameters(ctx: Context) -> dict:
-    return ctx.machine.migration.params.to_qmp()
+    return ctx.migration.params.to_qmp()
 
 
 @command("migrate-set-capabilities", capabilities=req("list", items="object", max_len=64))
@@ -450,7 +452,7 @@ def migrate_set_capabilities(ctx: Context, capabilities: list) -> dict:
     from minivmm.migration.manager import ACTIVE
     from minivmm.migration.params import ParameterError, parse_capabilities
 
-    manager = ctx.machine.migration
+    manager = ctx.migration
     if manager.outgoing is not None and manager.outgoing.status in ACTIVE:
         raise QmpError("There's a migration process in progress")
     try:
@@ -462,4 +464,4 @@ def migrate_set_capabilities(ctx: Context, capabilities: list) -> dict:
 
 @command("query-migrate-capabilities")
 def query_migrate_capabilities(ctx: Context) -> list:
-    return [{"capability": k, "state": v} for k, v in ctx.machine.migration.capabilities.items()]
+    return [{"capability": k, "state": v} for k, v in ctx.migration.capabilities.items()]

@@ -56,7 +56,7 @@ def run(ctx, line: str, cpu_index: int, qmp: Callable[[str], object]) -> str:
 
 
 def info_status(machine, cpu_index: int) -> str:
-    state = machine.runstate
+    state = machine.control.state
     text = "VM status: " + ("running" if state == runstate.RUNNING else "paused")
     if state not in (runstate.RUNNING, runstate.PAUSED):
         text += f" ({state})"
@@ -163,11 +163,11 @@ def info_mtree(machine, cpu_index: int) -> str:
         if m.label is not None:
             name = f"alias {m.label} @{m.block.name} {m.offset:016x}-{m.offset + m.size - 1:016x}"
         items.append((m.gpa, m.size, kind, name))
-    items += [(r.base, r.length, "i/o", r.device.name) for r in machine.mmio.ranges]
+    items += [(r.base, r.length, "i/o", r.device.name) for r in machine.devices.mmio.ranges]
     items += [(base, size, "i/o", name) for base, size, name in _KERNEL_MMIO]
     out += [_line(2, *item) for item in sorted(items)]
     out += ["\naddress-space: I/O\n", _line(1, 0, 0x10000, "i/o", "io")]
-    ports = [(r.base, r.length, "i/o", r.device.name) for r in machine.pio.ranges]
+    ports = [(r.base, r.length, "i/o", r.device.name) for r in machine.devices.pio.ranges]
     ports += [(base, size, "i/o", name) for base, size, name in _KERNEL_PIO]
     out += [_line(2, *item) for item in sorted(ports)]
     return "".join(out)

@@ -20,8 +20,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from minivmm import __version__
-from minivmm.chardev import fresh
 from minivmm.config import MonitorConfig
+from minivmm.cpr.fdtable import FdTable
 from minivmm.mainloop import MainLoop
 from minivmm.sockets import check_listening_fd, unix_listen
 
@@ -70,7 +70,7 @@ class Connection:
 class Monitor:
     """One QMP endpoint (-qmp or -mon): a listener and at most one client."""
 
-    def __init__(self, config: MonitorConfig, loop: MainLoop, dispatch, preserve=fresh) -> None:
+    def __init__(self, config: MonitorConfig, loop: MainLoop, dispatch, fds: FdTable) -> None:
         self.config = config
         self.loop = loop
         self.dispatch = dispatch  # (monitor, connection, command, arguments) -> result
@@ -85,7 +85,7 @@ class Monitor:
 
         try:
             # Preserved across cpr-exec: clients reconnect to the same socket at once.
-            fd, self.reused = preserve("monitor", config.id, listen)
+            fd, self.reused = fds.open("monitor", config.id, listen)
         except OSError as e:
             if config.fd is not None:
                 raise MonitorError(f"fd={config.fd}: {e.strerror}") from None

@@ -80,6 +80,7 @@ PORT_A20 = 0x92  # "fast A20" / system control port A
 PORT_DEBUG_EXIT_DEFAULT = 0x501  # QEMU's isa-debug-exit default iobase
 PORT_ACPI_PM1A_CNT = 0x604  # QEMU's PM1a control: outw 0x2000 powers off
 PORT_COM1 = 0x3F8
+COM_PORTS = ((PORT_COM1, 4), (0x2F8, 3), (0x3E8, 4), (0x2E8, 3))  # (base port, IRQ) of COM1-COM4
 IRQ_COM1 = 4
 IRQ_PIT = 0
 

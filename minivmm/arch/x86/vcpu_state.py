@@ -34,14 +34,34 @@ class VcpuState:
 
 @dataclass(frozen=True)
 class StateCaps:
-    """What this host can save; decided once per machine."""
+    """What this host can save and restore; decided once per machine, on its first vCPU."""
 
     xsave_size: int  # 0: no XSAVE, use KVM_GET_FPU
     xcrs: bool
     msr_indices: tuple[int, ...]
+    tsc_khz: int = 0  # this host's guest TSC frequency (KVM_GET_TSC_KHZ)
+    tsc_scaling: bool = False  # KVM_CAP_TSC_CONTROL: KVM_SET_TSC_KHZ can give a vCPU another frequency
+
+
+TSC_TOLERANCE_PPM = 250  # the kernel's own tolerance: closer frequencies are the same clock
+
+
+def tsc_problem(saved_khz: int, caps: StateCaps) -> str | None:
+    """Why a vCPU saved at ``saved_khz`` cannot run here at its own TSC frequency, or None."""
+    if not saved_khz or not caps.tsc_khz or caps.tsc_scaling:
+        return None
+    if abs(saved_khz - caps.tsc_khz) * 1_000_000 <= caps.tsc_khz * TSC_TOLERANCE_PPM:
+        return None
+    return (
+        f"TSC frequency mismatch between the saved VM ({saved_khz} kHz) and this host ({caps.tsc_khz} kHz), "
+        "and TSC scaling is unavailable"
+    )
 
 
 def save(vcpu: Vcpu, caps: StateCaps) -> VcpuState:
+    """The whole state, vCPU paused. MP_STATE first (KVM settles a pending INIT/SIPI on
+    reading it); VCPU_EVENTS last, so the pending exception and interrupt it reports are
+    the ones left after everything else was read."""
     mp_state = vcpu.get_mp_state()
     regs = vcpu.get_regs()
     sregs = vcpu.get_sregs()
@@ -56,20 +76,23 @@ def save(vcpu: Vcpu, caps: StateCaps) -> VcpuState:
     return VcpuState(mp_state, regs, sregs, fpu, xsave, xcrs, debugregs, lapic, msrs, events, tsc_khz)
 
 
-def restore(vcpu: Vcpu, state: VcpuState) -> None:
+def restore(vcpu: Vcpu, state: VcpuState, caps: StateCaps | None = None) -> None:
+    """Put a saved state back (CPUID was set when the vCPU was created, before any MSR)."""
+    if caps is not None and caps.tsc_scaling and state.tsc_khz and state.tsc_khz != caps.tsc_khz:
+        vcpu.set_tsc_khz(state.tsc_khz)  # first: the TSC MSR below is read at this frequency
     vcpu.set_mp_state(state.mp_state)
     vcpu.set_regs(state.regs)
-    vcpu.set_sregs(state.sregs)
+    vcpu.set_sregs(state.sregs)  # sets CR0/CR4/EFER and the APIC base, which what follows depends on
     if state.xsave is not None:
-        vcpu.set_xsave(state.xsave)
+        vcpu.set_xsave(state.xsave)  # after SREGS: CR4.OSXSAVE decides which components load
     else:
         vcpu.set_fpu(state.fpu)
     if state.xcrs is not None:
         vcpu.set_xcrs(state.xcrs)
     vcpu.set_debugregs(state.debugregs)
-    vcpu.set_lapic(state.lapic)
+    vcpu.set_lapic(state.lapic)  # before MSRs: the TSC-deadline MSR needs the LAPIC in place
     vcpu.set_msrs(state.msrs)
-    vcpu.set_vcpu_events(state.events)
+    vcpu.set_vcpu_events(state.events)  # last: pending events are injected on top of the rest
 
 
 def readable_msrs(vcpu: Vcpu, indices: list[int]) -> tuple[int, ...]:

@@ -1,34 +1,11 @@
-"""What a migration reports (query-migrate) and how its thread talks to the main loop."""
+"""What a migration reports in query-migrate: times, bytes, pages, passes and phases."""
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 
 from . import stream
-
-# The target's answer on the main channel, for a source with the return-path capability.
-VERDICT_OK = b"OK\n"
-
-
-def on_main(loop, fn):
-    """Run ``fn`` on the main loop and wait for its result (from another thread)."""
-    done, box = threading.Event(), {}
-
-    def call() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as e:  # handed back to the waiting thread
-            box["error"] = e
-        finally:
-            done.set()
-
-    loop.call_soon_threadsafe(call)
-    done.wait()
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
 
 
 @dataclass

@@ -1,0 +1,35 @@
+"""What every device gives the machine: a lifecycle the builder and the
+migration code rely on, declared rather than guessed.
+
+- ``read``/``write``: guest accesses at (offset, size) in the device's range;
+  they must take any value a guest can produce and never raise.
+- ``reset``: back to the power-on state (system_reset, a guest reboot).
+- the persist part, optional: ``vmstate`` (the state description, or None
+  for a device with nothing to keep), ``save_state`` and ``load_state``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from minivmm.vmstate import VMSD
+
+
+class Device:
+    name: str = "device"
+    vmstate: VMSD | None = None  # a device with state declares its description here
+
+    def read(self, offset: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        """Nothing to do for a device without state."""
+
+    def save_state(self) -> Any:
+        raise NotImplementedError(f"{self.name} has no state to save")
+
+    def load_state(self, state: Any) -> None:
+        raise NotImplementedError(f"{self.name} has no state to load")

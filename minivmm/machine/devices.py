@@ -1,0 +1,219 @@
+"""The device manager: the PC's devices, declared in tables the builder
+walks, on the two buses (port I/O and MMIO), with their chardevs and their
+interrupt lines.
+
+``BOARD`` lists what every machine has, ``MODELS`` what ``-device`` can add
+(QEMU's names and property defaults); serial ports come from ``-serial``.
+Every device follows devices.device.Device: reset and the optional persist
+part are declared, not looked for.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from minivmm.arch.x86 import layout
+from minivmm.chardev import Chardev, ChardevError, FileChardev, SocketChardev, StdioChardev
+from minivmm.config import ChardevConfig, DeviceConfig, MachineConfig
+from minivmm.cpr.fdtable import FdTable
+from minivmm.devices import pvpanic
+from minivmm.devices.acpi_pm import AcpiPm
+from minivmm.devices.bus import Bus, BusError
+from minivmm.devices.debug_exit import DebugExit
+from minivmm.devices.device import Device
+from minivmm.devices.i8042 import I8042
+from minivmm.devices.postcode import PostCode
+from minivmm.devices.rtc import Rtc
+from minivmm.devices.serial import Serial
+from minivmm.kvm import constants as c
+from minivmm.kvm.system import Kvm, Vm
+from minivmm.mainloop import MainLoop
+
+from .control import RunControl
+from .errors import MachineError
+
+
+@dataclass(frozen=True)
+class Board:
+    """A device every machine has, at a fixed port range."""
+
+    name: str
+    port: int
+    size: int
+    make: Callable[[DeviceManager, MachineConfig], Device]
+
+
+BOARD = (
+    Board("post-code", layout.PORT_POST, 1, lambda dm, cfg: PostCode(trace="postcode" in cfg.trace)),
+    Board("i8042", layout.PORT_I8042_DATA, 5, lambda dm, cfg: I8042(lambda: dm.control.request_reset("guest-reset"))),
+    Board("rtc", layout.PORT_CMOS, 2, lambda dm, cfg: Rtc(dm.ram_below_4g, dm.ram_above_4g)),
+    Board(
+        "acpi-pm",
+        layout.PORT_ACPI_PM1A_CNT,
+        2,
+        lambda dm, cfg: AcpiPm(lambda: dm.control.request_shutdown("guest-shutdown")),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Model:
+    """A device model ``-device`` adds: QEMU's name, its properties with their defaults, how to make it."""
+
+    name: str
+    bus: str
+    description: str
+    props: dict[str, int]
+    make: Callable[[DeviceManager, dict[str, int]], tuple[Device, int, int]]  # -> (device, port, size)
+
+
+MODELS = {
+    m.name: m
+    for m in (
+        Model(
+            "isa-debug-exit",
+            "ISA",
+            "a write of v ends minivmm with exit status (v << 1) | 1",
+            {"iobase": layout.PORT_DEBUG_EXIT_DEFAULT, "iosize": 2},
+            lambda dm, p: (
+                DebugExit(lambda status: dm.control.request_shutdown("guest-shutdown", status)),
+                p["iobase"],
+                p["iosize"],
+            ),
+        ),
+        Model(
+            "pvpanic",
+            "ISA",
+            "the guest reports a panic; -action panic= decides",
+            {"ioport": pvpanic.DEFAULT_IOPORT},
+            lambda dm, p: (
+                pvpanic.PvPanic(dm.control.request_panic, lambda: dm.control.emit_threadsafe("GUEST_CRASHLOADED")),
+                p["ioport"],
+                1,
+            ),
+        ),
+    )
+}
+
+
+class DeviceManager:
+    def __init__(self, kvm: Kvm, vm: Vm, loop: MainLoop, fds: FdTable, control: RunControl) -> None:
+        self.kvm, self.vm, self.loop, self.fds, self.control = kvm, vm, loop, fds, control
+        self.pio = Bus("port I/O")
+        self.mmio = Bus("MMIO")
+        self.chardevs: list[Chardev] = []
+        self.irqfds: dict[int, int] = {}  # GSI -> eventfd for KVM_IRQFD
+        self.irqfds_bound = False  # an incoming CPR binds them once the source has let go
+        self.ram_below_4g = self.ram_above_4g = 0
+
+    def build(self, cfg: MachineConfig, ram_ranges: list[tuple[int, int]]) -> None:
+        """Serial ports, the board, then -device, in that order (the order their state is saved in)."""
+        self.ram_below_4g = ram_ranges[0][1]
+        self.ram_above_4g = sum(size for _, size in ram_ranges[1:])
+        serials = cfg.serials or [ChardevConfig("serial0", "stdio", option="-serial stdio")]
+        if len(serials) > len(layout.COM_PORTS):
+            raise MachineError(serials[len(layout.COM_PORTS)].option, f"at most {len(layout.COM_PORTS)} serial ports")
+        for index, cc in enumerate(serials):
+            if cc.backend != "none":
+                self._add_serial(index, cc)
+        for board in BOARD:
+            self.pio.register(board.port, board.size, board.make(self, cfg))
+        for dev in cfg.devices:
+            self._add_model(dev)
+
+    def devices(self) -> list[Device]:
+        return self.pio.devices() + self.mmio.devices()
+
+    def persistent(self) -> list[Device]:
+        """The devices with state, in a fixed order."""
+        return [d for d in self.devices() if d.vmstate is not None]
+
+    def reset_all(self) -> None:
+        for device in self.devices():
+            device.reset()
+
+    # --- serial ports and their back-ends -------------------------------------------------------------
+    def _add_serial(self, index: int, cc: ChardevConfig) -> None:
+        chardev = self._open_chardev(cc)
+        self.chardevs.append(chardev)
+        port, irq = layout.COM_PORTS[index]
+        uart = Serial(chardev.write, self._isa_irq(irq), name=f"serial{index}", room_available=chardev.frontend_ready)
+        chardev.attach(self.loop, uart)
+        self.pio.register(port, 8, uart)
+
+    def _open_chardev(self, cc: ChardevConfig) -> Chardev:
+        """A back-end; an inherited fd is kept only if this command line describes the same file or socket."""
+        try:
+            if cc.backend == "stdio":
+                return StdioChardev(cc.id)
+            if cc.backend == "file":
+                return FileChardev(cc.id, cc.path, self.fds, cc.append)
+            if cc.backend == "socket":
+                if cc.fd is not None and self.fds.missing("chardev-socket", cc.id):
+                    raise MachineError(cc.option, f"cannot find saved value for fd {cc.id}")
+                return SocketChardev(cc.id, cc.path, cc.wait, self.fds, cc.fd)
+            return Chardev(cc.id)
+        except ChardevError as e:
+            raise MachineError(cc.option, str(e)) from None
+
+    # --- interrupts -----------------------------------------------------------------------------------
+    def _isa_irq(self, gsi: int) -> Callable[[int], None]:
+        """An edge-triggered ISA interrupt line, as Firecracker wires its devices: through
+        an irqfd (an eventfd KVM listens on) when KVM has them, else KVM_IRQ_LINE.
+
+        The eventfd is a device fd like VFIO's interrupt eventfds: it is kept in the CPR
+        table ("irqfd", "gsiN"), so an update binds the very same eventfd to the new VM.
+        A rising edge is all an edge-triggered PIC or IOAPIC input sees of a level, so a
+        pulse per rise of the device's level is the same interrupt.
+        """
+        if not self.kvm.check_extension(c.KVM_CAP_IRQFD):
+            return lambda level: self.vm.irq_line(gsi, level)
+        fd = self.irqfds.get(gsi)
+        if fd is None:
+            fd, _ = self.fds.open("irqfd", f"gsi{gsi}", lambda: os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+            self.irqfds[gsi] = fd
+
+        def raise_edge(level: int) -> None:
+            if level:
+                os.eventfd_write(fd, 1)  # while unbound the count waits; binding injects it
+
+        return raise_edge
+
+    def bind_irqfds(self, bind: bool = True) -> None:
+        """Bind the irqfds to this VM, or let them go (a CPR source, stopped, before the new VM binds them)."""
+        if bind == self.irqfds_bound:
+            return
+        for gsi, fd in self.irqfds.items():
+            self.vm.irqfd(fd, gsi, assign=bind)
+        self.irqfds_bound = bind
+
+    # --- -device ----------------------------------------------------------------------------------------
+    def _add_model(self, dev: DeviceConfig) -> None:
+        model = MODELS.get(dev.driver)
+        if model is None:
+            raise MachineError(dev.option, f"'{dev.driver}' is not a valid device model name")
+        props = dict(model.props)
+        for key, value in dev.props.items():
+            if key not in props:
+                raise MachineError(dev.option, f"Property '{dev.driver}.{key}' not found")
+            try:
+                props[key] = int(value, 0)
+            except ValueError:
+                raise MachineError(dev.option, f"Property '{dev.driver}.{key}' takes a number, not '{value}'") from None
+        device, base, size = model.make(self, props)
+        if not (base >= 0 and size >= 1 and base + size <= 0x10000):
+            raise MachineError(dev.option, f"port range {base:#x}+{size:#x} is outside 0-0xffff")
+        try:
+            self.pio.register(base, size, device)
+        except BusError as e:
+            raise MachineError(dev.option, str(e)) from None
+
+    def close(self) -> None:
+        for chardev in self.chardevs:
+            chardev.close()
+        for gsi, fd in self.irqfds.items():
+            self.fds.delete("irqfd", f"gsi{gsi}")
+            os.close(fd)
+        self.irqfds.clear()
