@@ -47,7 +47,7 @@ def make_devices() -> list[tuple[object, int]]:
         (rtc.Rtc(3 << 30, 2 << 30), 2),
         (acpi_pm.AcpiPm(r("poweroff")), 2),
         (postcode.PostCode(), 1),
-        (debug_exit.DebugExit(r("exit"), 0xF4, 4), 4),
+        (debug_exit.DebugExit(r("exit")), 4),
         (pvpanic.PvPanic(r("panic"), r("crash")), 1),
         (UNCLAIMED, 1),
     ]
@@ -179,7 +179,7 @@ def test_acpi_pm_byte_writes_keep_the_other_byte():
 
 def test_debug_exit_status_is_what_a_process_can_return():
     statuses = []
-    dev = debug_exit.DebugExit(statuses.append, 0xF4, 4)
+    dev = debug_exit.DebugExit(statuses.append)
     dev.write(0, 4, 0xFFFFFFFF)
     dev.write(0, 1, 0x10)
     assert statuses == [0xFF, 0x21]
