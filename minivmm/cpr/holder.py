@@ -140,8 +140,8 @@ def _hold_socket() -> str:
     return os.path.join(rundir, f"minivmm-rescue-{os.getpid()}.sock")
 
 
-def retry_hint(state: CprState, state_source: str) -> str:
-    """Start a holder and tell the user how to pick the guest up again (appended to the error)."""
+def hold_for_retry(state: CprState, state_source: str) -> str:
+    """Start a holder for ``state``'s fds; what to tell the user to pick the guest up again (for the error line)."""
     path = _hold_socket()
     try:
         # Not the VMM's stderr: a pipe held open for minutes would hang whoever reads it to the end.

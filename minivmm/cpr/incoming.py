@@ -55,7 +55,7 @@ def adopt(state: CprState) -> None:
 def fail_line(text: str, state: CprState | None, state_source: str) -> str:
     """The one line for a failure; an exec'd image's guest RAM is first given to a holder."""
     if state is not None and state.mode == "cpr-exec":
-        from .holder import retry_hint
+        from .holder import hold_for_retry
 
-        text += retry_hint(state, state_source)
+        text += hold_for_retry(state, state_source)
     return text
