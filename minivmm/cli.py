@@ -21,7 +21,10 @@ from .arch.x86.layout import PAGE_SIZE, KiB
 from .config import MIN_RAM, ChardevConfig, DeviceConfig, MachineConfig, MemoryBackendConfig, MonitorConfig
 from .options import OptionError, parse_bool, parse_keyval, parse_object, parse_size
 
-USAGE = """\
+# The first line QEMU prints for -h and -version: test runners read the version from it.
+VERSION_LINE = f"QEMU emulator version {__version__} (minivmm {__version__}, a small KVM VMM with QEMU's command line)"
+USAGE = f"""\
+{VERSION_LINE}
 usage: minivmm [options]
        minivmm demo [--ram SIZE] [--updates N]   a live update under a running guest, checked and timed
 
@@ -75,7 +78,7 @@ class _Parsed:
     monitor_specs: list[tuple[ChardevConfig, bool, str]] = field(default_factory=list)
     incoming: list = field(default_factory=list)  # (Channel, option text)
     pidfile: str | None = None
-    show: str | None = None  # "help" or "version"
+    show: str | None = None  # "help", "version" or "devices"
 
 
 def _where(opt: str, value: str | None) -> str:
@@ -341,8 +344,14 @@ def _opt_action(p: _Parsed, opt: str, value: str) -> None:
 
 
 def _opt_device(p: _Parsed, opt: str, value: str) -> None:
+    if value in ("help", "?"):  # QEMU's listing, which test runners grep for device names
+        p.show = "devices"
+        return
     props = parse_keyval(value, "driver")
     p.config.devices.append(DeviceConfig(props.pop("driver"), props, _where(opt, value)))
+
+
+GLOBALS = ("kvm-pit.lost_tick_policy", "migration.x-listen-remote")
 
 
 def _opt_global(p: _Parsed, opt: str, value: str) -> None:
@@ -358,8 +367,17 @@ def _opt_global(p: _Parsed, opt: str, value: str) -> None:
             raise OptionError("give DRIVER.PROP=VALUE")
     if name == "migration.x-listen-remote":
         p.config.listen_remote = parse_bool(name, setting)
+    elif name == "kvm-pit.lost_tick_policy":
+        if setting not in ("delay", "discard"):
+            raise OptionError(f"Property '{name}' does not accept value '{setting}' (delay or discard)")
+        p.config.pit_reinject = setting == "delay"
     else:
-        raise OptionError(f"Property '{name}' not found (minivmm knows: migration.x-listen-remote)")
+        raise OptionError(f"Property '{name}' not found (minivmm knows: {', '.join(GLOBALS)})")
+
+
+def _opt_vnc(p: _Parsed, opt: str, value: str) -> None:
+    if value != "none":
+        raise OptionError("minivmm has no display: only -vnc none is accepted")
 
 
 def _opt_display(p: _Parsed, opt: str, value: str) -> None:
@@ -430,6 +448,7 @@ OPTIONS: dict[str, tuple[bool, Callable]] = {
     "pidfile": (True, _set_pidfile),
     "nodefaults": (False, _ignore),
     "display": (True, _opt_display),
+    "vnc": (True, _opt_vnc),
     "global": (True, _opt_global),
     "nographic": (False, _ignore),
     "d": (True, _opt_d),
@@ -519,7 +538,12 @@ def main(argv: list[str] | None = None) -> int:
             print(USAGE, end="")
             return 0
         if p.show == "version":
-            print(f"minivmm version {__version__}")
+            print(f"{VERSION_LINE}\nminivmm version {__version__}")
+            return 0
+        if p.show == "devices":
+            from .machine.devices import device_help
+
+            print(device_help(), end="")
             return 0
         return process.run(p, argv, start_ns, state)
     except Exception as e:  # the last barrier: one line, and an exec'd image's guest RAM kept for a retry

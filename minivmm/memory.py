@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 MFD_CLOEXEC = 0x1
 MFD_HUGETLB = 0x4
 PAGE_SIZE = mmap.PAGESIZE
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 ZERO_CHUNK = 1 << 20
 _ZEROS = bytes(ZERO_CHUNK)
 
@@ -223,6 +225,18 @@ class GuestMemory:
         raw = m.block.mem[off:end]
         nul = raw.find(b"\0")
         return raw if nul < 0 else raw[:nul]
+
+    def flush_page(self, gpa: int) -> bool:
+        """Drop and restore the host mapping of the page at ``gpa``, so KVM must fault it in again
+        (its MMU notifier sees the change); False when ``gpa`` is not RAM."""
+        try:
+            m, off = self._find(gpa & ~(PAGE_SIZE - 1), PAGE_SIZE)
+        except GuestMemoryError:
+            return False
+        addr = m.block.host_addr + off
+        _libc.mprotect(addr, PAGE_SIZE, mmap.PROT_NONE)
+        _libc.mprotect(addr, PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE)
+        return True
 
     def is_ram(self, gpa: int, length: int = 1) -> bool:
         try:

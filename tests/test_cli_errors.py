@@ -51,13 +51,13 @@ def _one_line_error(result, *fragments):
         ),
         (["-object", "secret,id=s"], ["invalid object type: secret"]),
         (["-object", "memory-backend-file,id=f,size=1M"], ["mem-path property not set"]),
-        (["-kernel", "/nonexistent/kernel"], ["-kernel /nonexistent/kernel: could not open: No such file"]),
+        (["-kernel", "/nonexistent/kernel"], ["could not load kernel '/nonexistent/kernel': No such file"]),
         (["-kernel", "/etc/hostname"], ["-kernel /etc/hostname: not a multiboot, ELF64 or Linux kernel image"]),
         (["-kernel", sys.executable], ["not an executable ELF file"]),
         (["-bios", "/etc/hostname", *KERNEL], ["-kernel", "cannot be combined with -bios"]),
-        (["-bios", "/nonexistent"], ["-bios /nonexistent: could not open"]),
+        (["-bios", "/nonexistent"], ["-bios /nonexistent: could not load PC BIOS '/nonexistent'"]),
         (["-initrd", "/etc/hostname"], ["-initrd /etc/hostname: only allowed with -kernel"]),
-        ([*KERNEL, "-initrd", "/nonexistent/module"], ["-initrd /nonexistent/module: could not open"]),
+        ([*KERNEL, "-initrd", "/nonexistent/module"], ["could not load initial ram disk '/nonexistent/module'"]),
         ([*KERNEL, "-append", "x" * 5000], ["-append", "longer than 4095 bytes"]),
         ([*KERNEL, "-device", "e1000"], ["-device e1000: 'e1000' is not a valid device model name"]),
         ([*KERNEL, "-device", "isa-debug-exit,iobase=0x3fc"], ["isa-debug-exit at 0x3fc-0x3fd overlaps serial0"]),
@@ -183,3 +183,33 @@ def test_kvm_device_not_accessible(tmp_path):
 def test_version_and_help(vmm, flag, text):
     r = vmm.run(flag)
     assert r.status == 0 and text in r.stdout
+
+
+def test_what_the_kvm_unit_tests_runner_probes(vmm):
+    """run_tests.sh finds a QEMU by --help, reads its version from -h's first line, looks
+    for pc-testdev in -device '?', and runs every test line with _NO_FILE_4Uhere_ as the
+    kernel first, expecting QEMU's "could not load kernel" (else: a premature failure)."""
+    assert "QEMU" in vmm.run("--help").stdout
+    first = vmm.run("-h").stdout.splitlines()[0]
+    words = first.replace(".", " ").split()
+    assert words[:3] == ["QEMU", "emulator", "version"] and all(w.isdigit() for w in words[3:6]), first
+    listing = vmm.run("-device", "?").stdout
+    assert '"pc-testdev"' in listing and 'name "isa-debug-exit", bus ISA' in listing
+    assert vmm.run("-device", "help").stdout == listing
+    r = vmm.run(
+        *"--no-reboot -nodefaults -device pc-testdev -device isa-debug-exit,iobase=0xf4,iosize=0x4 -vnc none "
+        "-serial stdio -machine accel=kvm -global kvm-pit.lost_tick_policy=discard -kernel _NO_FILE_4Uhere_ "
+        "-smp 2".split()
+    )
+    _one_line_error(r, "_NO_FILE_4Uhere_", "could not load kernel '_NO_FILE_4Uhere_'")
+
+
+def test_lost_tick_policy_discard_and_vnc_none_run_a_guest(vmm):
+    r = vmm.run("-global", "kvm-pit.lost_tick_policy=discard", "-vnc", "none", "-serial", "stdio")
+    assert r.status == 0 and "long64: work=19ec7595d3969201" in r.stdout, r
+    for args, fragment in (
+        (["-global", "kvm-pit.lost_tick_policy=slew"], "does not accept value 'slew' (delay or discard)"),
+        (["-vnc", ":0"], "-vnc :0: minivmm has no display"),
+        (["-global", "e1000.mac=x"], "Property 'e1000.mac' not found (minivmm knows: kvm-pit.lost_tick_policy"),
+    ):
+        _one_line_error(vmm.run(*args), fragment)

@@ -253,6 +253,10 @@ class kvm_pit_config(Structure):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
 
 
+class kvm_reinject_control(Structure):
+    _fields_ = [("pit_reinject", u8), ("reserved", u8 * 31)]
+
+
 class kvm_clock_data(Structure):
     _fields_ = [
         ("clock", u64),

@@ -136,6 +136,9 @@ class Vm:
     def create_pit2(self, flags: int = c.KVM_PIT_SPEAKER_DUMMY) -> None:
         ioctl(self.fd, io.KVM_CREATE_PIT2, byref(s.kvm_pit_config(flags=flags)))
 
+    def reinject_control(self, pit_reinject: bool) -> None:
+        ioctl(self.fd, io.KVM_REINJECT_CONTROL, byref(s.kvm_reinject_control(pit_reinject=int(pit_reinject))))
+
     def irq_line(self, irq: int, level: int) -> None:
         ioctl(self.fd, io.KVM_IRQ_LINE, byref(s.kvm_irq_level(irq, level)))
 

@@ -40,6 +40,8 @@ def build(m) -> None:
     m.vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
     m.vm.create_irqchip()
     m.vm.create_pit2()
+    if not cfg.pit_reinject:  # lost_tick_policy=discard: ticks the guest missed are not made up
+        m.vm.reinject_control(False)
     m.initial_irqchips = [m.vm.get_irqchip(i) for i in range(3)]
     m.initial_pit = m.vm.get_pit2()
 
@@ -48,7 +50,7 @@ def build(m) -> None:
     RamBuilder(cfg, m.fds).build(m.memory, m.ram_ranges, firmware)
     m.memslots = add_memslots(m.vm, m.memory)
 
-    m.devices = DeviceManager(m.kvm, m.vm, m.loop, m.fds, m.control)
+    m.devices = DeviceManager(m.kvm, m.vm, m.memory, m.loop, m.fds, m.control)
     m.devices.build(cfg, m.ram_ranges)
     if not m.fds.inherited:
         m.devices.bind_irqfds()

@@ -18,7 +18,7 @@ from minivmm.arch.x86 import layout
 from minivmm.chardev import Chardev, ChardevError, FileChardev, SocketChardev, StdioChardev
 from minivmm.config import ChardevConfig, DeviceConfig, MachineConfig
 from minivmm.cpr.fdtable import FdTable
-from minivmm.devices import pvpanic
+from minivmm.devices import pc_testdev, pvpanic
 from minivmm.devices.acpi_pm import AcpiPm
 from minivmm.devices.bus import Bus, BusError
 from minivmm.devices.debug_exit import DebugExit
@@ -30,6 +30,7 @@ from minivmm.devices.serial import Serial
 from minivmm.kvm import constants as c
 from minivmm.kvm.system import Kvm, Vm
 from minivmm.mainloop import MainLoop
+from minivmm.memory import GuestMemory
 
 from .control import RunControl
 from .errors import MachineError
@@ -60,13 +61,25 @@ BOARD = (
 
 @dataclass(frozen=True)
 class Model:
-    """A device model ``-device`` adds: QEMU's name, its properties with their defaults, how to make it."""
+    """A device model ``-device`` adds: QEMU's name, its properties with their defaults, how to make it.
+
+    ``make`` returns where the device answers: (bus, base, size, device) for each range.
+    """
 
     name: str
     bus: str
     description: str
     props: dict[str, int]
-    make: Callable[[DeviceManager, dict[str, int]], tuple[Device, int, int]]  # -> (device, port, size)
+    make: Callable[[DeviceManager, dict[str, int]], list[tuple[str, int, int, Device]]]
+
+
+def _pc_testdev(dm: DeviceManager, props: dict[str, int]) -> list[tuple[str, int, int, Device]]:
+    ports = pc_testdev.TestDevPorts(dm.flush_page)
+    return [
+        ("pio", pc_testdev.PORT_BASE, 12, ports),
+        ("pio", pc_testdev.PORT_IRQ, pc_testdev.IRQ_LINES, pc_testdev.TestDevIrq(dm.vm.irq_line)),
+        ("mmio", pc_testdev.IOMEM_BASE, pc_testdev.IOMEM_SIZE, pc_testdev.TestDevMemory(ports)),
+    ]
 
 
 MODELS = {
@@ -77,30 +90,52 @@ MODELS = {
             "ISA",
             "a write of v ends minivmm with exit status (v << 1) | 1",
             {"iobase": layout.PORT_DEBUG_EXIT_DEFAULT, "iosize": 2},
-            lambda dm, p: (
-                DebugExit(lambda status: dm.control.request_shutdown("guest-shutdown", status)),
-                p["iobase"],
-                p["iosize"],
-            ),
+            lambda dm, p: [
+                (
+                    "pio",
+                    p["iobase"],
+                    p["iosize"],
+                    DebugExit(lambda status: dm.control.request_shutdown("guest-shutdown", status)),
+                )
+            ],
+        ),
+        Model(
+            "pc-testdev",
+            "ISA",
+            "kvm-unit-tests' test device: scratch ports, interrupt lines, flush page, scratch MMIO",
+            {},
+            _pc_testdev,
         ),
         Model(
             "pvpanic",
             "ISA",
-            "the guest reports a panic; -action panic= decides",
+            "pvpanic device: the guest reports a panic; -action panic= decides",
             {"ioport": pvpanic.DEFAULT_IOPORT},
-            lambda dm, p: (
-                pvpanic.PvPanic(dm.control.request_panic, lambda: dm.control.emit_threadsafe("GUEST_CRASHLOADED")),
-                p["ioport"],
-                1,
-            ),
+            lambda dm, p: [
+                (
+                    "pio",
+                    p["ioport"],
+                    1,
+                    pvpanic.PvPanic(dm.control.request_panic, lambda: dm.control.emit_threadsafe("GUEST_CRASHLOADED")),
+                )
+            ],
         ),
     )
 }
 
 
+def device_help() -> str:
+    """``-device help``, in QEMU's format (test runners grep it for device names)."""
+    lines = ["Misc devices:"]
+    lines += [f'name "{m.name}", bus {m.bus}, desc "{m.description}"' for m in MODELS.values()]
+    return "\n".join(lines) + "\n"
+
+
 class DeviceManager:
-    def __init__(self, kvm: Kvm, vm: Vm, loop: MainLoop, fds: FdTable, control: RunControl) -> None:
-        self.kvm, self.vm, self.loop, self.fds, self.control = kvm, vm, loop, fds, control
+    def __init__(
+        self, kvm: Kvm, vm: Vm, memory: GuestMemory, loop: MainLoop, fds: FdTable, control: RunControl
+    ) -> None:
+        self.kvm, self.vm, self.memory, self.loop, self.fds, self.control = kvm, vm, memory, loop, fds, control
         self.pio = Bus("port I/O")
         self.mmio = Bus("MMIO")
         self.chardevs: list[Chardev] = []
@@ -202,13 +237,17 @@ class DeviceManager:
                 props[key] = int(value, 0)
             except ValueError:
                 raise MachineError(dev.option, f"Property '{dev.driver}.{key}' takes a number, not '{value}'") from None
-        device, base, size = model.make(self, props)
-        if not (base >= 0 and size >= 1 and base + size <= 0x10000):
-            raise MachineError(dev.option, f"port range {base:#x}+{size:#x} is outside 0-0xffff")
-        try:
-            self.pio.register(base, size, device)
-        except BusError as e:
-            raise MachineError(dev.option, str(e)) from None
+        for bus, base, size, device in model.make(self, props):
+            limit = 1 << 16 if bus == "pio" else 1 << 64
+            if not (base >= 0 and size >= 1 and base + size <= limit):
+                raise MachineError(dev.option, f"{bus} range {base:#x}+{size:#x} is outside 0-{limit - 1:#x}")
+            try:
+                (self.pio if bus == "pio" else self.mmio).register(base, size, device)
+            except BusError as e:
+                raise MachineError(dev.option, str(e)) from None
+
+    def flush_page(self, gpa: int) -> None:
+        self.memory.flush_page(gpa)
 
     def close(self) -> None:
         for chardev in self.chardevs:

@@ -48,12 +48,16 @@ class Entry:
     rsp: int = 0
 
 
+# QEMU's wording (test runners look for "could not load kernel"), by option.
+_WHAT = {"-kernel": "kernel", "-bios": "PC BIOS", "-initrd": "initial ram disk"}
+
+
 def _read(option: str, path: str) -> bytes:
     try:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise BootError(option, path, f"could not open: {e.strerror}") from None
+        raise BootError(option, path, f"could not load {_WHAT[option]} '{path}': {e.strerror}") from None
 
 
 def split_modules(spec: str) -> list[str]:
