@@ -395,3 +395,68 @@ def test_multiboot_aout_kludge_image(vmm, tmp_path):
     (tmp_path / "k.bin").write_bytes(image + b"\xff" * 64)  # junk past load_end must not be loaded
     r = vmm.run("-kernel", str(tmp_path / "k.bin"), *DEBUG_EXIT)
     assert (r.status, r.stdout) == (GUEST_EXIT_OK, "a.out kludge ok\n"), r
+
+
+LOW_MULTIBOOT_GUEST = r"""
+    .code32
+    .text
+header:                             # loaded at 0x7000, as kvm-unit-tests' realmode.flat loads low
+    .long 0x1BADB002, 0x00010000, -(0x1BADB002 + 0x00010000)
+    .long header, header, load_end, bss_end, entry
+entry:
+    cmp $0x2BADB002, %eax
+    jne bad
+    cmp $bss_end, %ebx              # the boot information lies outside the image
+    jb bad
+    cmpl $0x5A5A5A5A, marker_8000   # and nothing was written over the image
+    jne bad
+    cmpl $0xA5A5A5A5, marker_9000
+    jne bad
+    mov $msg, %esi
+1:  lodsb
+    test %al, %al
+    jz 2f
+    mov $0x3f8, %dx
+    out %al, %dx
+    jmp 1b
+2:  mov $0x10, %al
+    out %al, $0xf4
+    hlt
+bad: mov $0x11, %al
+    out %al, $0xf4
+    hlt
+msg: .asciz "low image intact\n"
+    .org 0x1000
+marker_8000: .long 0x5A5A5A5A
+    .org 0x2000
+marker_9000: .long 0xA5A5A5A5
+load_end:
+    .bss
+    .space 4096
+bss_end:
+"""
+
+
+def test_multiboot_information_goes_after_the_image_and_modules_as_qemu_places_it(vmm, tmp_path):
+    (tmp_path / "k.S").write_text(LOW_MULTIBOOT_GUEST)
+    subprocess.run(["as", "--32", "-o", "k.o", "k.S"], cwd=tmp_path, check=True)
+    subprocess.run(
+        ["ld", "-m", "elf_i386", "-Ttext=0x7000", "--oformat", "binary", "-e", "entry", "-o", "k.bin", "k.o"],
+        cwd=tmp_path,
+        check=True,
+    )
+    r = vmm.run("-kernel", str(tmp_path / "k.bin"), "-append", "x" * 3000, *DEBUG_EXIT)
+    assert (r.status, r.stdout) == (GUEST_EXIT_OK, "low image intact\n"), r
+
+
+def test_multiboot_entry_state_is_qemus(qmp_vm):
+    """CS 0x10 and flat data at 0x18, paging off, EAX the magic, EBX past the kernel, and TR
+    and IDTR as after reset: guests written against QEMU rely on TR's limit 0xffff."""
+    vm = qmp_vm("-kernel", guest("hello32.elf"), "-S", "-serial", "null")
+    regs = vm.cmd("human-monitor-command", **{"command-line": "info registers"})["return"]
+    assert "EAX=2badb002 EBX=00102000" in regs  # hello32's image ends at 0x1014f0
+    assert re.search(r"^CS =0010 0+ ffffffff 00c09b00", regs, re.M)
+    assert re.search(r"^DS =0018 0+ ffffffff 00c09300", regs, re.M)
+    assert re.search(r"^TR =0000 0+ 0000ffff 00008b00", regs, re.M)
+    assert re.search(r"^IDT=\s+0+ 0000ffff", regs, re.M)
+    assert "CR0=00000011" in regs

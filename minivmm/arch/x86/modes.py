@@ -61,24 +61,29 @@ def gdt_entry(seg: kvm_segment) -> int:
     )
 
 
-def gdt_bytes(code: kvm_segment, data: kvm_segment, tss: kvm_segment) -> bytes:
-    """The boot GDT: null, null, code at 0x10, data at 0x18, 16-byte TSS at 0x20."""
-    return struct.pack("<6Q", 0, 0, gdt_entry(code), gdt_entry(data), gdt_entry(tss), 0)
+def gdt_bytes(code: kvm_segment, data: kvm_segment, tss: kvm_segment | None) -> bytes:
+    """The boot GDT: null, null, code at 0x10, data at 0x18, and a 16-byte TSS at 0x20 if given."""
+    entries = [0, 0, gdt_entry(code), gdt_entry(data)] + ([gdt_entry(tss), 0] if tss is not None else [])
+    return struct.pack(f"<{len(entries)}Q", *entries)
 
 
-def _load_flat(sregs: kvm_sregs, code: kvm_segment, data: kvm_segment) -> bytes:
+def _load_flat(sregs: kvm_sregs, code: kvm_segment, data: kvm_segment, tss: kvm_segment | None) -> bytes:
     sregs.cs = code
     sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
-    sregs.tr = tss_segment()
-    gdt = gdt_bytes(code, data, sregs.tr)
+    gdt = gdt_bytes(code, data, tss)
     sregs.gdt.base, sregs.gdt.limit = layout.GDT_ADDR, len(gdt) - 1
-    sregs.idt.base, sregs.idt.limit = 0, 0
+    if tss is not None:
+        sregs.tr = tss
+        sregs.idt.base, sregs.idt.limit = 0, 0
     return gdt
 
 
 def protected_mode(sregs: kvm_sregs) -> bytes:
-    """32-bit flat protected mode, paging off (multiboot). Returns the GDT to write."""
-    gdt = _load_flat(sregs, flat_segment(layout.SEL_CODE64, code=True), flat_segment(layout.SEL_DATA, code=False))
+    """32-bit flat protected mode, paging off, as QEMU's multiboot loader leaves it: CS 0x10,
+    the data selectors 0x18, and TR and IDTR as after reset (TR base 0, limit 0xffff: guests
+    written against QEMU rely on it). Returns the GDT to write."""
+    code, data = flat_segment(layout.SEL_CODE64, code=True), flat_segment(layout.SEL_DATA, code=False)
+    gdt = _load_flat(sregs, code, data, None)
     sregs.cr0 = CR0_PE | CR0_ET
     sregs.cr4 = 0
     sregs.efer = 0
@@ -87,9 +92,8 @@ def protected_mode(sregs: kvm_sregs) -> bytes:
 
 def long_mode(sregs: kvm_sregs, pml4: int) -> bytes:
     """64-bit long mode with paging through ``pml4``; SSE enabled. Returns the GDT to write."""
-    gdt = _load_flat(
-        sregs, flat_segment(layout.SEL_CODE64, code=True, long=True), flat_segment(layout.SEL_DATA, code=False)
-    )
+    code = flat_segment(layout.SEL_CODE64, code=True, long=True)
+    gdt = _load_flat(sregs, code, flat_segment(layout.SEL_DATA, code=False), tss_segment())
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
     sregs.cr3 = pml4
     sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT

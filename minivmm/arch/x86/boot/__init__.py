@@ -133,18 +133,17 @@ def load(
             mem.write(end, mod.data)
             mods.append((end, end + len(mod.data), mod.cmdline.encode()))
             end = _page_up(end + len(mod.data))
-        if end > 1 << 32:
-            raise GuestMemoryError(f"kernel and modules end at {end:#x}, above 4 GiB")
-        mem.write(layout.CMDLINE_ADDR, image.cmdline + b"\0")
-        for gpa, blob in multiboot.build_info(ram_ranges, mods):
-            mem.write(gpa, blob)
+        info = multiboot.build_info(ram_ranges, mods, image.cmdline, end)
+        if end + len(info) > 1 << 32:
+            raise GuestMemoryError(f"kernel, modules and boot information end at {end + len(info):#x}, above 4 GiB")
+        mem.write(end, info)
         for gpa, blob in mptable.build(ncpus, cpu_signature, cpu_features):
             mem.write(gpa, blob)
         if image.kind == "multiboot":
-            return Entry("protected", image.entry, layout.MULTIBOOT_BOOTLOADER_MAGIC, layout.BOOT_INFO_ADDR)
+            return Entry("protected", image.entry, layout.MULTIBOOT_BOOTLOADER_MAGIC, end)
         top = max(layout.FOUR_GIB, max(base + size for base, size in ram_ranges))
         for gpa, blob in paging.identity_map(top, gib_pages):
             mem.write(gpa, blob)
     except (GuestMemoryError, ValueError) as e:
         raise BootError(opt, "", f"does not fit in guest RAM: {e}") from None
-    return Entry("long", image.entry, layout.MULTIBOOT_BOOTLOADER_MAGIC, layout.BOOT_INFO_ADDR, layout.BOOT_STACK_TOP)
+    return Entry("long", image.entry, layout.MULTIBOOT_BOOTLOADER_MAGIC, end, layout.BOOT_STACK_TOP)

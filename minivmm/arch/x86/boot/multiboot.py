@@ -101,30 +101,34 @@ def mem_upper_kib(ram_ranges: list[tuple[int, int]]) -> int:
     return 0
 
 
-def build_info(ram_ranges: list[tuple[int, int]], modules: list[tuple[int, int, bytes]]) -> list[tuple[int, bytes]]:
-    """The info structure and its extras as (gpa, bytes) pieces.
+INFO_SIZE = 72  # the multiboot v1 information structure up to the loader name (68 bytes), 8-aligned
 
-    ``modules`` are (start, end, command line) of modules already in RAM; the
-    kernel command line is at CMDLINE_ADDR. The extras page holds the memory
-    map, the module list and the strings they point at.
+
+def build_info(
+    ram_ranges: list[tuple[int, int]], modules: list[tuple[int, int, bytes]], cmdline: bytes, base: int
+) -> bytes:
+    """The info structure at ``base``, followed by what it points at: the memory map, the
+    kernel command line, the module list and its strings, the loader name.
+
+    As QEMU's loader does, all of it goes after the kernel and its modules (``base``),
+    never over a loaded segment. ``modules`` are (start, end, command line) of modules
+    already in RAM.
     """
     extra = bytearray()
-    base = layout.BOOT_INFO_EXTRA_ADDR
 
     def put(blob: bytes) -> int:
-        addr = base + len(extra)
+        addr = base + INFO_SIZE + len(extra)
         extra.extend(blob)
         extra.extend(b"\0" * (-len(extra) % 8))
         return addr
 
     mmap_blob = b"".join(struct.pack("<IQQI", 20, b, n, t) for b, n, t in memory_map(ram_ranges))
     mmap_addr = put(mmap_blob)
-    strings = [put(cmdline + b"\0") for _s, _e, cmdline in modules]
+    cmdline_addr = put(cmdline + b"\0")
+    strings = [put(text + b"\0") for _s, _e, text in modules]
     mod_list = b"".join(struct.pack("<IIII", s, e, string, 0) for (s, e, _c), string in zip(modules, strings))
     mods_addr = put(mod_list) if modules else 0
     name_addr = put(LOADER_NAME)
-    if len(extra) > layout.BOOT_INFO_EXTRA_SIZE:
-        raise MultibootError("too many modules for the boot information page")
     flags = INFO_MEM | INFO_BOOTDEV | INFO_CMDLINE | INFO_MMAP | INFO_LOADER_NAME | (INFO_MODS if modules else 0)
     info = struct.pack(
         "<IIIIIII16xII12xI",
@@ -132,11 +136,11 @@ def build_info(ram_ranges: list[tuple[int, int]], modules: list[tuple[int, int, 
         layout.LOW_RAM_END // 1024,
         mem_upper_kib(ram_ranges),
         0x8000FFFF,  # boot device: none (as QEMU reports it)
-        layout.CMDLINE_ADDR,
+        cmdline_addr,
         len(modules),
         mods_addr,
         len(mmap_blob),
         mmap_addr,
         name_addr,
     )
-    return [(layout.BOOT_INFO_ADDR, info), (base, bytes(extra))]
+    return info.ljust(INFO_SIZE, b"\0") + bytes(extra)
