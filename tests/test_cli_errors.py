@@ -35,7 +35,7 @@ def _one_line_error(result, *fragments):
         (["-smp", "5000"], ["-smp 5000:", "between 1 and"]),
         (["-smp", "cpus=2,bogus=1"], ["-smp cpus=2,bogus=1: Invalid parameter 'bogus'"]),
         (["-cpu", "host,+nosuchfeature"], ["-cpu host,+nosuchfeature:", "unknown CPU feature 'nosuchfeature'"]),
-        (["-cpu", "qemu64"], ["-cpu qemu64: unable to find CPU model 'qemu64'"]),
+        (["-cpu", "pentium"], ["-cpu pentium: unable to find CPU model 'pentium'"]),
         (["-machine", "foo=bar"], ["-machine foo=bar: Property 'pc-machine.foo' not found"]),
         (["-machine", "memory-backend=ram0"], ["memory-backend=ram0", "'ram0' not found"]),
         (["-machine", "aux-ram-share=maybe"], ["aux-ram-share=maybe: Parameter 'aux-ram-share' expects"]),

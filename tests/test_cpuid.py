@@ -55,3 +55,33 @@ def test_per_vcpu_topology():
     assert topo == [(0, 0, 1, 1, 2), (1, 2, 3, 2, 2), (2, 0, 0, 0, 2)]
     single = next(e for e in cpuid.for_vcpu(table(), 0, 1) if e.function == 1)
     assert not single.edx & (1 << 28)  # no HTT with one CPU
+
+
+def test_named_models_mask_what_kvm_offers_and_set_vendor_and_signature():
+    host = table()
+    out = cpuid.CpuModel.parse("qemu64,+x2apic,+tsc-deadline").apply(host, warn=lambda m: None)
+    leaf0 = next(e for e in out if e.function == 0)
+    vendor = b"".join(x.to_bytes(4, "little") for x in (leaf0.ebx, leaf0.edx, leaf0.ecx))
+    assert vendor == b"AuthenticAMD"
+    leaf1 = next(e for e in out if e.function == 1)
+    assert (leaf1.eax >> 8) & 0xF == 15 and (leaf1.eax >> 16) & 0xF == 6 and (leaf1.eax >> 4) & 0xF == 11  # 107
+    assert cpuid.has_feature(out, "cx16") and not cpuid.has_feature(out, "xsave")  # qemu64 has no XSAVE
+    assert not cpuid.has_feature(out, "avx2")  # leaf 7 features are not qemu64's
+    assert all(e.function != 0xD for e in out)
+    intel = cpuid.CpuModel.parse("Opteron_G1,vendor=GenuineIntel").apply(host)
+    leaf0 = next(e for e in intel if e.function == 0)
+    assert leaf0.ebx.to_bytes(4, "little") == b"Genu"
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("qemu64,hv_passthrough", "Hyper-V enlightenments are not supported"),
+        ("max,vendor=Intel", "must be 12 characters"),
+        ("max,+npt", "unknown CPU feature 'npt'"),
+    ],
+)
+def test_model_properties_minivmm_cannot_honour_are_named(spec, message):
+    with pytest.raises(cpuid.CpuModelError, match=message):
+        cpuid.CpuModel.parse(spec)
+    assert cpuid.CpuModel.parse("max,host-phys-bits,migratable=no").name == "max"

@@ -111,6 +111,21 @@ def test_cpu_features_can_be_removed(vmm):
     assert _leaf1_ecx(cut.stdout) | cx16 | x2apic == _leaf1_ecx(base.stdout)
 
 
+@pytest.mark.parametrize(
+    "spec,vendor",
+    [("kvm64", "GenuineIntel"), ("qemu64,+x2apic", "AuthenticAMD"), ("max,vendor=MinivmmCpuId", "MinivmmCpuId")],
+)
+def test_named_cpu_models_and_vendor_are_what_the_guest_sees(vmm, spec, vendor):
+    """Read at CPL0, where CPUID is the VMM's on every host (see long64.S). Only bits KVM
+    reports as supported are the VMM's to set (the paravirtual KVM of the build machines
+    passes most of the host's leaf 1 through), so the check is on x2apic, which KVM offers."""
+    r = vmm.run("-kernel", guest("long64.elf"), "-cpu", spec, *DEBUG_EXIT)
+    assert r.status == GUEST_EXIT_OK, r
+    assert f"long64: cpuid vendor={vendor}\n" in r.stdout
+    x2apic = 1 << 21
+    assert bool(_leaf1_ecx(r.stdout) & x2apic) == ("x2apic" in spec or spec.startswith("max"))
+
+
 def test_triple_fault_with_no_reboot_exits_with_a_message(vmm):
     r = vmm.run("-kernel", guest("long64.elf"), "-append", "fault", "-no-reboot")
     assert r.status == 1

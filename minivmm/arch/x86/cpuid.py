@@ -54,6 +54,39 @@ DEPENDENTS = {
     "avx512f": [n for n in FEATURES if n.startswith("avx512") and n != "avx512f"],
     "lm": ["pdpe1gb"],
 }
+_PPRO = "fpu de pse tsc msr pae mce cx8 apic sep pge cmov pat mmx fxsr sse sse2"
+_SKYLAKE_SERVER = (
+    f"{_PPRO} mtrr clflush mca pse36 pni pclmulqdq ssse3 fma cx16 pcid sse4.1 sse4.2 x2apic movbe popcnt "
+    "tsc-deadline aes xsave avx f16c rdrand fsgsbase tsc-adjust bmi1 hle avx2 smep bmi2 erms invpcid rtm mpx "
+    "avx512f avx512dq rdseed adx smap clflushopt clwb avx512cd avx512bw avx512vl pku syscall nx pdpe1gb rdtscp lm "
+    "lahf-lm abm 3dnowprefetch xsaveopt xsavec xgetbv1"
+)
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """One of QEMU's CPU models: its vendor, signature and features, masked onto what KVM offers."""
+
+    vendor: str
+    family: int
+    model: int
+    stepping: int
+    features: frozenset[str]
+
+
+def _named(vendor: str, family: int, model: int, stepping: int, features: str) -> NamedModel:
+    return NamedModel(vendor, family, model, stepping, frozenset(features.split()))
+
+
+# As QEMU defines them (target/i386/cpu.c): the models kvm-unit-tests and CI scripts ask for.
+NAMED_MODELS = {
+    "qemu64": _named("AuthenticAMD", 15, 107, 1, f"{_PPRO} mtrr clflush mca pse36 pni cx16 lm syscall nx lahf-lm svm"),
+    "kvm64": _named("GenuineIntel", 15, 6, 1, f"{_PPRO} mtrr clflush mca pse36 pni cx16 lm syscall nx"),
+    "Opteron_G1": _named("AuthenticAMD", 15, 6, 1, f"{_PPRO} mtrr clflush mca pse36 pni lm syscall nx"),
+    "Skylake-Server": _named("GenuineIntel", 6, 85, 4, _SKYLAKE_SERVER),
+}
+# Properties accepted because minivmm already does what they ask (the host's physical address width).
+NO_OP_PROPS = {"host-phys-bits": "on", "migratable": None, "check": None, "enforce": None}
 CPUID_HYPERVISOR_BIT = 31
 KVM_CPUID_SIGNATURE = 0x40000000
 _SUBLEAF_INDEXED = {4, 7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14, 0x17, 0x18, 0x1D, 0x1E, 0x1F, 0x24}
@@ -65,17 +98,21 @@ class CpuModelError(ValueError):
 
 @dataclass
 class CpuModel:
-    """``-cpu host[,+feat|-feat|feat=on|off]``: KVM's supported CPUID minus/plus features."""
+    """``-cpu MODEL[,+feat|-feat|feat=on|off|vendor=...]``: ``host`` and ``max`` are KVM's
+    supported CPUID; a named model is that, limited to the model's own features, with its
+    vendor and signature. Then features are removed and added."""
 
     name: str = "host"
     add: list[str] = field(default_factory=list)
     remove: list[str] = field(default_factory=list)
+    vendor: str | None = None
 
     @classmethod
     def parse(cls, spec: str) -> CpuModel:
         name, *props = spec.split(",")
-        if name not in ("host", "max"):
-            raise CpuModelError(f"unable to find CPU model '{name}' (minivmm offers 'host' and 'max')")
+        if name not in ("host", "max") and name not in NAMED_MODELS:
+            known = ", ".join(["host", "max", *NAMED_MODELS])
+            raise CpuModelError(f"unable to find CPU model '{name}' (minivmm offers {known})")
         model = cls(name)
         for prop in props:
             if not prop:
@@ -84,11 +121,22 @@ class CpuModel:
                 feat, on = prop[1:], prop[0] == "+"
             elif "=" in prop:
                 feat, value = prop.split("=", 1)
+                if feat == "vendor":
+                    if len(value.encode()) != 12:
+                        raise CpuModelError(f"vendor '{value}' must be 12 characters (as GenuineIntel)")
+                    model.vendor = value
+                    continue
+                if feat in NO_OP_PROPS:
+                    continue
                 if value not in ("on", "off", "true", "false", "yes", "no"):
                     raise CpuModelError(f"property '{feat}' doesn't take value '{value}' (use on or off)")
                 on = value in ("on", "true", "yes")
             else:
                 feat, on = prop, True
+                if feat in NO_OP_PROPS:
+                    continue
+            if feat.startswith("hv_") or feat.startswith("hv-"):
+                raise CpuModelError(f"'{feat}': Hyper-V enlightenments are not supported by minivmm")
             feat = ALIASES.get(feat, feat)
             if feat not in FEATURES:
                 raise CpuModelError(f"can't apply global {name}-x86_64-cpu.{feat}: unknown CPU feature '{feat}'")
@@ -96,10 +144,13 @@ class CpuModel:
         return model
 
     def apply(self, supported: list[kvm_cpuid_entry2], warn=None) -> list[kvm_cpuid_entry2]:
-        """The guest's CPUID table: a copy of ``supported`` with the edits applied."""
+        """The guest's CPUID table: a copy of ``supported`` with the model and the edits applied."""
         entries = [kvm_cpuid_entry2.from_buffer_copy(e) for e in supported]
+        named = NAMED_MODELS.get(self.name)
         removed: set[str] = set()
         pending = list(self.remove)
+        if named is not None:  # everything the model lacks goes, but the hypervisor bit
+            pending += [f for f in FEATURES if f not in named.features and f != "hypervisor"]
         while pending:
             feat = pending.pop()
             if feat not in removed:
@@ -109,12 +160,37 @@ class CpuModel:
             _set_bit(entries, feat, False)
         if "xsave" in removed:
             entries = [e for e in entries if e.function != 0xD]
+        if named is not None:
+            _set_signature(entries, named)
+        vendor = self.vendor or (named.vendor if named is not None else None)
+        if vendor is not None:
+            _set_vendor(entries, vendor)
         for feat in self.add:
-            if feat in removed:
+            if feat in self.remove:
                 continue
             if not _set_bit(entries, feat, True, only_if_present=True, supported=supported):
                 (warn or _warn)(f"warning: host doesn't support requested feature: {_describe(feat)}")
         return entries
+
+
+def _set_vendor(entries: list[kvm_cpuid_entry2], vendor: str) -> None:
+    """Leaves 0 and 0x80000000 spell the vendor in EBX, EDX, ECX."""
+    raw = vendor.encode()
+    ebx, edx, ecx = (int.from_bytes(raw[i : i + 4], "little") for i in (0, 4, 8))
+    for leaf in (0, 0x80000000):
+        e = _find(entries, leaf)
+        if e is not None:
+            e.ebx, e.edx, e.ecx = ebx, edx, ecx
+
+
+def _set_signature(entries: list[kvm_cpuid_entry2], named: NamedModel) -> None:
+    """Leaf 1 EAX: family, model and stepping, in the extended fields where they overflow."""
+    e = _find(entries, 1)
+    if e is None:
+        return
+    family, ext_family = min(named.family, 15), max(0, named.family - 15)
+    model, ext_model = named.model & 0xF, named.model >> 4
+    e.eax = (ext_family << 20) | (ext_model << 16) | (family << 8) | (model << 4) | named.stepping
 
 
 def _describe(feat: str) -> str:
