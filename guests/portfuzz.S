@@ -11,9 +11,13 @@
  * MMIO write or read in an unassigned megabyte) and a value.  It leaves
  * alone only what a real guest would use to end itself on purpose: the
  * isa-debug-exit ports, the ACPI sleep-enable bit, the i8042's reset
- * commands (0xd1 and the 0xf0-0xff pulses), and the PIT, which KVM
+ * commands (0xd1 and the 0xf0-0xff pulses), pvpanic's "panicked" bit (it
+ * may say "crash loaded"), and the PIT, which KVM
  * emulates in the kernel and which, set to its shortest period, slows the
- * whole guest to a crawl under a nested host.  Interrupts stay disabled,
+ * whole guest to a crawl under a nested host.  Nor does it touch ports
+ * 0xfffd-0xffff: a wide access there runs past the end of the TSS I/O
+ * bitmap (#GP, and with no IDT a triple fault and a reset that replays the
+ * same seed forever; under PVM the bitmap, not IOPL, decides at CPL3).  Interrupts stay disabled,
  * so whatever the PIC and UARTs are programmed to do cannot fire.
  *
  * Then it puts COM1 back into a usable mode, checks a CMOS RAM byte can be
@@ -37,6 +41,9 @@
 	.equ SLP_EN, 0x2000		/* PM1a control: sleep (power off) */
 	.equ I8042_WRITE_OUTPORT, 0xd1
 	.equ I8042_PULSE_FIRST, 0xf0
+	.equ LAST_WIDE_PORT, 0xfffc	/* a 32-bit access here ends at 0xffff */
+	.equ PORT_PVPANIC, 0x505	/* -device pvpanic */
+	.equ PVPANIC_PANICKED, 0x01
 
 	.code64
 	.text
@@ -96,6 +103,8 @@ step:
 1:	mov %rbx, %rdx			/* any port */
 	shr $16, %rdx
 	and $0xffff, %edx
+	cmp $LAST_WIDE_PORT, %edx	/* none that runs past 0xffff */
+	ja done
 2:	lea -DEBUG_EXIT_PORT(%rdx), %eax	/* the exit device: not ours to fuzz */
 	cmp $4, %eax
 	jb done
@@ -123,7 +132,10 @@ step:
 5:	cmp $PORT_ACPI_PM1A_CNT + 1, %dx
 	jne 6f
 	and $~(SLP_EN >> 8), %eax
-6:	cmp $1, %ecx
+6:	cmp $PORT_PVPANIC, %dx		/* no panic report */
+	jne 7f
+	and $~PVPANIC_PANICKED, %eax
+7:	cmp $1, %ecx
 	jb out8
 	je out16
 	out %eax, %dx
@@ -229,6 +241,7 @@ ports:					/* every port the machine emulates */
 	.word PORT_ACPI_PM1A_CNT, PORT_ACPI_PM1A_CNT + 1
 	.word PORT_PIC_MASTER, PORT_PIC_MASTER + 1, PORT_PIC_SLAVE, PORT_PIC_SLAVE + 1
 	.word 0x4d0, 0x4d1		/* ELCR */
+	.word PORT_PVPANIC
 ports_end:
 	.equ NPORTS, (ports_end - ports) / 2
 

@@ -348,6 +348,8 @@ def _opt_device(p: _Parsed, opt: str, value: str) -> None:
         p.show = "devices"
         return
     props = parse_keyval(value, "driver")
+    if not props.get("driver"):
+        raise OptionError("Parameter 'driver' is missing")
     p.config.devices.append(DeviceConfig(props.pop("driver"), props, _where(opt, value)))
 
 
