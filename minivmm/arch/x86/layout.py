@@ -12,6 +12,7 @@ Low memory as the VMM fills it before the first instruction::
     0x021000  free for the guest, up to the EBDA
     0x09fc00  EBDA: MP floating pointer
     0x0a0000  legacy VGA/ROM hole (with -bios: its last 128 KiB at 0xe0000)
+    0x0e0000  ACPI RSDP, then the ACPI tables up to 0xf0000 (direct kernel boot)
     0x0f0000  MP configuration table (in the reserved BIOS area)
     0x100000  kernels usually load here; after the kernel and its modules (page
               aligned), the multiboot information with its memory map, command
@@ -38,6 +39,11 @@ MP_FLOATING_ADDR = EBDA_ADDR
 MP_CONFIG_ADDR = 0xF0000  # the BIOS area: room for a table of MP_MAX_CPUS
 MP_CONFIG_END = 0x100000
 MP_MAX_CPUS = 254  # 8-bit APIC ids, 0xff is broadcast, and the IOAPIC takes the id after the CPUs
+# ACPI: the RSDP where guests scan for it (16-byte aligned in 0xe0000-0xfffff: Linux, kvm-unit-tests),
+# the tables after it, below the MP table; room for MP_MAX_CPUS (arch/x86/acpi.py checks the end).
+ACPI_RSDP_ADDR = 0xE0000
+ACPI_TABLES_ADDR = 0xE0040  # the FACS first: it must be 64-byte aligned
+ACPI_TABLES_END = MP_CONFIG_ADDR
 LOW_RAM_END = 0xA0000  # end of conventional memory (640 KiB)
 BIOS_ALIAS_END = 0x100000
 BIOS_ALIAS_MAX = 128 * KiB  # the "isa-bios" alias below 1 MiB
@@ -76,6 +82,9 @@ PORT_POST = 0x80  # boot-phase marker (POST code)
 PORT_A20 = 0x92  # "fast A20" / system control port A
 PORT_DEBUG_EXIT_DEFAULT = 0x501  # QEMU's isa-debug-exit default iobase
 PORT_ACPI_PM1A_CNT = 0x604  # QEMU's PM1a control: outw 0x2000 powers off
+PORT_FW_CFG = 0x510  # QEMU's fw_cfg: selector (16-bit write) at 0x510, data (8-bit read) at 0x511
+PORT_FW_CFG_DMA = 0x514  # fw_cfg DMA address, big-endian: high half at 0x514, low half at 0x518
+FW_CFG_PORTS_SIZE = 12  # 0x510-0x51b
 PORT_COM1 = 0x3F8
 COM_PORTS = ((PORT_COM1, 4), (0x2F8, 3), (0x3E8, 4), (0x2E8, 3))  # (base port, IRQ) of COM1-COM4
 IRQ_COM1 = 4
