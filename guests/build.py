@@ -61,6 +61,7 @@ GUESTS = (
     Guest("long64.elf", "long64.S", 64, "elf64.ld"),
     Guest("abwalk.elf", "abwalk.S", 64, "abwalk.ld"),
     Guest("portfuzz.elf", "portfuzz.S", 64, "elf64.ld"),
+    Guest("platform.elf", "platform.S", 64, "elf64.ld"),
     Guest("smp.elf", "smp.S", 32, "elf32.ld"),
     Guest("timer.elf", "timer.S", 32, "elf32.ld"),
 )

@@ -460,7 +460,20 @@ OPTIONS: dict[str, tuple[bool, Callable]] = {
 }
 
 
+def printable(text: str) -> str:
+    """One line whatever a value holds: line breaks and other unprintable characters escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode() for c in text)
+
+
 def parse(argv: list[str]) -> _Parsed:
+    """The command line as a _Parsed; CliError (one printable line) for anything wrong."""
+    try:
+        return _parse(argv)
+    except CliError as e:
+        raise CliError(printable(str(e))) from None
+
+
+def _parse(argv: list[str]) -> _Parsed:
     p = _Parsed()
     i = 0
     while i < len(argv):

@@ -69,6 +69,9 @@ class VMSD:
     pre_save: Callable[[object], object] | None = None  # obj -> what the fields are read from
     post_load: Callable[[dict], object] | None = None  # loaded fields -> the object to return
     check: Callable[[dict], tuple[str, str] | None] | None = None  # loaded fields -> (field, problem)
+    # A device section an older minivmm did not write: when a stream lacks it, the device
+    # keeps its power-on state (state from an older minivmm loads in a newer one).
+    optional: bool = False
 
 
 def _get(obj: object, name: str) -> object:

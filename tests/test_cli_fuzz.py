@@ -105,11 +105,6 @@ def test_the_longer_harness_briefly():
     assert fz.main(["cli", "--seconds", "2", "--real", "2"]) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="minivmm/cli.py echoes option values raw (_where, and parse()'s 'unexpected argument'): "
-    "a line break in a value splits the one-line error; the generators above leave line breaks out",
-)
 @pytest.mark.parametrize("argv", [["-m", "1\n2"], ["-display", "x\ry"], ["disk\n.img"], ["-chardev", "a\u2028b"]])
 def test_a_value_with_a_line_break_still_gives_one_line(argv):
     out = fz.parse_outcome(argv)

@@ -46,7 +46,7 @@ def test_multiboot_guest_sees_magic_memory_cmdline_and_modules(vmm, tmp_path):
     assert lines(r.stdout, "hello32: mmap") == [
         "hello32: mmap base=0x0000000000000000 len=0x000000000009fc00 type=1",
         "hello32: mmap base=0x000000000009fc00 len=0x0000000000000400 type=2",
-        "hello32: mmap base=0x00000000000f0000 len=0x0000000000010000 type=2",
+        "hello32: mmap base=0x00000000000e0000 len=0x0000000000020000 type=2",  # ACPI tables, MP table
         "hello32: mmap base=0x0000000000100000 len=0x0000000007f00000 type=1",
     ]
     assert lines(r.stdout, "hello32: mod") == [

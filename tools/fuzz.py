@@ -911,12 +911,8 @@ def option_values(name: str, arena: Path) -> st.SearchStrategy:
 LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines splits on
 
 
-def _no_line_breaks(argv: list[str]) -> list[str]:
-    return [w.translate({ord(c): "_" for c in LINE_BREAKS}) for w in argv]
-
-
-def argv_lists(arena: Path, line_breaks: bool = False) -> st.SearchStrategy:
-    """argv lists; values with line breaks only if asked (the messages echo them raw: a known bug)."""
+def argv_lists(arena: Path) -> st.SearchStrategy:
+    """argv lists: option names and junk, values drawn around each option's syntax (line breaks too)."""
     from minivmm.cli import OPTIONS
 
     names = sorted(OPTIONS)
@@ -934,7 +930,10 @@ def argv_lists(arena: Path, line_breaks: bool = False) -> st.SearchStrategy:
             takes_value = OPTIONS[name][0]
             if takes_value and draw(st.integers(0, 15)):
                 argv.append(draw(st.one_of(option_values(name, arena), option_values(name, arena), JUNK)))
-        return argv if line_breaks else _no_line_breaks(argv)
+        if draw(st.integers(0, 9)) == 0 and argv:  # a line break somewhere: the error must stay one line
+            at = draw(st.integers(0, len(argv) - 1))
+            argv[at] += draw(st.sampled_from(LINE_BREAKS)) + "x"
+        return argv
 
     return one()
 
@@ -966,11 +965,14 @@ def parse_outcome(argv: list[str]) -> CliOutcome:
 
 
 def _names_an_option(msg: str, argv: list[str]) -> bool:
-    """The message starts with a word of argv (the option, or a stray argument) or a -option."""
+    """The message starts with a word of argv (the option, or a stray argument, as printed) or a -option."""
+    from minivmm.cli import printable
+
     head = msg.split(":", 1)[0]
     if head.startswith("-"):
         return True
-    return any(msg.startswith(w + ":") or msg.startswith(w + " ") for w in argv)  # "" too: ": unexpected.."
+    shown = [printable(w) for w in argv]
+    return any(msg.startswith(w + ":") or msg.startswith(w + " ") for w in shown)  # "" too: ": unexpected.."
 
 
 def safe_for_a_process(argv: list[str]) -> bool:
@@ -999,7 +1001,7 @@ def run_cli_process(procs: Processes, argv: list[str], timeout: float = 30) -> s
     return None
 
 
-def fuzz_cli(seconds: float, real: int, seed: int, line_breaks: bool = False) -> int:
+def fuzz_cli(seconds: float, real: int, seed: int) -> int:
     findings: list[tuple[str, str]] = []
     tried: Counter[str] = Counter()
     sample: list[list[str]] = []
@@ -1014,7 +1016,7 @@ def fuzz_cli(seconds: float, real: int, seed: int, line_breaks: bool = False) ->
             elif len(sample) < real and tried.total() % 7 == 0 and safe_for_a_process(argv):
                 sample.append(argv)
 
-        run_given(argv_lists(arena, line_breaks), body, 10**9, seconds, seed)
+        run_given(argv_lists(arena), body, 10**9, seconds, seed)
         procs = Processes(arena)
         try:
             for argv in sample:
@@ -1114,7 +1116,6 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--seconds", type=float, default=60)
     c.add_argument("--real", type=int, default=20, help="refused argv also run as real processes (default 20)")
     c.add_argument("--seed", type=int, default=1)
-    c.add_argument("--line-breaks", action="store_true", help="values with line breaks too (known: echoed raw)")
     g = sub.add_parser("guest", help="the portfuzz guest at many seeds")
     g.add_argument("--seeds", type=int, default=20)
     g.add_argument("--ops", type=int, default=100000)
@@ -1125,7 +1126,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.what == "qmp":
         return fuzz_qmp(opts.seconds, opts.seed)
     if opts.what == "cli":
-        return fuzz_cli(opts.seconds, opts.real, opts.seed, opts.line_breaks)
+        return fuzz_cli(opts.seconds, opts.real, opts.seed)
     if opts.what == "guest":
         return fuzz_guest(opts.seeds, opts.ops, opts.first)
     rc = fuzz_qmp(opts.seconds, 1)

@@ -39,11 +39,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
-from minivmm.arch.x86 import layout as x86_layout
 from minivmm.arch.x86 import vcpu_state, vm_state
-from minivmm.devices import acpi_pm, i8042, postcode, rtc, serial
+from minivmm.config import MachineConfig
+from minivmm.devices import acpi_pm, fw_cfg, i8042, postcode, rtc, serial
 from minivmm.devices.bus import Bus
 from minivmm.guests import path as guest_path
+from minivmm.machine.devices import BOARD, DeviceManager
 from minivmm.memory import RamBlock
 from minivmm.migration import incoming, machine_state, stream
 from minivmm.vmstate import VMSD, Section, StateWriter, VMStateError, decode, encode, read_blob
@@ -62,7 +63,9 @@ SECTION_VMSDS: dict[str, VMSD] = {
     "rtc": rtc.VMSTATE,
     "i8042": i8042.VMSTATE,
     "acpi-pm": acpi_pm.VMSTATE,
+    "acpi-pm1-evt": acpi_pm.PM1_EVT_VMSTATE,
     "post-code": postcode.VMSTATE,
+    "fw_cfg": fw_cfg.VMSTATE,
 }
 
 
@@ -389,6 +392,17 @@ def mutations(p: Parsed, seed: int, n_trunc: int, n_flip: int, n_field: int) -> 
 # --- loading in-process -----------------------------------------------------------------------
 
 
+class _BoardHost:
+    """What the machine's BOARD table asks of its device manager, for devices built without a VM."""
+
+    def __init__(self, ram: int) -> None:
+        self.control = SimpleNamespace(request_reset=lambda *a, **k: None, request_shutdown=lambda *a, **k: None)
+        self.ram_below_4g, self.ram_above_4g, self.ram_ranges = ram, 0, [(0, ram)]
+        self.memory = None
+
+    make_fw_cfg = DeviceManager.make_fw_cfg
+
+
 class _Vcpus(list):
     """What machine_state asks of a machine's vCPU manager: the vCPUs (their index) and the state caps."""
 
@@ -426,13 +440,10 @@ class Shape:
                 uart = serial.Serial(lambda b: None, lambda level: None, name=f"serial{sec.instance}")
                 pio.register((0x3F8, 0x2F8, 0x3E8, 0x2E8)[sec.instance], 8, uart)
                 devices.append(uart)
-        for base, length, device in (
-            (x86_layout.PORT_POST, 1, postcode.PostCode()),
-            (x86_layout.PORT_I8042_DATA, 5, i8042.I8042(lambda: None)),
-            (x86_layout.PORT_CMOS, 2, rtc.Rtc(blocks[0].size, 0)),
-            (x86_layout.PORT_ACPI_PM1A_CNT, 2, acpi_pm.AcpiPm(lambda: None)),
-        ):
-            pio.register(base, length, device)
+        host = _BoardHost(blocks[0].size)
+        for board in BOARD:  # the machine's own table of the devices every PC has
+            device = board.make(host, MachineConfig(smp=len(vcpu)))
+            pio.register(board.port, board.size, device)
             devices.append(device)
         persistent = [d for d in pio.devices() if d.vmstate is not None]
         machine = SimpleNamespace(vcpus=_Vcpus(len(vcpu), caps), devices=SimpleNamespace(persistent=lambda: persistent))

@@ -122,6 +122,7 @@ VMSTATE = VMSD(
         Field("dma_addr", "u64", mask=0xFFFFFFFF << 32),  # only the high half outlives a port write
     ),
     post_load=lambda v: FwCfgState(v["selector"], v["offset"], v["dma_addr"]),
+    optional=True,
 )
 
 

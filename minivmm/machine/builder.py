@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from minivmm import runstate
-from minivmm.arch.x86 import boot, cpuid, layout, modes
+from minivmm.arch.x86 import acpi, boot, cpuid, layout, modes
 from minivmm.kvm import constants as c
 from minivmm.kvm.structs import kvm_fpu, kvm_regs
 from minivmm.kvm.system import Vcpu
@@ -79,6 +79,9 @@ def load_boot(m) -> None:
         )
     except boot.BootError as e:
         raise MachineError("", str(e)) from None
+    if m.image.kind != "bios":  # firmware builds its own tables (and its ROM covers 0xe0000)
+        for gpa, blob in acpi.build(m.devices.acpi_config(m.config.smp)):
+            m.memory.write(gpa, blob)
     _enter(m, m.vcpus[0].vcpu, entry)
 
 

@@ -11,15 +11,24 @@ part are declared, not looked for.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from minivmm.arch.x86 import layout
+from minivmm.arch.x86 import acpi, layout
+from minivmm.arch.x86.boot import multiboot
 from minivmm.chardev import Chardev, ChardevError, FileChardev, SocketChardev, StdioChardev
 from minivmm.config import ChardevConfig, DeviceConfig, MachineConfig
 from minivmm.cpr.fdtable import FdTable
-from minivmm.devices import pc_testdev, pvpanic
-from minivmm.devices.acpi_pm import AcpiPm
+from minivmm.devices import fw_cfg, pc_testdev, pvpanic
+from minivmm.devices.acpi_pm import (
+    RESET_CONTROL_RST_CPU,
+    RESET_CONTROL_SYS_RST,
+    AcpiPm,
+    Pm1Event,
+    PmTimer,
+    ResetControl,
+)
 from minivmm.devices.bus import Bus, BusError
 from minivmm.devices.debug_exit import DebugExit
 from minivmm.devices.device import Device
@@ -48,6 +57,15 @@ class Board:
 
 BOARD = (
     Board("post-code", layout.PORT_POST, 1, lambda dm, cfg: PostCode(trace="postcode" in cfg.trace)),
+    Board("fw_cfg", layout.PORT_FW_CFG, layout.FW_CFG_PORTS_SIZE, lambda dm, cfg: dm.make_fw_cfg(cfg)),
+    Board("acpi-pm1-evt", layout.PORT_ACPI_PM1A_EVT, 4, lambda dm, cfg: Pm1Event()),
+    Board("acpi-pm-timer", layout.PORT_ACPI_PM_TMR, 4, lambda dm, cfg: PmTimer(time.monotonic_ns)),
+    Board(
+        "reset-control",
+        layout.PORT_RESET_CONTROL,
+        1,
+        lambda dm, cfg: ResetControl(lambda: dm.control.request_reset("guest-reset")),
+    ),
     Board("i8042", layout.PORT_I8042_DATA, 5, lambda dm, cfg: I8042(lambda: dm.control.request_reset("guest-reset"))),
     Board("rtc", layout.PORT_CMOS, 2, lambda dm, cfg: Rtc(dm.ram_below_4g, dm.ram_above_4g)),
     Board(
@@ -145,6 +163,7 @@ class DeviceManager:
 
     def build(self, cfg: MachineConfig, ram_ranges: list[tuple[int, int]]) -> None:
         """Serial ports, the board, then -device, in that order (the order their state is saved in)."""
+        self.ram_ranges = ram_ranges
         self.ram_below_4g = ram_ranges[0][1]
         self.ram_above_4g = sum(size for _, size in ram_ranges[1:])
         serials = cfg.serials or [ChardevConfig("serial0", "stdio", option="-serial stdio")]
@@ -157,6 +176,28 @@ class DeviceManager:
             self.pio.register(board.port, board.size, board.make(self, cfg))
         for dev in cfg.devices:
             self._add_model(dev)
+
+    def make_fw_cfg(self, cfg: MachineConfig) -> fw_cfg.FwCfg:
+        """QEMU's fw_cfg with the PC's items: CPU counts, RAM size, the e820 map (DMA into guest RAM)."""
+        ram = sum(size for _, size in self.ram_ranges)
+        e820 = multiboot.memory_map(self.ram_ranges)
+        self.fw_cfg = fw_cfg.pc(self.memory, ncpus=cfg.smp, ram_size=ram, e820=e820)
+        return self.fw_cfg
+
+    def acpi_config(self, ncpus: int) -> acpi.AcpiConfig:
+        """What the ACPI tables describe: this machine's CPUs and the devices it has."""
+        ports = {r.base: r.device for r in self.pio.ranges}
+        serial = tuple(i for i, (port, _irq) in enumerate(layout.COM_PORTS) if port in ports)
+        pvpanic_port = next((r.base for r in self.pio.ranges if isinstance(r.device, pvpanic.PvPanic)), None)
+        return acpi.AcpiConfig(
+            ncpus=ncpus,
+            serial=serial,
+            pvpanic_port=pvpanic_port,
+            fw_cfg_port=layout.PORT_FW_CFG,
+            pm_timer=True,
+            s3=False,  # a guest that suspends to RAM would power off: S3 is not offered
+            reset=(layout.PORT_RESET_CONTROL, RESET_CONTROL_SYS_RST | RESET_CONTROL_RST_CPU),
+        )
 
     def devices(self) -> list[Device]:
         return self.pio.devices() + self.mmio.devices()

@@ -84,7 +84,7 @@ def memory_map(ram_ranges: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
     entries = [
         (0, layout.EBDA_ADDR, MMAP_AVAILABLE),
         (layout.EBDA_ADDR, layout.LOW_RAM_END - layout.EBDA_ADDR, MMAP_RESERVED),
-        (0xF0000, layout.BIOS_ALIAS_END - 0xF0000, MMAP_RESERVED),
+        (layout.ACPI_RSDP_ADDR, layout.BIOS_ALIAS_END - layout.ACPI_RSDP_ADDR, MMAP_RESERVED),  # ACPI, MP table
     ]
     for base, size in ram_ranges:
         lo = max(base, layout.HIGH_RAM_START)
