@@ -14,6 +14,10 @@
  *         platform: fadt pm1a-evt=XXXX pm1a-cnt=XXXX pm-tmr=XXXX dsdt-s5=yes|no
  *         platform: pm-timer advances=yes|no
  *         platform: testdev data=XXXXXXXX iomem=XXXXXXXX     (with "testdev")
+ *         platform: pci 00:SS.0 id=VVVV:DDDD class=CCCCCC bar0=XXXXXXXX bar1=XXXXXXXX irq=N
+ *                                                   (with "pci": each device on bus 0)
+ *         platform: edu id=XXXXXXXX live=XXXXXXXX fact10=XXXXXXXX dma=ok|bad
+ *         platform: pci-testdev name=<test 0's name> hits=N datamatch=N port=<name>
  * Exits:  debug-exit value 0x10 (status 33); no RSDP: 0x11 (status 35).
  */
 #include "guest.h"
@@ -31,6 +35,12 @@
 	.equ TESTDEV_PORT, 0xe0
 	.equ TESTDEV_BYTE_PORT, 0xe8
 	.equ TESTDEV_IOMEM, 0xff000000
+	.equ PCI_ADDR_PORT, PORT_PCI_CONFIG
+	.equ PCI_DATA_PORT, PORT_PCI_CONFIG + 4
+	.equ PCI_ENABLE, 0x80000000
+	.equ EDU_ID, 0x11e81234		/* device << 16 | vendor */
+	.equ PCI_TESTDEV_ID, 0x00051b36
+	.equ EDU_DMA_BUF, 0x40000
 
 	.code64
 	.text
@@ -300,8 +310,161 @@ user_main:
 	mov %edx, %eax
 	call puthex
 	PUTC('\n')
-6:	mov $0x10, %al
+6:	mov cmdline, %rsi
+	mov $word_pci, %edi
+	call cmd_find
+	test %rax, %rax
+	jz 7f
+	call pci_scan
+7:	mov $0x10, %al
 	jmp guest_exit
+
+/* pci_config: the dword at register %esi of slot %edi on bus 0, in %eax. */
+pci_config:
+	push %rdx
+	mov %edi, %eax
+	shl $11, %eax
+	or %esi, %eax
+	or $PCI_ENABLE, %eax
+	mov $PCI_ADDR_PORT, %dx
+	out %eax, %dx
+	mov $PCI_DATA_PORT, %dx
+	in %dx, %eax
+	pop %rdx
+	ret
+
+pci_scan:
+	xor %r12d, %r12d		/* slot */
+1:	mov %r12d, %edi
+	xor %esi, %esi
+	call pci_config
+	cmp $0xffffffff, %eax
+	je 5f
+	mov %eax, %r13d			/* device << 16 | vendor */
+	PRINT("platform: pci 00:")
+	mov %r12d, %eax
+	mov $2, %ecx
+	call puthex
+	PRINT(".0 id=")
+	mov %r13d, %eax
+	mov $4, %ecx
+	call puthex
+	PUTC(':')
+	shr $16, %eax
+	call puthex
+	PRINT(" class=")
+	mov $8, %esi
+	call pci_config
+	shr $8, %eax
+	mov $6, %ecx
+	call puthex
+	PRINT(" bar0=")
+	mov $0x10, %esi
+	call pci_config
+	mov %eax, %r14d
+	mov $8, %ecx
+	call puthex
+	PRINT(" bar1=")
+	mov $0x14, %esi
+	call pci_config
+	mov %eax, %r15d
+	call puthex
+	PRINT(" irq=")
+	mov $0x3c, %esi
+	call pci_config
+	movzbl %al, %eax
+	call putdec
+	PUTC('\n')
+	cmp $EDU_ID, %r13d
+	jne 2f
+	call edu_check
+2:	cmp $PCI_TESTDEV_ID, %r13d
+	jne 5f
+	call testdev_check
+5:	inc %r12d
+	cmp $32, %r12d
+	jb 1b
+	ret
+
+/* edu_check: %r14 = BAR0 (memory). */
+edu_check:
+	mov %r14d, %ebx
+	and $0xfffffff0, %ebx
+	PRINT("platform: edu id=")
+	mov (%rbx), %eax
+	mov $8, %ecx
+	call puthex
+	movl $0x12345678, 4(%rbx)	/* liveness: reads back inverted */
+	PRINT(" live=")
+	mov 4(%rbx), %eax
+	call puthex
+	movl $10, 8(%rbx)		/* factorial of 10, once the computing bit clears */
+1:	testl $1, 0x20(%rbx)
+	jnz 1b
+	PRINT(" fact10=")
+	mov 8(%rbx), %eax
+	call puthex
+	movq $dma_out, 0x80(%rbx)	/* RAM -> the device's buffer */
+	movq $EDU_DMA_BUF, 0x88(%rbx)
+	movq $8, 0x90(%rbx)
+	movq $1, 0x98(%rbx)
+2:	testq $1, 0x98(%rbx)
+	jnz 2b
+	movq $EDU_DMA_BUF, 0x80(%rbx)	/* and back, to another place */
+	movq $dma_in, 0x88(%rbx)
+	movq $8, 0x90(%rbx)
+	movq $3, 0x98(%rbx)
+3:	testq $1, 0x98(%rbx)
+	jnz 3b
+	mov dma_out, %rax
+	mov $word_bad, %esi
+	cmp dma_in, %rax
+	jne 4f
+	mov $word_ok, %esi
+4:	PRINT(" dma=")
+	call puts
+	PUTC('\n')
+	ret
+
+/* testdev_check: %r14 = BAR0 (memory), %r15 = BAR1 (I/O). */
+testdev_check:
+	mov %r14d, %ebx
+	and $0xfffffff0, %ebx
+	movb $0, (%rbx)			/* select test 0: mmio-no-eventfd */
+	PRINT("platform: pci-testdev name=")
+	lea 16(%rbx), %rsi		/* the name, after the 16-byte header (puts reads bytes) */
+	call puts
+	mov 4(%rbx), %ecx		/* the offset writes must hit, with the test's data byte */
+	movzbl 8(%rbx), %edx
+	mov %dl, (%rbx,%rcx)
+	PRINT(" hits=")
+	mov 12(%rbx), %eax
+	call putdec
+	movb $2, (%rbx)			/* test 2: datamatch-eventfd */
+	mov 4(%rbx), %ecx
+	movzbl 8(%rbx), %edx		/* its data byte */
+	movb $0xce, (%rbx,%rcx)		/* a different value does not count */
+	mov %dl, (%rbx,%rcx)		/* the data value does */
+	PRINT(" datamatch=")
+	mov 12(%rbx), %eax
+	call putdec
+	mov %r15d, %edx			/* the I/O BAR offers the same tests on ports */
+	and $0xfffffffc, %edx
+	xor %eax, %eax
+	out %al, %dx
+	PRINT(" port=")
+	add $16, %edx
+	mov $name_buf, %edi
+1:	in %dx, %al
+	mov %al, (%rdi)
+	inc %rdi
+	inc %edx
+	test %al, %al
+	jnz 1b
+	mov $name_buf, %esi
+	call puts
+	PUTC('\n')
+	ret
 
 /* visit: %rsi = a table the RSDT/XSDT lists: check it; read the MADT and FADT. */
 visit:
@@ -374,6 +537,9 @@ fadt:
 
 	.section .rodata
 word_testdev:	.asciz "testdev"
+word_pci:	.asciz "pci"
+word_ok:	.asciz "ok"
+word_bad:	.asciz "bad"
 word_yes:	.asciz "yes"
 word_no:	.asciz "no"
 
@@ -397,6 +563,10 @@ pm1a_evt:	.long 0
 pm1a_cnt:	.long 0
 pm_tmr:		.long 0
 dsdt_s5:	.long 0
+	.balign 8
+dma_out:	.quad 0x0123456789abcdef
+dma_in:		.quad 0
+name_buf:	.space 64
 
 	.bss
 	.balign 16

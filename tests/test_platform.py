@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from conftest import DEBUG_EXIT, GUEST_EXIT_OK, guest
+from conftest import DEBUG_EXIT, GUEST_EXIT_OK, guest, wait_migration
 
 
 def _platform(vmm, *args: str) -> dict[str, dict[str, str]]:
@@ -47,3 +47,54 @@ def test_pc_testdev_scratch_register_and_memory(vmm):
 
 def test_without_pc_testdev_its_ports_are_unclaimed(vmm):
     assert _platform(vmm, "-append", "testdev")["testdev"] == {"data": "ffffffff", "iomem": "ffffffff"}
+
+
+def test_pci_devices_are_found_by_enumerating_config_space_and_work(vmm):
+    devices = ["-device", "edu", "-device", "pci-testdev"]
+    r = vmm.run("-kernel", guest("platform.elf"), *DEBUG_EXIT, *devices, "-append", "pci")
+    assert r.status == GUEST_EXIT_OK, r
+    pci = [line for line in r.stdout.splitlines() if line.startswith("platform: pci ")]
+    seen = {line.split()[1]: dict(re.findall(r"(\S+)=(\S+)", line)) for line in r.stdout.splitlines()}
+    assert pci == [
+        "platform: pci 00:00.0 id=8086:1237 class=060000 bar0=00000000 bar1=00000000 irq=0",  # i440FX
+        "platform: pci 00:01.0 id=1234:11e8 class=00ff00 bar0=e0000000 bar1=00000000 irq=10",  # edu, INTA
+        "platform: pci 00:02.0 id=1b36:0005 class=00ff00 bar0=e0100000 bar1=0000c001 irq=0",  # pci-testdev
+    ], r.stdout
+    assert seen["edu"] == {"id": "010000ed", "live": "edcba987", "fact10": "00375f00", "dma": "ok"}  # 10! = 0x375f00
+    assert seen["pci-testdev"] == {
+        "name": "mmio-no-eventfd",
+        "hits": "1",
+        "datamatch": "1",  # the write of another value did not count
+        "port": "portio-no-eventfd",
+    }
+
+
+def test_query_pci_and_info_pci(qmp_vm):
+    vm = qmp_vm("-kernel", guest("platform.elf"), "-S", "-serial", "null", "-device", "edu", "-device", "pci-testdev")
+    devices = vm.cmd("query-pci")["return"][0]["devices"]
+    assert [(d["slot"], d["id"]["vendor"], d["id"]["device"]) for d in devices] == [
+        (0, 0x8086, 0x1237),
+        (1, 0x1234, 0x11E8),
+        (2, 0x1B36, 0x0005),
+    ]
+    assert devices[0]["class_info"] == {"class": 0x0600, "desc": "Host bridge"}
+    edu = devices[1]
+    assert (edu["irq"], edu["irq_pin"]) == (10, 1)
+    assert edu["regions"] == [
+        {"bar": 0, "type": "memory", "address": 0xE0000000, "size": 1 << 20, "prefetch": False, "mem_type_64": False}
+    ]
+    text = vm.cmd("human-monitor-command", **{"command-line": "info pci"})["return"].replace("\r\n", "\n")
+    assert "  Bus  0, device   0, function 0:\n    Host bridge: PCI device 8086:1237\n" in text
+    assert "      IRQ 10, pin A\n      BAR0: 32 bit memory at 0xe0000000 [0xe00fffff].\n" in text
+    assert "      BAR1: I/O at 0xc000 [0xc0ff].\n" in text
+
+
+def test_pci_config_spaces_survive_a_migration(qmp_vm, tmp_path):
+    args = ["-kernel", guest("platform.elf"), "-S", "-serial", "null", "-device", "edu", "-device", "pci-testdev"]
+    src = qmp_vm(*args)
+    before = src.cmd("query-pci")["return"]
+    state = tmp_path / "vm.state"
+    assert src.cmd("migrate", uri=f"file:{state}") == {"return": {}}
+    wait_migration(src.qmp)
+    dst = qmp_vm(*args, "-incoming", f"file:{state}")
+    assert dst.cmd("query-pci")["return"] == before

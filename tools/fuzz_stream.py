@@ -41,10 +41,11 @@ from types import SimpleNamespace
 
 from minivmm.arch.x86 import vcpu_state, vm_state
 from minivmm.config import MachineConfig
-from minivmm.devices import acpi_pm, fw_cfg, i8042, postcode, rtc, serial
+from minivmm.devices import acpi_pm, fw_cfg, i8042, pci, postcode, rtc, serial
 from minivmm.devices.bus import Bus
 from minivmm.guests import path as guest_path
 from minivmm.machine.devices import BOARD, DeviceManager
+from minivmm.machine.pci import PciBus
 from minivmm.memory import RamBlock
 from minivmm.migration import incoming, machine_state, stream
 from minivmm.vmstate import VMSD, Section, StateWriter, VMStateError, decode, encode, read_blob
@@ -66,6 +67,7 @@ SECTION_VMSDS: dict[str, VMSD] = {
     "acpi-pm1-evt": acpi_pm.PM1_EVT_VMSTATE,
     "post-code": postcode.VMSTATE,
     "fw_cfg": fw_cfg.VMSTATE,
+    "pci-host": pci.VMSTATE,
 }
 
 
@@ -445,6 +447,7 @@ class Shape:
             device = board.make(host, MachineConfig(smp=len(vcpu)))
             pio.register(board.port, board.size, device)
             devices.append(device)
+        PciBus(pio, Bus("mmio"), lambda irq, level: None)  # the host bridge every PC has
         persistent = [d for d in pio.devices() if d.vmstate is not None]
         machine = SimpleNamespace(vcpus=_Vcpus(len(vcpu), caps), devices=SimpleNamespace(persistent=lambda: persistent))
         return cls(blocks, got_layout, machine, devices)

@@ -64,6 +64,13 @@ class Bus:
         self._bases.insert(i, base)
         self.cache.clear()
 
+    def unregister(self, device: Device) -> None:
+        """Take every range of ``device`` off the bus (a PCI BAR that moves)."""
+        keep = [(r, b) for r, b in zip(self.ranges, self._bases) if r.device is not device]
+        self.ranges = [r for r, _ in keep]
+        self._bases = [b for _, b in keep]
+        self.cache.clear()
+
     def lookup(self, addr: int) -> tuple[Device, int]:
         """(device, offset) for ``addr``; UNCLAIMED when no device claims it."""
         hit = self.cache.get(addr)

@@ -20,7 +20,7 @@ from minivmm.arch.x86.boot import multiboot
 from minivmm.chardev import Chardev, ChardevError, FileChardev, SocketChardev, StdioChardev
 from minivmm.config import ChardevConfig, DeviceConfig, MachineConfig
 from minivmm.cpr.fdtable import FdTable
-from minivmm.devices import fw_cfg, pc_testdev, pvpanic
+from minivmm.devices import edu, fw_cfg, pc_testdev, pci_testdev, pvpanic
 from minivmm.devices.acpi_pm import (
     RESET_CONTROL_RST_CPU,
     RESET_CONTROL_SYS_RST,
@@ -43,6 +43,7 @@ from minivmm.memory import GuestMemory
 
 from .control import RunControl
 from .errors import MachineError
+from .pci import PciBus
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,16 @@ def _pc_testdev(dm: DeviceManager, props: dict[str, int]) -> list[tuple[str, int
     ]
 
 
+def _pci(make):
+    """A PCI model: the function goes on the machine's PCI bus, which maps its BARs."""
+
+    def add(dm: DeviceManager, props: dict[str, int]) -> list[tuple[str, int, int, Device]]:
+        dm.pci.add(make(dm))
+        return []
+
+    return add
+
+
 MODELS = {
     m.name: m
     for m in (
@@ -116,6 +127,20 @@ MODELS = {
                     DebugExit(lambda status: dm.control.request_shutdown("guest-shutdown", status)),
                 )
             ],
+        ),
+        Model(
+            "edu",
+            "PCI",
+            "QEMU's educational PCI device: identification, liveness, factorial, interrupts, DMA",
+            {},
+            _pci(lambda dm: edu.Edu(dm.memory)),
+        ),
+        Model(
+            "pci-testdev",
+            "PCI",
+            "PCI Test Device",
+            {},
+            _pci(lambda dm: pci_testdev.PciTestDev()),
         ),
         Model(
             "pc-testdev",
@@ -174,6 +199,7 @@ class DeviceManager:
                 self._add_serial(index, cc)
         for board in BOARD:
             self.pio.register(board.port, board.size, board.make(self, cfg))
+        self.pci = PciBus(self.pio, self.mmio, self.vm.irq_line)
         for dev in cfg.devices:
             self._add_model(dev)
 
@@ -195,6 +221,7 @@ class DeviceManager:
             pvpanic_port=pvpanic_port,
             fw_cfg_port=layout.PORT_FW_CFG,
             pm_timer=True,
+            pci=True,
             s3=False,  # a guest that suspends to RAM would power off: S3 is not offered
             reset=(layout.PORT_RESET_CONTROL, RESET_CONTROL_SYS_RST | RESET_CONTROL_RST_CPU),
         )

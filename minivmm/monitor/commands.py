@@ -226,6 +226,13 @@ def query_cpus_fast(ctx: Context) -> list:
     ]
 
 
+@command("query-pci")
+def query_pci(ctx: Context) -> list:
+    from minivmm.machine.pci import describe
+
+    return [{"bus": 0, "devices": [describe(f) for f in ctx.machine.devices.pci.functions]}]
+
+
 @command("query-memdev")
 def query_memdev(ctx: Context) -> list:
     ram = ctx.machine.memory.blocks[0]  # the machine's RAM backend

@@ -173,6 +173,28 @@ def info_mtree(machine, cpu_index: int) -> str:
     return "".join(out)
 
 
+def info_pci(machine, cpu_index: int) -> str:
+    """QEMU's layout of ``info pci``."""
+    from minivmm.machine.pci import describe
+
+    out = []
+    for f in machine.devices.pci.functions:
+        d = describe(f)
+        ids, cls = d["id"], d["class_info"]
+        kind = cls.get("desc", f"Class {cls['class']:04x}")
+        out.append(f"  Bus  0, device {d['slot']:3d}, function 0:\n")
+        out.append(f"    {kind}: PCI device {ids['vendor']:04x}:{ids['device']:04x}\n")
+        out.append(f"      PCI subsystem {ids['subsystem-vendor']:04x}:{ids['subsystem']:04x}\n")
+        if "irq_pin" in d:
+            out.append(f"      IRQ {d['irq']}, pin {chr(ord('A') + d['irq_pin'] - 1)}\n")
+        for r in d["regions"]:
+            end = r["address"] + r["size"] - 1
+            what = "32 bit memory" if r["type"] == "memory" else "I/O"
+            out.append(f"      BAR{r['bar']}: {what} at {r['address']:#x} [{end:#x}].\n")
+        out.append('      id ""\n')
+    return "".join(out)
+
+
 def info_cpus(machine, cpu_index: int) -> str:
     return "".join(
         f"{'*' if t.index == cpu_index else ' '} CPU #{t.index}: thread_id={t.thread.native_id or 0}\n"
@@ -184,6 +206,7 @@ INFO: dict[str, tuple[Callable[[object, int], str], str]] = {
     "cpus": (info_cpus, "show infos for each CPU"),
     "kvm": (lambda machine, cpu: "kvm support: enabled\n", "show KVM information"),
     "mtree": (info_mtree, "show memory tree"),
+    "pci": (info_pci, "show PCI info"),
     "name": (lambda machine, cpu: f"{machine.config.name}\n" if machine.config.name else "", "show the VM name"),
     "registers": (info_registers, "show the cpu registers"),
     "status": (info_status, "show the current VM status (running|paused)"),

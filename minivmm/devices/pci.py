@@ -1,0 +1,221 @@
+"""A PCI bus the way a PC presents it: configuration mechanism #1 at ports
+0xcf8 (address) and 0xcfc-0xcff (data), one bus, an i440FX host bridge at
+00:00.0, and the devices ``-device`` adds in the next slots.
+
+minivmm has no firmware for a direct kernel boot, so it does what firmware
+would: each device's BARs get addresses (memory from PCI_MMIO_BASE, I/O
+from PCI_IO_BASE) and decoding is enabled before the guest runs. A guest
+may size and move BARs as it likes: a BAR write moves the device's range on
+the machine's buses (``remap``), and clearing the memory or I/O enable bit
+in the command register takes the ranges off.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from minivmm.devices.device import Device
+from minivmm.vmstate import VMSD, Field
+
+CONFIG_SIZE = 256
+VENDOR, DEVICE, COMMAND, STATUS, REVISION, CLASS_PROG = 0x00, 0x02, 0x04, 0x06, 0x08, 0x09
+HEADER_TYPE, BAR0, SUBSYS_VENDOR, SUBSYS_ID, INTERRUPT_LINE, INTERRUPT_PIN = 0x0E, 0x10, 0x2C, 0x2E, 0x3C, 0x3D
+CMD_IO, CMD_MEMORY, CMD_MASTER, CMD_INTX_DISABLE = 0x1, 0x2, 0x4, 0x400
+BAR_IO = 0x1
+NUM_BARS = 6
+SUBSYSTEM = (0x1AF4, 0x1100)  # what QEMU puts in every device's subsystem ids
+ENABLE_BIT = 1 << 31
+
+
+@dataclass
+class Bar:
+    """One base address register: a window of ``size`` bytes (a power of two) onto ``device``."""
+
+    kind: str  # "mmio" or "pio"
+    size: int
+    device: Device
+    address: int = 0
+
+
+class PciFunction:
+    """A PCI function's configuration space: the writable bits are the command register,
+    the BARs (their address bits), the interrupt line and the cache-line/latency bytes;
+    everything else reads as the device made it."""
+
+    name = "pci-function"
+
+    def __init__(self, vendor: int, device: int, class_code: int, revision: int = 0, interrupt_pin: int = 0):
+        self.config = bytearray(CONFIG_SIZE)
+        struct.pack_into("<HH", self.config, VENDOR, vendor, device)
+        self.config[REVISION] = revision
+        self.config[CLASS_PROG : CLASS_PROG + 3] = class_code.to_bytes(3, "little")  # prog-if, subclass, class
+        struct.pack_into("<HH", self.config, SUBSYS_VENDOR, *SUBSYSTEM)
+        self.config[INTERRUPT_PIN] = interrupt_pin
+        self.bars: list[Bar | None] = [None] * NUM_BARS
+        self.initial = bytes(self.config)
+        self.remap: Callable[[PciFunction], None] = lambda fn: None  # set by the bus: ranges follow the BARs
+        self.set_irq: Callable[[int], None] = lambda level: None  # set by the bus: its INTx line's level
+        self.slot = 0
+
+    @property
+    def ids(self) -> tuple[int, int]:
+        return struct.unpack_from("<HH", self.config, VENDOR)
+
+    @property
+    def class_code(self) -> int:
+        return int.from_bytes(self.config[CLASS_PROG : CLASS_PROG + 3], "little")
+
+    def add_bar(self, index: int, bar: Bar) -> None:
+        self.bars[index] = bar
+
+    def set_bar_address(self, index: int, address: int) -> None:
+        bar = self.bars[index]
+        bar.address = address & ~(bar.size - 1)
+        flags = BAR_IO if bar.kind == "pio" else 0
+        struct.pack_into("<I", self.config, BAR0 + 4 * index, bar.address | flags)
+
+    def decoding(self, kind: str) -> bool:
+        command = struct.unpack_from("<H", self.config, COMMAND)[0]
+        return bool(command & (CMD_IO if kind == "pio" else CMD_MEMORY))
+
+    def read_config(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.config[offset : offset + size], "little")
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        moved = size == 0  # a zero-size write only re-reads the BARs (after a load)
+        for i in range(size):
+            at, byte = offset + i, (value >> (8 * i)) & 0xFF
+            if COMMAND <= at < COMMAND + 2:
+                mask = (CMD_IO | CMD_MEMORY | CMD_MASTER | CMD_INTX_DISABLE) >> (8 * (at - COMMAND)) & 0xFF
+                self.config[at] = (self.config[at] & ~mask) | (byte & mask)
+                moved = True
+            elif BAR0 <= at < BAR0 + 4 * NUM_BARS:
+                bar = self.bars[(at - BAR0) // 4]
+                if bar is None:
+                    continue
+                lane = (at - BAR0) % 4
+                writable = (~(bar.size - 1) & 0xFFFFFFFF) & ~(0x3 if bar.kind == "pio" else 0xF)
+                mask = (writable >> (8 * lane)) & 0xFF
+                self.config[at] = (self.config[at] & ~mask) | (byte & mask)
+                moved = True
+            elif at in (INTERRUPT_LINE, 0x0C, 0x0D):  # interrupt line, cache line size, latency timer
+                self.config[at] = byte
+        if moved:
+            for index, bar in enumerate(self.bars):
+                if bar is not None:
+                    raw = struct.unpack_from("<I", self.config, BAR0 + 4 * index)[0]
+                    bar.address = raw & ~(0x3 if bar.kind == "pio" else 0xF)
+            self.remap(self)
+
+    def reset(self) -> None:
+        """Back to what firmware left; the BARs' ranges follow."""
+        self.config[:] = self.initial
+        self.write_config(COMMAND, 0, 0)
+
+
+class HostBridge(PciFunction):
+    """The i440FX host bridge at 00:00.0, as QEMU's pc machine has it."""
+
+    name = "i440FX"
+
+    def __init__(self) -> None:
+        super().__init__(0x8086, 0x1237, 0x060000, revision=2)
+
+
+CONFIG_VMSD = VMSD("pci-config", 1, 1, (Field("space", "bytes", size=CONFIG_SIZE),))
+VMSTATE = VMSD(
+    "pci-host",
+    1,
+    1,
+    (Field("address", "u32", mask=0x80FFFFFC), Field("configs", CONFIG_VMSD, is_list=True, max=32)),  # by slot
+    optional=True,
+)
+
+
+@dataclass
+class PciHost(Device):
+    """Configuration mechanism #1: the address latch (a 32-bit access at 0xcf8), data at
+    0xcfc-0xcff. Offsets here are from 0xcf8; the machine maps only the latch's own port
+    and the data ports, so 0xcf9 stays the reset control register's, as on a PIIX."""
+
+    name: str = "pci-host"
+    vmstate = VMSTATE
+    address: int = 0
+    functions: dict[int, PciFunction] = field(default_factory=dict)  # slot -> function 0
+
+    def save_state(self) -> dict:
+        configs = [{"space": bytes(f.config)} for _, f in sorted(self.functions.items())]
+        return {"address": self.address, "configs": configs}
+
+    def load_state(self, state: dict) -> None:
+        """Config spaces as the guest left them; their BARs are mapped where they point."""
+        self.address = state["address"]
+        for (_, function), config in zip(sorted(self.functions.items()), state["configs"]):
+            ids = bytes(function.config[:4])
+            function.config[:] = config["space"]
+            function.config[:4] = ids  # the device is what this machine built, whatever the stream says
+            function.write_config(COMMAND, 0, 0)  # re-read the BARs and remap
+
+    def _target(self) -> tuple[PciFunction | None, int]:
+        if not self.address & ENABLE_BIT:
+            return None, 0
+        bus, slot, fn = (self.address >> 16) & 0xFF, (self.address >> 11) & 0x1F, (self.address >> 8) & 0x7
+        if bus or fn:
+            return None, 0
+        return self.functions.get(slot), self.address & 0xFC
+
+    def read(self, offset: int, size: int) -> int:
+        if offset < 4:
+            return (self.address >> (8 * offset)) & ((1 << (8 * size)) - 1) if offset + size <= 4 else 0
+        function, reg = self._target()
+        if function is None:
+            return (1 << (8 * size)) - 1  # no device: all ones, as the vendor id 0xffff says
+        at = reg + offset - 4
+        size = min(size, CONFIG_SIZE - at)
+        return function.read_config(at, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset < 4:
+            if offset == 0 and size == 4:
+                self.address = value & 0x80FFFFFC
+            return
+        function, reg = self._target()
+        if function is not None:
+            at = reg + offset - 4
+            function.write_config(at, min(size, CONFIG_SIZE - at), value)
+
+    def reset(self) -> None:
+        self.address = 0
+        for function in self.functions.values():
+            function.reset()
+
+
+@dataclass
+class PciHostPort(Device):
+    """One of the host's port windows on the I/O bus: ``at`` is its offset from 0xcf8. The
+    latch's window stands for the host in the machine's lifecycle (reset, state)."""
+
+    host: PciHost
+    at: int
+    name: str = "pci-host"
+
+    def __post_init__(self) -> None:
+        self.vmstate = VMSTATE if self.at == 0 else None
+
+    def reset(self) -> None:
+        if self.at == 0:
+            self.host.reset()
+
+    def save_state(self) -> dict:
+        return self.host.save_state()
+
+    def load_state(self, state: dict) -> None:
+        self.host.load_state(state)
+
+    def read(self, offset: int, size: int) -> int:
+        return self.host.read(self.at + offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.host.write(self.at + offset, size, value)

@@ -1,0 +1,130 @@
+"""The machine's PCI bus: the host bridge, the devices ``-device`` puts on
+it, and what firmware would do before a direct kernel boot: a slot for
+each, its BARs given addresses and decoding enabled, its interrupt line set.
+
+Memory BARs come from PCI_MMIO_BASE up (in the 32-bit hole, below the
+IOAPIC), I/O BARs from PCI_IO_BASE up, each aligned to its size. A BAR the
+guest moves follows on the machine's buses (``remap``).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+from minivmm.arch.x86 import layout
+from minivmm.devices.bus import Bus, BusError
+from minivmm.devices.pci import (
+    CMD_IO,
+    CMD_MASTER,
+    CMD_MEMORY,
+    COMMAND,
+    INTERRUPT_LINE,
+    INTERRUPT_PIN,
+    HostBridge,
+    PciFunction,
+    PciHost,
+    PciHostPort,
+)
+
+# The PIIX routes INTA-INTD of slot s to PIRQ[(s + pin - 1) % 4]; firmware gives PIRQA-D these IRQs.
+PIRQ_IRQS = (10, 10, 11, 11)
+
+
+class PciBus:
+    def __init__(self, pio: Bus, mmio: Bus, irq_line: Callable[[int, int], None]) -> None:
+        self.pio, self.mmio, self.irq_line = pio, mmio, irq_line
+        self.host = PciHost()
+        self.next_mmio, self.next_io = layout.PCI_MMIO_BASE, layout.PCI_IO_BASE
+        self.mapped: dict[int, tuple[str, int]] = {}  # id(bar device) -> (bus kind, address) while mapped
+        # The latch is one 32-bit port at 0xcf8 (0xcf9 is the reset control), the data four at 0xcfc.
+        pio.register(layout.PORT_PCI_CONFIG, 1, PciHostPort(self.host, 0))
+        pio.register(layout.PORT_PCI_CONFIG + 4, 4, PciHostPort(self.host, 4))
+        self.add(HostBridge())
+
+    @property
+    def functions(self) -> list[PciFunction]:
+        return [self.host.functions[slot] for slot in sorted(self.host.functions)]
+
+    def add(self, function: PciFunction) -> None:
+        slot = len(self.host.functions)
+        if slot >= 32:
+            raise BusError("PCI bus 0 is full (32 slots)")
+        function.slot = slot
+        self.host.functions[slot] = function
+        for index, bar in enumerate(function.bars):
+            if bar is None:
+                continue
+            if bar.kind == "mmio":
+                self.next_mmio = -(-self.next_mmio // bar.size) * bar.size
+                function.set_bar_address(index, self.next_mmio)
+                self.next_mmio += bar.size
+            else:
+                self.next_io = -(-self.next_io // bar.size) * bar.size
+                function.set_bar_address(index, self.next_io)
+                self.next_io += bar.size
+        if self.next_mmio > layout.PCI_MMIO_END or self.next_io > layout.PCI_IO_END:
+            raise BusError("the PCI BAR windows are full")
+        if function.config[INTERRUPT_PIN]:
+            irq = self.irq_of(function)
+            function.config[INTERRUPT_LINE] = irq
+            function.set_irq = lambda level: self.irq_line(irq, level)  # INTx is level-triggered
+        command = CMD_IO | CMD_MEMORY | CMD_MASTER
+        struct.pack_into("<H", function.config, COMMAND, command)
+        function.initial = bytes(function.config)  # what a reset comes back to, as firmware left it
+        function.remap = self.remap
+        self.remap(function)
+
+    def irq_of(self, function: PciFunction) -> int:
+        pin = function.config[INTERRUPT_PIN]
+        return PIRQ_IRQS[(function.slot + pin - 1) % 4]
+
+    def remap(self, function: PciFunction) -> None:
+        """Put each BAR's device where its BAR says, if decoding is on (else nowhere)."""
+        for bar in function.bars:
+            if bar is None:
+                continue
+            bus = self.mmio if bar.kind == "mmio" else self.pio
+            if id(bar.device) in self.mapped:
+                bus.unregister(bar.device)
+                del self.mapped[id(bar.device)]
+            limit = 1 << 32 if bar.kind == "mmio" else 1 << 16
+            if function.decoding(bar.kind) and bar.address and bar.address + bar.size <= limit:
+                try:
+                    bus.register(bar.address, bar.size, bar.device)
+                    self.mapped[id(bar.device)] = (bar.kind, bar.address)
+                except BusError:
+                    pass  # over another device: the guest's choice leaves the BAR unreachable, as on hardware
+
+
+CLASS_NAMES = {0x0600: "Host bridge", 0x0601: "ISA bridge", 0x00FF: "Class 00ff"}
+
+
+def describe(function: PciFunction) -> dict:
+    """One function as QMP's query-pci gives it (PciDeviceInfo)."""
+    vendor, device = function.ids
+    sub_vendor, sub_id = struct.unpack_from("<HH", function.config, 0x2C)
+    out = {
+        "bus": 0,
+        "slot": function.slot,
+        "function": 0,
+        "class_info": {"class": function.class_code >> 8},
+        "id": {"vendor": vendor, "device": device, "subsystem-vendor": sub_vendor, "subsystem": sub_id},
+        "qdev_id": "",
+        "regions": [],
+    }
+    desc = CLASS_NAMES.get(function.class_code >> 8)
+    if desc is not None and not desc.startswith("Class"):
+        out["class_info"]["desc"] = desc
+    pin = function.config[INTERRUPT_PIN]
+    if pin:
+        out["irq_pin"] = pin
+        out["irq"] = function.config[INTERRUPT_LINE]
+    for index, bar in enumerate(function.bars):
+        if bar is not None:
+            region = {"bar": index, "type": "memory" if bar.kind == "mmio" else "io"}
+            region.update(address=bar.address, size=bar.size)
+            if bar.kind == "mmio":
+                region.update(prefetch=False, mem_type_64=False)
+            out["regions"].append(region)
+    return out
