@@ -172,7 +172,8 @@ def parse(data: bytes) -> Kernel:
     )
     if len(data) <= header.setup_size:
         raise LinuxError(
-            f"truncated: {len(data)} bytes, but the {header.setup_sects} setup sectors end at {header.setup_size:#x}"
+            f"truncated: {len(data)} bytes, but with setup_sects {header.setup_sects} the setup part ends at "
+            f"{header.setup_size:#x}"
         )
     protected = bytes(data[header.setup_size :])
     if header.payload_length and header.payload_offset + header.payload_length > len(protected):
