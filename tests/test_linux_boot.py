@@ -324,3 +324,33 @@ def test_crafted_headers_give_linux_errors_only(edits, cut):
         assert len(linux.zero_page(k, addr, layout.CMDLINE_ADDR, (rd, 4096), [])) == 4096
     except linux.LinuxError:
         pass
+
+
+def _note_offset(image: bytes) -> int:
+    phoff, phentsize, phnum = struct.unpack_from("<Q", image, 32)[0], *struct.unpack_from("<HH", image, 54)
+    headers = (struct.unpack_from("<IIQ", image, phoff + i * phentsize) for i in range(phnum))
+    return next(offset for p_type, _flags, offset in headers if p_type == elf.PT_NOTE)
+
+
+_PVH_NOTE_AT = _note_offset(Path(PVH_ELF).read_bytes())  # the Xen note: mangled along with the headers
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([*range(0, 0xB0), *range(_PVH_NOTE_AT - 8, _PVH_NOTE_AT + 24)]), st.integers(0, 255)),
+        max_size=12,
+    ),
+    st.integers(0, 0x9000),
+)
+def test_crafted_pvh_elfs_give_elf_or_pvh_errors_only(edits, cut):
+    """Program headers, notes and their sizes from a mangled linuxpvh.elf: ElfError or PvhError, nothing else."""
+    image = bytearray(Path(PVH_ELF).read_bytes()[:cut])
+    for offset, value in edits:
+        if offset < len(image):
+            image[offset] = value
+    try:
+        entry = pvh.entry_point(elf.parse(bytes(image)))
+        assert entry is None or 0 <= entry < layout.FOUR_GIB
+    except (elf.ElfError, pvh.PvhError):
+        pass
