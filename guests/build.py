@@ -18,7 +18,9 @@ Steps:
 3. For each guest: gcc -E -P -x assembler-with-cpp -DBITS=N (preprocess),
    as --32/--64, ld -m elf_i386/elf_x86_64 -T script, objcopy
    --strip-symbols (the constants, found with nm), and for the flat
-   real-mode image objcopy -O binary.
+   real-mode image and the bzImage objcopy -O binary (linuxboot.ld puts
+   the setup sectors at load address 0 and the protected-mode part after
+   them, so the flat file is the bzImage, with no post-link step).
 
 Standard library only; Python 3.11.
 """
@@ -45,14 +47,14 @@ TOOLS = ("gcc", "as", "ld", "nm", "objcopy")
 
 @dataclass(frozen=True)
 class Guest:
-    output: str  # file name shipped in minivmm/guests/
-    source: str  # guests/<source>
+    output: str  # file name shipped in minivmm/guests/ (its stem names the build's files)
+    source: str  # guests/<source> (two guests may share one: linuxboot and linuxpvh)
     bits: int  # 16 (real mode), 32 (multiboot ELF32) or 64 (ELF64)
     script: str  # linker script
 
     @property
     def stem(self) -> str:
-        return Path(self.source).stem
+        return Path(self.output).stem
 
 
 GUESTS = (
@@ -64,6 +66,8 @@ GUESTS = (
     Guest("platform.elf", "platform.S", 64, "elf64.ld"),
     Guest("smp.elf", "smp.S", 32, "elf32.ld"),
     Guest("timer.elf", "timer.S", 32, "elf32.ld"),
+    Guest("linuxboot.bin", "linuxboot.S", 64, "linuxboot.ld"),  # a bzImage: objcopy -O binary from LMA 0
+    Guest("linuxpvh.elf", "linuxboot.S", 64, "linuxpvh.ld"),
 )
 
 # Same flags for every ELF: no build-id, no .note.gnu.property, one RWX

@@ -89,8 +89,13 @@ def _enter(m, vcpu: Vcpu, entry: boot.Entry) -> None:
     if entry.mode == "reset":
         return
     sregs = vcpu.get_sregs()
-    gdt = modes.protected_mode(sregs) if entry.mode == "protected" else modes.long_mode(sregs, layout.PML4_ADDR)
+    if entry.mode == "protected":
+        gdt = modes.protected_mode(sregs)
+    elif entry.mode == "pvh":
+        gdt = modes.pvh_mode(sregs)
+    else:
+        gdt = modes.long_mode(sregs, layout.PML4_ADDR)
     m.memory.write(layout.GDT_ADDR, gdt)
     vcpu.set_sregs(sregs)
-    vcpu.set_regs(kvm_regs(rip=entry.rip, rax=entry.rax, rbx=entry.rbx, rsp=entry.rsp, rflags=2))
+    vcpu.set_regs(kvm_regs(rip=entry.rip, rax=entry.rax, rbx=entry.rbx, rsp=entry.rsp, rsi=entry.rsi, rflags=2))
     vcpu.set_fpu(kvm_fpu(fcw=0x37F, mxcsr=0x1F80))

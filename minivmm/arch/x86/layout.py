@@ -6,9 +6,11 @@ One place for each fact: the VMM, the boot loaders and the shipped guests
 Low memory as the VMM fills it before the first instruction::
 
     0x000500  boot GDT (GDT_ENTRIES descriptors)
-    0x001000  boot stack, grows down from BOOT_STACK_TOP (ELF64 boot)
-    0x009000  PML4, then PDPT, then 2 MiB page directories (ELF64 boot only)
-    0x020000  kernel command line (CMDLINE_MAX bytes; the Linux boot protocol)
+    0x001000  boot stack, grows down from BOOT_STACK_TOP (ELF64 and Linux boot)
+    0x007000  Linux zero page (boot_params) for a bzImage
+    0x008000  PVH start info, then its memory map and module list (PVH boot)
+    0x009000  PML4, then PDPT, then 2 MiB page directories (ELF64 and 64-bit Linux boot)
+    0x020000  kernel command line (CMDLINE_MAX bytes; the Linux and PVH boots)
     0x021000  free for the guest, up to the EBDA
     0x09fc00  EBDA: MP floating pointer
     0x0a0000  legacy VGA/ROM hole (with -bios: its last 128 KiB at 0xe0000)
@@ -16,7 +18,9 @@ Low memory as the VMM fills it before the first instruction::
     0x0f0000  MP configuration table (in the reserved BIOS area)
     0x100000  kernels usually load here; after the kernel and its modules (page
               aligned), the multiboot information with its memory map, command
-              line, module list and strings, as QEMU's loader places them
+              line, module list and strings, as QEMU's loader places them.
+              A bzImage goes at its pref_address when relocatable and in RAM;
+              a Linux initrd at the top of RAM below 4 GiB (and initrd_addr_max)
 """
 
 KiB = 1 << 10
@@ -27,6 +31,8 @@ PAGE_SIZE = 4 * KiB
 # --- boot structures in low RAM -------------------------------------------
 GDT_ADDR = 0x500
 BOOT_STACK_TOP = 0x7000
+BOOT_PARAMS_ADDR = 0x7000  # the Linux zero page: one page, above the boot stack
+PVH_START_INFO_ADDR = 0x8000  # hvm_start_info, its memory map and module list: one page
 PML4_ADDR = 0x9000
 PDPT_ADDR = 0xA000
 PD_ADDR = 0xB000

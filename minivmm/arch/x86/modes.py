@@ -1,6 +1,7 @@
 """CPU entry states: the segment, control-register and GDT set-up for each way
 a guest can be entered (x86 reset state, 32-bit flat protected mode for
-multiboot, 64-bit long mode for ELF64 and Linux).
+multiboot, PVH and Linux's 32-bit entry, 64-bit long mode for ELF64 and
+Linux's 64-bit entry).
 """
 
 from __future__ import annotations
@@ -87,6 +88,14 @@ def protected_mode(sregs: kvm_sregs) -> bytes:
     sregs.cr0 = CR0_PE | CR0_ET
     sregs.cr4 = 0
     sregs.efer = 0
+    return gdt
+
+
+def pvh_mode(sregs: kvm_sregs) -> bytes:
+    """The PVH ABI's entry state: 32-bit flat protected mode, paging off, as for multiboot, but with
+    TR a 32-bit busy TSS at base 0 and limit 0x67, as the ABI states it. Returns the GDT to write."""
+    gdt = protected_mode(sregs)
+    sregs.tr = kvm_segment(base=0, limit=0x67, selector=0, type=SEG_TYPE_TSS_BUSY, present=1, s=0)
     return gdt
 
 
