@@ -1,4 +1,5 @@
-"""QEMU's option value syntaxes: sizes, booleans and keyval lists.
+"""QEMU's option value syntaxes: sizes, booleans and keyval lists; and
+minivmm's timeouts from the environment.
 
 ``TYPE,key=value,key=value`` with ``,,`` for a literal comma; the first item
 may omit its key (the "implied" key: the object type, the machine type...).
@@ -8,6 +9,7 @@ JSON objects are accepted where QEMU accepts them.
 from __future__ import annotations
 
 import json
+import os
 import re
 
 _SUFFIXES = {"": 0, "B": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
@@ -97,3 +99,17 @@ def _json_value(value: object) -> str:
     if isinstance(value, (int, str)):
         return str(value)
     return json.dumps(value)
+
+
+def seconds_from_env(name: str, default: float) -> float:
+    """A timeout from environment variable ``name``: a positive number of seconds, else ``default``."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e6:
+        raise OptionError(f"{name}={text}: expected a number of seconds above 0")
+    return value

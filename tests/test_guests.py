@@ -398,15 +398,29 @@ bss_end:
 """
 
 
-def test_multiboot_aout_kludge_image(vmm, tmp_path):
-    (tmp_path / "k.S").write_text(AOUT_KLUDGE_GUEST)
+def _flat_image(tmp_path, source: str, text_addr: int):
+    """A 32-bit a.out-kludge multiboot image from ``source``, linked to run at ``text_addr``."""
+    (tmp_path / "k.S").write_text(source)
     subprocess.run(["as", "--32", "-o", "k.o", "k.S"], cwd=tmp_path, check=True)
-    subprocess.run(
-        ["ld", "-m", "elf_i386", "-Ttext=0x100000", "--oformat", "binary", "-e", "entry", "-o", "k.bin", "k.o"],
-        cwd=tmp_path,
-        check=True,
-    )
-    image = (tmp_path / "k.bin").read_bytes()
+    link = [
+        "ld",
+        "-m",
+        "elf_i386",
+        f"-Ttext={text_addr:#x}",
+        "--oformat",
+        "binary",
+        "-e",
+        "entry",
+        "-o",
+        "k.bin",
+        "k.o",
+    ]
+    subprocess.run(link, cwd=tmp_path, check=True)
+    return tmp_path / "k.bin"
+
+
+def test_multiboot_aout_kludge_image(vmm, tmp_path):
+    image = _flat_image(tmp_path, AOUT_KLUDGE_GUEST, 0x100000).read_bytes()
     (tmp_path / "k.bin").write_bytes(image + b"\xff" * 64)  # junk past load_end must not be loaded
     r = vmm.run("-kernel", str(tmp_path / "k.bin"), *DEBUG_EXIT)
     assert (r.status, r.stdout) == (GUEST_EXIT_OK, "a.out kludge ok\n"), r
@@ -453,14 +467,8 @@ bss_end:
 
 
 def test_multiboot_information_goes_after_the_image_and_modules_as_qemu_places_it(vmm, tmp_path):
-    (tmp_path / "k.S").write_text(LOW_MULTIBOOT_GUEST)
-    subprocess.run(["as", "--32", "-o", "k.o", "k.S"], cwd=tmp_path, check=True)
-    subprocess.run(
-        ["ld", "-m", "elf_i386", "-Ttext=0x7000", "--oformat", "binary", "-e", "entry", "-o", "k.bin", "k.o"],
-        cwd=tmp_path,
-        check=True,
-    )
-    r = vmm.run("-kernel", str(tmp_path / "k.bin"), "-append", "x" * 3000, *DEBUG_EXIT)
+    kernel = _flat_image(tmp_path, LOW_MULTIBOOT_GUEST, 0x7000)
+    r = vmm.run("-kernel", str(kernel), "-append", "x" * 3000, *DEBUG_EXIT)
     assert (r.status, r.stdout) == (GUEST_EXIT_OK, "low image intact\n"), r
 
 

@@ -29,6 +29,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from minivmm.options import OptionError, seconds_from_env
+
 from .fdtable import FdTable, set_cloexec
 from .state import ENV, CprError, CprState, send_state, state_memfd, take_exec_state
 
@@ -39,16 +41,10 @@ DEFAULT_EXEC_TIMEOUT = 30.0
 
 def exec_timeout() -> float:
     """Seconds a cpr-exec's new image has to take the guest over (MINIVMM_CPR_EXEC_TIMEOUT)."""
-    text = os.environ.get(EXEC_TIMEOUT_ENV)
-    if text is None:
-        return DEFAULT_EXEC_TIMEOUT
     try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < 1e6:
-        raise CprError(f"{EXEC_TIMEOUT_ENV}={text}: expected a number of seconds above 0")
-    return value
+        return seconds_from_env(EXEC_TIMEOUT_ENV, DEFAULT_EXEC_TIMEOUT)
+    except OptionError as e:
+        raise CprError(str(e)) from None
 
 
 def _spawn(mode_args: list[str], state: CprState, extra_fds: tuple[int, ...] = (), stderr=None) -> subprocess.Popen:

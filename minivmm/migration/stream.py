@@ -19,12 +19,12 @@ the target waiting forever.
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from dataclasses import dataclass
 
 from minivmm.memory import RamBlock
+from minivmm.options import OptionError, seconds_from_env
 
 MAGIC = b"MVMM"
 VERSION = 2
@@ -51,16 +51,10 @@ class StreamError(ValueError):
 
 def timeout() -> float:
     """Seconds of silence after which a socket stream is given up (MINIVMM_STREAM_TIMEOUT)."""
-    text = os.environ.get(TIMEOUT_ENV)
-    if text is None:
-        return DEFAULT_TIMEOUT
     try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < 1e6:
-        raise StreamError(f"{TIMEOUT_ENV}={text}: expected a number of seconds above 0")
-    return value
+        return seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT)
+    except OptionError as e:
+        raise StreamError(str(e)) from None
 
 
 @dataclass(frozen=True)
