@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from conftest import DEBUG_EXIT, GUEST_EXIT_OK, guest
 from minivmm.arch.x86 import layout
-from minivmm.arch.x86.boot import BootError, elf, linux, multiboot, prepare, pvh
+from minivmm.arch.x86.boot import BootError, elf, linux, prepare, pvh
+from minivmm.arch.x86.e820 import memory_map
 
 BZIMAGE = guest("linuxboot.bin")
 PVH_ELF = guest("linuxpvh.elf")
@@ -51,7 +52,7 @@ def _initrd(tmp_path: Path, size: int = 5000) -> tuple[str, bytes]:
 def _check_common(seen: dict, ram: int, cmdline: str, initrd: bytes) -> None:
     assert seen["cmdline"] == cmdline
     e820 = seen["e820"]
-    assert [(e["addr"], e["size"], e["type"]) for e in e820] == multiboot.memory_map(_ram_ranges(ram))
+    assert [(e["addr"], e["size"], e["type"]) for e in e820] == memory_map(_ram_ranges(ram))
     total = sum(e["size"] for e in e820 if e["type"] == 1)
     assert total == ram - LOW_HOLES
     assert int(seen["e820sum"]["ram"], 16) == total
@@ -229,7 +230,7 @@ def test_setup_sects_0_means_4():
 
 def test_zero_page_fields():
     k = linux.parse(Path(BZIMAGE).read_bytes())
-    e820 = multiboot.memory_map(_ram_ranges(5 << 30))
+    e820 = memory_map(_ram_ranges(5 << 30))
     page = linux.zero_page(k, 0x1000000, layout.CMDLINE_ADDR, (0x1_2345_6000, 0x1_0000_0010), e820)
     assert len(page) == 4096
     u8, u16, u32, u64 = (lambda o, f=f: struct.unpack_from(f, page, o)[0] for f in ("<B", "<H", "<I", "<Q"))
@@ -271,7 +272,7 @@ def test_initrd_placement():
 def test_pvh_note_and_start_info():
     image = elf.parse(Path(PVH_ELF).read_bytes())
     assert pvh.entry_point(image) is not None
-    e820 = multiboot.memory_map(_ram_ranges(128 << 20))
+    e820 = memory_map(_ram_ranges(128 << 20))
     blob = pvh.start_info(0x8000, layout.CMDLINE_ADDR, [pvh.Module(0x7000000, 123)], e820)
     magic, version, flags, nr, modlist, cmdline, rsdp, memmap, entries, res = pvh.START_INFO.unpack_from(blob)
     assert (magic, version, flags, nr, cmdline, rsdp) == (0x336EC578, 1, 0, 1, layout.CMDLINE_ADDR, 0xE0000)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from minivmm.arch.x86 import acpi, layout
-from minivmm.arch.x86.boot import multiboot
+from minivmm.arch.x86.e820 import memory_map
 from minivmm.chardev import Chardev, ChardevError, FileChardev, SocketChardev, StdioChardev
 from minivmm.config import ChardevConfig, DeviceConfig, MachineConfig
 from minivmm.cpr.fdtable import FdTable
@@ -206,7 +206,7 @@ class DeviceManager:
     def make_fw_cfg(self, cfg: MachineConfig) -> fw_cfg.FwCfg:
         """QEMU's fw_cfg with the PC's items: CPU counts, RAM size, the e820 map (DMA into guest RAM)."""
         ram = sum(size for _, size in self.ram_ranges)
-        e820 = multiboot.memory_map(self.ram_ranges)
+        e820 = memory_map(self.ram_ranges)
         self.fw_cfg = fw_cfg.pc(self.memory, ncpus=cfg.smp, ram_size=ram, e820=e820)
         return self.fw_cfg
 

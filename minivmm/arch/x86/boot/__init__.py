@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from minivmm.memory import GuestMemory, GuestMemoryError
 
 from .. import layout, mptable, paging
+from ..e820 import memory_map
 from . import elf, linux, multiboot, pvh
 
 
@@ -224,7 +225,7 @@ def _load_linux(image: BootImage, mem: GuestMemory, ram_ranges: list[tuple[int, 
         if initrd is not None:
             mem.write(initrd[0], image.initrd)
         mem.write(layout.CMDLINE_ADDR, image.cmdline + b"\0")
-        e820 = multiboot.memory_map(ram_ranges)
+        e820 = memory_map(ram_ranges)
         mem.write(layout.BOOT_PARAMS_ADDR, linux.zero_page(kernel, load_addr, layout.CMDLINE_ADDR, initrd, e820))
         if not kernel.header.kernel_64:
             return Entry("protected", load_addr, rsi=layout.BOOT_PARAMS_ADDR)
@@ -271,6 +272,6 @@ def _load_pvh(image: BootImage, mem: GuestMemory, ram_ranges: list[tuple[int, in
         mem.write(addr, image.initrd)
         modules.append(pvh.Module(addr, size))
     mem.write(layout.CMDLINE_ADDR, image.cmdline + b"\0")
-    info = pvh.start_info(layout.PVH_START_INFO_ADDR, layout.CMDLINE_ADDR, modules, multiboot.memory_map(ram_ranges))
+    info = pvh.start_info(layout.PVH_START_INFO_ADDR, layout.CMDLINE_ADDR, modules, memory_map(ram_ranges))
     mem.write(layout.PVH_START_INFO_ADDR, info)
     return Entry("pvh", image.entry, rbx=layout.PVH_START_INFO_ADDR)

@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass
 
 from .. import layout
+from ..e820 import memory_map
 from . import elf
 
 MB_FLAG_PAGE_ALIGN = 1 << 0
@@ -20,7 +21,6 @@ MB_FLAG_AOUT_KLUDGE = 1 << 16
 _SUPPORTED_REQUIRED = MB_FLAG_PAGE_ALIGN | MB_FLAG_MEMORY_INFO | MB_FLAG_VIDEO_MODE
 
 INFO_MEM, INFO_BOOTDEV, INFO_CMDLINE, INFO_MODS, INFO_MMAP, INFO_LOADER_NAME = 1, 2, 4, 8, 64, 512
-MMAP_AVAILABLE, MMAP_RESERVED = 1, 2
 LOADER_NAME = b"minivmm\0"
 
 
@@ -77,20 +77,6 @@ def load_image(data: bytes, header: Header) -> tuple[list[elf.Segment], int]:
     if image.elf_class != elf.ELFCLASS32:
         raise MultibootError("multiboot kernels must be ELF32 (or use the a.out kludge)")
     return image.segments, image.entry_paddr()
-
-
-def memory_map(ram_ranges: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """(base, length, type) entries: the e820 picture of the machine."""
-    entries = [
-        (0, layout.EBDA_ADDR, MMAP_AVAILABLE),
-        (layout.EBDA_ADDR, layout.LOW_RAM_END - layout.EBDA_ADDR, MMAP_RESERVED),
-        (layout.ACPI_RSDP_ADDR, layout.BIOS_ALIAS_END - layout.ACPI_RSDP_ADDR, MMAP_RESERVED),  # ACPI, MP table
-    ]
-    for base, size in ram_ranges:
-        lo = max(base, layout.HIGH_RAM_START)
-        if base + size > lo:
-            entries.append((lo, base + size - lo, MMAP_AVAILABLE))
-    return entries
 
 
 def mem_upper_kib(ram_ranges: list[tuple[int, int]]) -> int:
