@@ -12,6 +12,7 @@ import subprocess
 import pytest
 
 from conftest import DEBUG_EXIT, GUEST_EXIT_OK, NO_EMULATION_FAILURE, guest, wait_for
+from minivmm.machine.control import EXIT_RESET, EXIT_TRIPLE_FAULT
 
 
 def lines(text: str, prefix: str) -> list[str]:
@@ -128,7 +129,7 @@ def test_named_cpu_models_and_vendor_are_what_the_guest_sees(vmm, spec, vendor):
 
 def test_triple_fault_with_no_reboot_exits_with_a_message(vmm):
     r = vmm.run("-kernel", guest("long64.elf"), "-append", "fault", "-no-reboot")
-    assert r.status == 1
+    assert r.status == EXIT_TRIPLE_FAULT
     assert re.match(
         r"minivmm: vcpu0: triple fault \(KVM_EXIT_SHUTDOWN\) at RIP=0x[0-9a-f]+ CS=0x0010 base 0x0 \(long mode, CPL0\)",
         r.stderr,
@@ -159,7 +160,8 @@ def test_i8042_reset_reboots_the_guest(vmm):
 
 def test_i8042_reset_with_no_reboot_exits(vmm):
     r = vmm.run("-kernel", guest("hello32.elf"), "-append", "reboot", "-no-reboot", *DEBUG_EXIT)
-    assert r.status == 0, r
+    assert r.status == EXIT_RESET, r
+    assert r.stderr == "minivmm: the guest reset the machine; -no-reboot was given, so minivmm exits\n"
     assert lines(r.stdout, "hello32: boot") == ["hello32: boot 1"]
 
 

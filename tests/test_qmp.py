@@ -16,6 +16,7 @@ import pytest
 
 from conftest import DEBUG_EXIT, NO_EMULATION_FAILURE, WALKER, Raw, guest, still_walking, wait_for, walking
 from minivmm.guests.abwalk import read_status
+from minivmm.machine.control import EXIT_PANIC
 
 # --- clients from qemu.qmp --------------------------------------------------------------------
 
@@ -268,6 +269,14 @@ def test_panic_default_action_shuts_down(vmm):
         *DEBUG_EXIT,
     )
     assert r.status == 1 and "hello32: panic" in r.stdout
+    assert r.stderr == "minivmm: the guest panicked (-action panic=exit-failure)\n"
+
+
+def test_a_panic_with_the_default_action_has_its_own_exit_status(vmm):
+    """-action panic=shutdown (QEMU's default) ends the run; the status says it was a panic, not a power-off."""
+    r = vmm.run("-kernel", guest("hello32.elf"), "-append", "panic", "-device", "pvpanic", *DEBUG_EXIT)
+    assert r.status == EXIT_PANIC and "hello32: panic" in r.stdout
+    assert r.stderr == "minivmm: the guest panicked (-action panic=shutdown)\n"
 
 
 # --- endpoints ---------------------------------------------------------------------------------

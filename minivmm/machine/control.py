@@ -22,6 +22,14 @@ from minivmm.vcpu import ExitKind, VcpuExit, VcpuThread
 
 from .vcpus import VcpuManager
 
+# How a run ended, as minivmm's exit status says it, so that a CI job can tell endings apart
+# (isa-debug-exit's statuses, (v << 1) | 1, are odd; these are even, except QEMU's 1).
+EXIT_POWER_OFF = 0  # the guest powered off (ACPI S5, a KVM shutdown event), or the host asked (quit, a signal)
+EXIT_FAILURE = 1  # minivmm or KVM could not go on; also -action panic=exit-failure, as QEMU
+EXIT_RESET = 2  # the guest reset the machine and -no-reboot was given
+EXIT_PANIC = 4  # the guest reported a panic (pvpanic) and -action panic=shutdown (the default) ended the run
+EXIT_TRIPLE_FAULT = 6  # the guest triple-faulted and -no-reboot was given
+
 
 @dataclass(frozen=True)
 class ShutdownRequest:
@@ -103,10 +111,15 @@ class RunControl:
         self.vcpus.hold_all()
         self.loop.call_soon_threadsafe(self._handle_shutdown)
 
-    def request_reset(self, reason: str, text: str | None = None) -> None:
-        """QEMU's qemu_system_reset_request; with -no-reboot it becomes a shutdown."""
+    def request_reset(self, reason: str, text: str | None = None, status: int = EXIT_RESET) -> None:
+        """QEMU's qemu_system_reset_request; with -no-reboot it becomes a shutdown, and a reset the
+        guest asked for ends with ``status`` and a line saying why."""
         if self.config.no_reboot:
-            self.request_shutdown(reason, 1 if text else 0, text)
+            if reason.startswith("guest"):
+                text = text or "the guest reset the machine; -no-reboot was given, so minivmm exits"
+                self.request_shutdown(reason, status, text)
+            else:
+                self.request_shutdown(reason, EXIT_POWER_OFF)
             return
         self.vcpus.hold_all()
         self.loop.call_soon_threadsafe(self._handle_reset, reason)
@@ -120,7 +133,7 @@ class RunControl:
         """A vCPU cannot go on (called on its thread, now parked)."""
         where = f"vcpu{thread.index}: {why.message}"
         if why.kind == ExitKind.TRIPLE_FAULT:
-            self.request_reset("guest-reset", f"{where}; -no-reboot was given, so minivmm exits")
+            self.request_reset("guest-reset", f"{where}; -no-reboot was given, so minivmm exits", EXIT_TRIPLE_FAULT)
         elif why.kind == ExitKind.POWER_OFF:
             self.request_shutdown("guest-shutdown")
         elif why.kind == ExitKind.RESET:
@@ -172,11 +185,14 @@ class RunControl:
         self.emit("GUEST_PANICKED", {"action": "pause" if pause else "poweroff"})
         self.vm_stop(runstate.GUEST_PANICKED)
         if not pause:
-            self.request_shutdown("guest-panic", 1 if action == "exit-failure" else 0)
+            if action == "exit-failure":
+                self.request_shutdown("guest-panic", EXIT_FAILURE, "the guest panicked (-action panic=exit-failure)")
+            else:
+                self.request_shutdown("guest-panic", EXIT_PANIC, "the guest panicked (-action panic=shutdown)")
 
     def _handle_vcpu_failure(self, text: str) -> None:
         message(text)
         if self.config.monitors:
             self.vm_stop(runstate.INTERNAL_ERROR)  # stays for the monitor to inspect, as QEMU does
         else:
-            self.request_shutdown("host-error", 1, force=True)
+            self.request_shutdown("host-error", EXIT_FAILURE, force=True)
