@@ -25,6 +25,9 @@
  *   linuxboot: e820 entries=N ram=X above4g=X   (bytes of type 1; of them above 4 GiB)
  *   linuxboot: initrd addr=X size=X crc=XXXXXXXX   (zlib's CRC-32 of its bytes)
  *   linuxboot: rsdp addr=X sig=X    (the 8 signature bytes as a little-endian u64)
+ *   linuxboot: acpi rsdp=X rev=N tables=N bad-checksums=N   (acpi.S: the tables walked)
+ *   linuxboot: madt cpus=N ioapics=N overrides=N
+ *   linuxboot: fadt pm1a-evt=X pm1a-cnt=X pm-tmr=X dsdt-s5=yes|no
  * Exits:  debug-exit value 0x10 (status 33); "poweroff" on the command line:
  *         PM1a_CNT SLP_EN, as Linux powers off (status 0); a bad magic
  *         (no "HdrS" in the zero page, a wrong hvm_start_info magic): 0x11.
@@ -389,7 +392,12 @@ report:
 	mov (%rsi), %rax
 3:	call hex16
 	PUTC('\n')
-
+	mov rsdp, %rsi			/* the tables it points at, walked as an OS walks them */
+	test %rsi, %rsi
+	jz 5f
+	call acpi_walk
+	call acpi_report
+5:
 	mov cmdline, %rsi
 	mov $word_poweroff, %edi
 	call cmd_find
@@ -412,8 +420,10 @@ bad_magic:
 #include "user64.S"
 #include "serial.S"
 #include "cmdline.S"
+#include "acpi.S"
 
 	.section .rodata
+acpi_prefix:	.asciz "linuxboot"
 word_poweroff:	.asciz "poweroff"
 
 /* Xen's PVH entry note (kept by linuxpvh.ld only): namesz, descsz, type, "Xen", the entry. */

@@ -90,36 +90,6 @@ fw_read:
 	pop %rcx
 	ret
 
-/* checksum: the byte sum of %ecx bytes at %rsi, in %al (0 when valid). */
-checksum:
-	push %rsi
-	push %rcx
-	push %rdx
-	xor %eax, %eax
-1:	test %ecx, %ecx
-	jz 2f
-	movzbl (%rsi), %edx
-	add %dl, %al
-	inc %rsi
-	dec %ecx
-	jmp 1b
-2:	pop %rdx
-	pop %rcx
-	pop %rsi
-	ret
-
-/* check_table: %rsi = an ACPI table; counts it, and a bad checksum. */
-check_table:
-	push %rcx
-	incl tables
-	mov 4(%rsi), %ecx		/* header: length */
-	call checksum
-	test %al, %al
-	jz 1f
-	incl bad_sums
-1:	pop %rcx
-	ret
-
 user_main:
 	/* fw_cfg */
 	mov $FW_SIGNATURE, %ax
@@ -174,10 +144,9 @@ user_main:
 	call putdec
 	PUTC('\n')
 
-	/* ACPI: the RSDP, on a 16-byte boundary in 0xe0000-0xfffff */
-	mov $RSDP_SCAN_START, %esi
-	movabs $0x2052545020445352, %rax	/* "RSD PTR " */
-1:	cmp %rax, (%rsi)
+	mov $RSDP_SCAN_START, %esi	/* ACPI: the RSDP, 16-byte aligned in 0xe0000-0xfffff */
+1:	movabs $0x2052545020445352, %rax	/* "RSD PTR " */
+	cmp %rax, (%rsi)
 	je 2f
 	add $16, %esi
 	cmp $RSDP_SCAN_END, %esi
@@ -185,94 +154,11 @@ user_main:
 	PRINT("platform: acpi no RSDP\n")
 	mov $0x11, %al
 	jmp guest_exit
-2:	mov %rsi, rsdp
-	mov $20, %ecx			/* the ACPI 1.0 part */
-	call checksum
-	test %al, %al
-	jz 3f
-	incl bad_sums
-3:	movzbl 15(%rsi), %eax		/* revision */
-	mov %eax, rsdp_rev
-	cmp $2, %eax
-	jb 4f
-	mov 20(%rsi), %ecx		/* the whole 2.0 structure */
-	call checksum
-	test %al, %al
-	jz 4f
-	incl bad_sums
-4:	mov 16(%rsi), %r12d		/* RSDT */
-	mov 24(%rsi), %r13		/* XSDT (0 before revision 2) */
-	test %r13, %r13
-	jz 5f
-	mov %r13, %rsi
-	call check_table
-	mov 4(%rsi), %r14d		/* walk the XSDT's 8-byte entries */
-	lea 36(%rsi), %r15
-	add %rsi, %r14
-6:	cmp %r14, %r15
-	jae 7f
-	mov (%r15), %rsi
-	call visit
-	add $8, %r15
-	jmp 6b
-5:	mov %r12, %rsi			/* no XSDT: the RSDT's 4-byte entries */
-	call check_table
-	mov 4(%rsi), %r14d
-	lea 36(%rsi), %r15
-	add %rsi, %r14
-8:	cmp %r14, %r15
-	jae 7f
-	mov (%r15), %esi
-	call visit
-	add $4, %r15
-	jmp 8b
-7:	test %r13, %r13			/* the RSDT is checked too when both exist */
-	jz 9f
-	mov %r12, %rsi
-	call check_table
-
-9:	PRINT("platform: acpi rsdp=")
-	mov rsdp, %rax
-	mov $8, %ecx
-	call puthex
-	PRINT(" rev=")
-	mov rsdp_rev, %eax
-	call putdec
-	PRINT(" tables=")
-	mov tables, %eax
-	call putdec
-	PRINT(" bad-checksums=")
-	mov bad_sums, %eax
-	call putdec
-	PRINT("\nplatform: madt cpus=")
-	mov madt_cpus, %eax
-	call putdec
-	PRINT(" ioapics=")
-	mov madt_ioapics, %eax
-	call putdec
-	PRINT(" overrides=")
-	mov madt_overrides, %eax
-	call putdec
-	PRINT("\nplatform: fadt pm1a-evt=")
-	mov pm1a_evt, %eax
-	mov $4, %ecx
-	call puthex
-	PRINT(" pm1a-cnt=")
-	mov pm1a_cnt, %eax
-	call puthex
-	PRINT(" pm-tmr=")
-	mov pm_tmr, %eax
-	call puthex
-	PRINT(" dsdt-s5=")
-	mov $word_no, %esi
-	cmpl $0, dsdt_s5
-	je 1f
-	mov $word_yes, %esi
-1:	call puts
-	PUTC('\n')
+2:	call acpi_walk
+	call acpi_report
 
 	/* the PM timer (a 3.58 MHz counter) moves */
-	mov pm_tmr, %edx
+	mov acpi_pm_tmr, %edx
 	test %edx, %edx
 	jz 3f
 	in %dx, %eax
@@ -466,103 +352,27 @@ testdev_check:
 	PUTC('\n')
 	ret
 
-/* visit: %rsi = a table the RSDT/XSDT lists: check it; read the MADT and FADT. */
-visit:
-	push %rax
-	push %rbx
-	push %rcx
-	push %rsi
-	call check_table
-	mov (%rsi), %eax
-	cmp $0x43495041, %eax		/* "APIC" */
-	je madt
-	cmp $0x50434146, %eax		/* "FACP" */
-	je fadt
-visit_done:
-	pop %rsi
-	pop %rcx
-	pop %rbx
-	pop %rax
-	ret
-madt:					/* entries after the 44-byte header: type, length, ... */
-	mov 4(%rsi), %ecx
-	add %rsi, %rcx			/* end */
-	lea 44(%rsi), %rbx
-1:	cmp %rcx, %rbx
-	jae visit_done
-	movzbl (%rbx), %eax
-	cmp $0, %al			/* processor local APIC: flags bit 0 = enabled */
-	jne 2f
-	testl $1, 4(%rbx)
-	jz 4f
-	incl madt_cpus
-	jmp 4f
-2:	cmp $1, %al			/* I/O APIC */
-	jne 3f
-	incl madt_ioapics
-	jmp 4f
-3:	cmp $2, %al			/* interrupt source override */
-	jne 4f
-	incl madt_overrides
-4:	movzbl 1(%rbx), %eax
-	test %eax, %eax
-	jz visit_done			/* a zero length would loop forever */
-	add %rax, %rbx
-	jmp 1b
-fadt:
-	mov 56(%rsi), %eax		/* PM1a_EVT_BLK */
-	mov %eax, pm1a_evt
-	mov 64(%rsi), %eax		/* PM1a_CNT_BLK */
-	mov %eax, pm1a_cnt
-	mov 76(%rsi), %eax		/* PM_TMR_BLK */
-	mov %eax, pm_tmr
-	mov 40(%rsi), %esi		/* DSDT: checked, and searched for the _S5_ name */
-	test %esi, %esi
-	jz visit_done
-	call check_table
-	mov 4(%rsi), %ecx
-	sub $4, %ecx
-1:	cmpl $0x5f35535f, (%rsi)	/* "_S5_" */
-	je 2f
-	inc %rsi
-	dec %ecx
-	jnz 1b
-	jmp visit_done
-2:	movl $1, dsdt_s5
-	jmp visit_done
-
 #include "user64.S"
 #include "serial.S"
 #include "cmdline.S"
+#include "acpi.S"
 
 	.section .rodata
 word_testdev:	.asciz "testdev"
 word_pci:	.asciz "pci"
+acpi_prefix:	.asciz "platform"
 word_ok:	.asciz "ok"
 word_bad:	.asciz "bad"
-word_yes:	.asciz "yes"
-word_no:	.asciz "no"
 
 	.data
 	.balign 8
 cmdline:	.quad 0
 ram_size:	.quad 0
-rsdp:		.quad 0
 signature:	.long 0, 0		/* four characters and NULs */
 fw_id:		.long 0
 nb_cpus:	.long 0
 max_cpus:	.long 0
 files:		.long 0
-rsdp_rev:	.long 0
-tables:		.long 0
-bad_sums:	.long 0
-madt_cpus:	.long 0
-madt_ioapics:	.long 0
-madt_overrides:	.long 0
-pm1a_evt:	.long 0
-pm1a_cnt:	.long 0
-pm_tmr:		.long 0
-dsdt_s5:	.long 0
 	.balign 8
 dma_out:	.quad 0x0123456789abcdef
 dma_in:		.quad 0

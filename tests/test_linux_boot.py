@@ -49,7 +49,7 @@ def _initrd(tmp_path: Path, size: int = 5000) -> tuple[str, bytes]:
     return str(path), data
 
 
-def _check_common(seen: dict, ram: int, cmdline: str, initrd: bytes) -> None:
+def _check_common(seen: dict, ram: int, cmdline: str, initrd: bytes, cpus: int = 1) -> None:
     assert seen["cmdline"] == cmdline
     e820 = seen["e820"]
     assert [(e["addr"], e["size"], e["type"]) for e in e820] == memory_map(_ram_ranges(ram))
@@ -64,6 +64,10 @@ def _check_common(seen: dict, ram: int, cmdline: str, initrd: bytes) -> None:
     assert size == len(initrd) and int(rd["crc"], 16) == zlib.crc32(initrd)
     assert addr % layout.PAGE_SIZE == 0 and addr + size <= min(ram, layout.RAM_BELOW_4G_WHEN_SPLIT)
     assert seen["rsdp"] == {"addr": f"{layout.ACPI_RSDP_ADDR:016x}", "sig": b"RSD PTR "[::-1].hex()}
+    # the tables behind it, walked by the guest (guests/acpi.S): checksums, MADT, FADT ports, _S5
+    assert seen["acpi"] == {"rsdp": f"{layout.ACPI_RSDP_ADDR:08x}", "rev": "2", "tables": "5", "bad-checksums": "0"}
+    assert seen["madt"] == {"cpus": str(cpus), "ioapics": "1", "overrides": "5"}
+    assert seen["fadt"] == {"pm1a-evt": "0600", "pm1a-cnt": "0604", "pm-tmr": "0608", "dsdt-s5": "yes"}
 
 
 def _ram_ranges(ram: int) -> list[tuple[int, int]]:
@@ -78,13 +82,14 @@ def _ram_ranges(ram: int) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("ram", ["128M", "4G"])
 def test_bzimage_64bit_entry_gets_what_boot_protocol_promises(vmm, tmp_path, ram):
     path, data = _initrd(tmp_path)
-    r = vmm.run("-kernel", BZIMAGE, "-m", ram, "-append", "console=ttyS0 quiet", "-initrd", path, *DEBUG_EXIT)
+    args = ("-m", ram, "-smp", "2", "-append", "console=ttyS0 quiet", "-initrd", path)
+    r = vmm.run("-kernel", BZIMAGE, *args, *DEBUG_EXIT)
     assert r.status == GUEST_EXIT_OK and r.stderr == "", r
     seen = _report(r.stdout)
     size = int(ram[:-1]) << (20 if ram.endswith("M") else 30)
     assert seen["boot"] == {"boot": "bzimage", "entry": "64", "load": f"{PREF_ADDRESS:016x}"}
     assert seen["zeropage"] == {"loader": "ff", "version": "020f", "loadflags": "01", "code32": f"{PREF_ADDRESS:08x}"}
-    _check_common(seen, size, "console=ttyS0 quiet", data)
+    _check_common(seen, size, "console=ttyS0 quiet", data, cpus=2)
     # at the top of RAM below initrd_addr_max (0x7fffffff) and 4 GiB, page aligned
     top = min(size, 0x80000000)
     assert int(seen["initrd"]["addr"], 16) == (top - len(data)) & ~0xFFF
@@ -105,12 +110,13 @@ def test_bzimage_without_xlf_kernel_64_is_entered_at_its_32bit_entry(vmm, tmp_pa
 
 def test_pvh_elf_gets_hvm_start_info(vmm, tmp_path):
     path, data = _initrd(tmp_path, 10000)
-    r = vmm.run("-kernel", PVH_ELF, "-m", "256M", "-append", "root=/dev/vda", "-initrd", path, *DEBUG_EXIT)
+    args = ("-m", "256M", "-smp", "3", "-append", "root=/dev/vda", "-initrd", path)
+    r = vmm.run("-kernel", PVH_ELF, *args, *DEBUG_EXIT)
     assert r.status == GUEST_EXIT_OK and r.stderr == "", r
     seen = _report(r.stdout)
     assert seen["boot"] == {"boot": "pvh", "entry": "32", "load": f"{PREF_ADDRESS:016x}"}
     assert seen["pvh"] == {"magic": "336ec578", "version": "1", "modules": "1"}
-    _check_common(seen, 256 << 20, "root=/dev/vda", data)
+    _check_common(seen, 256 << 20, "root=/dev/vda", data, cpus=3)
 
 
 def test_pvh_without_initrd_has_no_module(vmm):
