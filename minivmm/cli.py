@@ -146,8 +146,8 @@ def _apply_machine(p: _Parsed) -> None:
     for key, (value, where) in p.machine_props.items():
         try:
             if key == "type":
-                if value not in ("pc", "q35") and not value.startswith("pc-"):
-                    raise OptionError(f"unsupported machine type '{value}' (minivmm models a PC: use 'pc')")
+                if value != "pc" and not value.startswith("pc-i440fx"):
+                    raise OptionError(f"unsupported machine type '{value}' (minivmm models the i440FX PC: use 'pc')")
             elif key == "accel":
                 if value != "kvm":
                     raise OptionError(f"invalid accelerator '{value}' (minivmm only has kvm)")

@@ -36,6 +36,8 @@ def _one_line_error(result, *fragments):
         (["-smp", "cpus=2,bogus=1"], ["-smp cpus=2,bogus=1: Invalid parameter 'bogus'"]),
         (["-cpu", "host,+nosuchfeature"], ["-cpu host,+nosuchfeature:", "unknown CPU feature 'nosuchfeature'"]),
         (["-cpu", "pentium"], ["-cpu pentium: unable to find CPU model 'pentium'"]),
+        (["-M", "q35"], ["-M q35: unsupported machine type 'q35' (minivmm models the i440FX PC: use 'pc')"]),
+        (["-machine", "kernel-irqchip=split"], ["Property 'pc-machine.kernel-irqchip' not found"]),
         (["-machine", "foo=bar"], ["-machine foo=bar: Property 'pc-machine.foo' not found"]),
         (["-machine", "memory-backend=ram0"], ["memory-backend=ram0", "'ram0' not found"]),
         (["-machine", "aux-ram-share=maybe"], ["aux-ram-share=maybe: Parameter 'aux-ram-share' expects"]),
