@@ -4,7 +4,8 @@
  * every table's checksum, the MADT's entries, the FADT's ports, and the
  * _S5 name in the DSDT.
  *
- *   acpi_walk    %rsi = the RSDP.  Fills the counters below; clobbers
+ *   acpi_walk    %rsi = the RSDP.  Fills the counters below (and acpi_facs,
+ *                acpi_pm1a_evt, acpi_pm1a_cnt, acpi_pm_tmr); clobbers
  *                %rax, %rcx, %rdx, %rsi, %r12-%r15.
  *   acpi_report  prints, each line starting with the string at acpi_prefix
  *                (the including guest defines it):
@@ -193,6 +194,8 @@ acpi_madt:					/* entries after the 44-byte header: type, length, ... */
 	add %rax, %rbx
 	jmp 1b
 acpi_fadt:
+	mov 36(%rsi), %eax		/* FIRMWARE_CTRL: the FACS */
+	mov %eax, acpi_facs
 	mov 56(%rsi), %eax		/* PM1a_EVT_BLK */
 	mov %eax, acpi_pm1a_evt
 	mov 64(%rsi), %eax		/* PM1a_CNT_BLK */
@@ -228,6 +231,7 @@ acpi_pm1a_evt:	.long 0
 acpi_pm1a_cnt:	.long 0
 acpi_pm_tmr:		.long 0
 acpi_dsdt_s5:	.long 0
+acpi_facs:	.long 0
 	.section .rodata
 acpi_word_yes:	.asciz "yes"
 acpi_word_no:	.asciz "no"

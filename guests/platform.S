@@ -18,6 +18,10 @@
  *                                                   (with "pci": each device on bus 0)
  *         platform: edu id=XXXXXXXX live=XXXXXXXX fact10=XXXXXXXX dma=ok|bad
  *         platform: pci-testdev name=<test 0's name> hits=N datamatch=N port=<name>
+ *         platform: s3 suspending     (with "s3": as kvm-unit-tests' s3 test, suspend to
+ *             RAM with the RTC alarm set to wake the machine; the resume code, run in real
+ *             mode from the FACS waking vector, exits with the value it finds at address 0:
+ *             0x10 (status 33) when the suspend happened, 1 (status 3) if it did not)
  * Exits:  debug-exit value 0x10 (status 33); no RSDP: 0x11 (status 35).
  */
 #include "guest.h"
@@ -41,6 +45,15 @@
 	.equ EDU_ID, 0x11e81234		/* device << 16 | vendor */
 	.equ PCI_TESTDEV_ID, 0x00051b36
 	.equ EDU_DMA_BUF, 0x40000
+	.equ S3_RESUME_VECTOR, 0x1000
+	.equ S3_SLEEP, 0x2400		/* SLP_EN | SLP_TYP 1 (the DSDT's _S3) */
+	.equ RTC_EN, 0x400
+	.equ RTC_REG_A, 0x0a
+	.equ RTC_REG_B, 0x0b
+	.equ RTC_REG_C, 0x0c
+	.equ RTC_UIP, 0x80
+	.equ RTC_AIE, 0x20
+	.equ RTC_DONT_CARE, 0xc0
 
 	.code64
 	.text
@@ -202,8 +215,68 @@ user_main:
 	test %rax, %rax
 	jz 7f
 	call pci_scan
-7:	mov $0x10, %al
+7:	mov cmdline, %rsi
+	mov $word_s3, %edi
+	call cmd_find
+	test %rax, %rax
+	jnz s3
+	mov $0x10, %al
 	jmp guest_exit
+
+/* s3: suspend to RAM and be woken by the RTC alarm (kvm-unit-tests' x86/s3.c, in assembly). */
+s3:
+	mov $resume_start, %esi		/* the resume code, to the waking vector */
+	mov $S3_RESUME_VECTOR, %edi
+	mov $resume_end - resume_start, %ecx
+	rep movsb
+	mov acpi_facs, %ebx
+	movl $S3_RESUME_VECTOR, 12(%rbx)	/* FACS firmware_waking_vector */
+	mov cmdline, %rsi		/* "noalarm": no RTC wake, the host must wake it (system_wakeup) */
+	mov $word_noalarm, %edi
+	call cmd_find
+	test %rax, %rax
+	jnz 1f
+	mov acpi_pm1a_evt, %edx
+	add $2, %edx			/* PM1a enable */
+	mov $RTC_EN, %ax
+	out %ax, %dx
+1:	mov $RTC_REG_A, %al		/* the alarm fires at the next second: wait for an update */
+	out %al, $PORT_CMOS
+	in $PORT_CMOS + 1, %al
+	test $RTC_UIP, %al
+	jz 1b
+2:	mov $RTC_REG_A, %al
+	out %al, $PORT_CMOS
+	in $PORT_CMOS + 1, %al
+	test $RTC_UIP, %al
+	jnz 2b
+	mov $RTC_REG_C, %al
+	out %al, $PORT_CMOS
+	in $PORT_CMOS + 1, %al
+	mov $1, %ecx			/* the seconds, minutes and hours alarms: "don't care" */
+3:	mov %cl, %al
+	out %al, $PORT_CMOS
+	mov $RTC_DONT_CARE, %al
+	out %al, $PORT_CMOS + 1
+	add $2, %ecx
+	cmp $7, %ecx
+	jb 3b
+	mov $RTC_REG_B, %al		/* alarm interrupt enable */
+	out %al, $PORT_CMOS
+	in $PORT_CMOS + 1, %al
+	or $RTC_AIE, %al
+	mov %al, %bl
+	mov $RTC_REG_B, %al
+	out %al, $PORT_CMOS
+	mov %bl, %al
+	out %al, $PORT_CMOS + 1
+	PRINT("platform: s3 suspending\n")
+	movl $0x10, 0			/* what the resume code reports if the suspend happens */
+	mov acpi_pm1a_cnt, %edx
+	mov $S3_SLEEP, %ax
+	out %ax, %dx
+4:	movl $1, 0			/* still running: the suspend did not happen */
+	jmp 4b
 
 /* pci_config: the dword at register %esi of slot %edi on bus 0, in %eax. */
 pci_config:
@@ -357,9 +430,23 @@ testdev_check:
 #include "cmdline.S"
 #include "acpi.S"
 
+/* Run in real mode at the waking vector after the resume (copied there before the suspend). */
+	.section .rodata
+resume_start:
+	.code16
+	movl 0, %eax
+	mov $DEBUG_EXIT_PORT, %dx
+	outl %eax, %dx
+1:	hlt
+	jmp 1b
+	.code64
+resume_end:
+
 	.section .rodata
 word_testdev:	.asciz "testdev"
 word_pci:	.asciz "pci"
+word_s3:	.asciz "s3"
+word_noalarm:	.asciz "noalarm"
 acpi_prefix:	.asciz "platform"
 word_ok:	.asciz "ok"
 word_bad:	.asciz "bad"

@@ -98,3 +98,28 @@ def test_pci_config_spaces_survive_a_migration(qmp_vm, tmp_path):
     wait_migration(src.qmp)
     dst = qmp_vm(*args, "-incoming", f"file:{state}")
     assert dst.cmd("query-pci")["return"] == before
+
+
+def test_s3_suspend_to_ram_and_an_rtc_alarm_wake_resume_at_the_waking_vector(vmm):
+    """kvm-unit-tests' s3 test, as our guest does it: FACS waking vector, RTC_EN, an alarm on the
+    next second, SLP_TYP 1 with SLP_EN; the resume code runs in real mode and reports what it
+    finds at address 0 (0x10 when the suspend happened, 1 if the guest ran on)."""
+    r = vmm.run("-kernel", guest("platform.elf"), *DEBUG_EXIT, "-append", "s3", timeout=30)
+    assert r.status == GUEST_EXIT_OK, r
+    assert r.stdout.endswith("platform: s3 suspending\n") and r.stderr == ""
+
+
+def test_a_suspended_guest_waits_for_system_wakeup_when_no_alarm_may_wake_it(qmp_vm):
+    vm = qmp_vm("-kernel", guest("platform.elf"), *DEBUG_EXIT, "-append", "s3 noalarm")
+    assert vm.event("SUSPEND")
+    assert vm.status() == "suspended"
+    assert vm.cmd("system_wakeup") == {"return": {}}
+    assert vm.event("WAKEUP")
+    assert vm.proc.wait(20) == GUEST_EXIT_OK  # the resume code ran at the waking vector
+
+
+def test_system_wakeup_of_a_running_guest_is_refused(qmp_vm):
+    vm = qmp_vm("-kernel", guest("abwalk.elf"), "-serial", "null")
+    reply = vm.cmd("system_wakeup")
+    assert reply["error"]["desc"] == "Unable to wake up: guest is not in suspended state"
+    assert vm.status() == "running"

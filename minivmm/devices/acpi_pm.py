@@ -1,6 +1,7 @@
 """The PM1a control register of QEMU's PC ACPI (port 0x604): writing SLP_EN
 powers the machine off, which is how tiny guests shut QEMU down
-(``outw(0x604, 0x2000)``). Sleep types other than S5 are treated as off too.
+(``outw(0x604, 0x2000)``), or, with SLP_TYP 1 (the DSDT's ``_S3``),
+suspends it to RAM. Other sleep types are taken as off.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from minivmm.devices.device import Device
 from minivmm.vmstate import VMSD, Field
 
 SLP_EN = 1 << 13
+SLP_TYP_SHIFT, SLP_TYP_MASK = 10, 0x7
+SLP_TYP_S3 = 1  # as the DSDT's _S3 package says (QEMU's PIIX encoding)
+RTC_EN = 1 << 10  # PM1 enable: the RTC alarm may wake the machine
 
 
 # SLP_EN reads as 0: writing it powers off rather than being stored.
@@ -22,6 +26,7 @@ VMSTATE = VMSD("acpi-pm", 1, 1, (Field("control", "u16", mask=0xFFFF & ~SLP_EN),
 class AcpiPm(Device):
     vmstate = VMSTATE
     poweroff: Callable[[], None]
+    suspend: Callable[[], None] = lambda: None
     name: str = "acpi-pm"
     control: int = 0
 
@@ -41,9 +46,12 @@ class AcpiPm(Device):
         """A byte write to one half leaves the other half as it was."""
         lanes = (((1 << (8 * size)) - 1) << (8 * offset)) & 0xFFFF
         value = self.control & ~lanes | (value << (8 * offset)) & lanes
-        if value & SLP_EN:
-            self.poweroff()
         self.control = value & ~SLP_EN
+        if value & SLP_EN:
+            if (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK == SLP_TYP_S3:
+                self.suspend()
+            else:
+                self.poweroff()
 
 
 PM_TIMER_HZ = 3_579_545  # the ACPI PM timer's fixed frequency

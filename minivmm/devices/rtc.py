@@ -2,8 +2,9 @@
 RAM, with the memory-size bytes QEMU's PC stores there.
 
 The clock is the host's UTC plus an offset the guest sets by writing the time
-registers. Update-in-progress is never reported and no RTC interrupt (IRQ 8)
-is raised: periodic and alarm interrupts are not emulated.
+registers. Update-in-progress is reported for the last 244 us of each
+second. No RTC interrupt (IRQ 8) is raised: periodic and alarm interrupts
+are not emulated, but an alarm wakes a machine suspended to RAM (S3).
 
 A guest may write any byte to any register. Out-of-range date and time
 values (month 0, BCD nibbles above 9, hour 0x3f) are taken arithmetically,
@@ -25,7 +26,11 @@ from minivmm.vmstate import VMSD, Field
 SECONDS, MINUTES, HOURS, WEEKDAY, DAY, MONTH, YEAR = 0, 2, 4, 6, 7, 8, 9
 REG_A, REG_B, REG_C, REG_D = 0x0A, 0x0B, 0x0C, 0x0D
 CENTURY = 0x32
-REG_B_24H, REG_B_BINARY, REG_B_SET = 0x02, 0x04, 0x80
+REG_A_UIP = 0x80
+REG_B_24H, REG_B_BINARY, REG_B_AIE, REG_B_SET = 0x02, 0x04, 0x20, 0x80
+SECONDS_ALARM, MINUTES_ALARM, HOURS_ALARM = 1, 3, 5
+ALARM_DONT_CARE = 0xC0  # an alarm register with both top bits set matches any value
+UIP_S = 244e-6  # the update-in-progress flag is set this long before each second's update
 REG_D_VALID = 0x80
 NMI_DISABLE = 0x80
 _TIME_REGS = {SECONDS, MINUTES, HOURS, WEEKDAY, DAY, MONTH, YEAR, CENTURY}
@@ -136,6 +141,8 @@ class Rtc(LockedState):
             if reg == REG_C:
                 value, self.s.cmos[REG_C] = self.s.cmos[REG_C], 0
                 return value
+            if reg == REG_A:  # UIP: the last 244 us of each second, as a real MC146818 shows it
+                return self.s.cmos[REG_A] | (REG_A_UIP if time.time() % 1 >= 1 - UIP_S else 0)
             return self.s.cmos[reg]
 
     def write(self, offset: int, size: int, value: int) -> None:
@@ -151,6 +158,23 @@ class Rtc(LockedState):
                 self.s.cmos[REG_A] = value & 0x7F  # UIP is read-only
             elif reg not in (REG_C, REG_D):
                 self.s.cmos[reg] = value
+
+    def seconds_to_alarm(self) -> float | None:
+        """When the alarm fires next (AIE set), in seconds from now; None when it is off. Only
+        an alarm that waits for nothing but don't-care fields or the seconds is worked out (a
+        match on minutes or hours: within the hour or day, found by stepping second by second)."""
+        with self.lock:
+            if not self.s.cmos[REG_B] & REG_B_AIE:
+                return None
+            alarm = [self.s.cmos[r] for r in (SECONDS_ALARM, MINUTES_ALARM, HOURS_ALARM)]
+            now = time.time()
+            base = int(now) + self.s.offset_s
+            for step in range(1, 86400 + 1):
+                t = time.gmtime(min(max(base + step, TIME_MIN), TIME_MAX))
+                fields = (t.tm_sec, t.tm_min, t.tm_hour)
+                if all(a & ALARM_DONT_CARE == ALARM_DONT_CARE or self._decode(a) == f for a, f in zip(alarm, fields)):
+                    return int(now) + step - now
+            return None
 
     def _set_time(self, reg: int, value: int) -> None:
         """Move the guest clock so that ``reg`` reads ``value`` (as far as the value makes sense)."""

@@ -99,3 +99,24 @@ def _enter(m, vcpu: Vcpu, entry: boot.Entry) -> None:
     vcpu.set_sregs(sregs)
     vcpu.set_regs(kvm_regs(rip=entry.rip, rax=entry.rax, rbx=entry.rbx, rsp=entry.rsp, rsi=entry.rsi, rflags=2))
     vcpu.set_fpu(kvm_fpu(fcw=0x37F, mxcsr=0x1F80))
+
+
+FACS_WAKING_VECTOR, FACS_X_WAKING_VECTOR = 12, 24  # offsets in the FACS
+
+
+def waking_vector(m) -> int:
+    """The real-mode address the guest left in the FACS for its S3 resume (0: none)."""
+    if m.image.kind == "bios":
+        return 0
+    facs = acpi.build_tables(m.devices.acpi_config(m.config.smp)).tables["FACS"][0]
+    vector = int.from_bytes(m.memory.read(facs + FACS_X_WAKING_VECTOR, 8), "little")
+    vector = vector or int.from_bytes(m.memory.read(facs + FACS_WAKING_VECTOR, 4), "little")
+    return vector if vector < 1 << 20 else 0  # a real-mode address, as firmware jumps to it
+
+
+def enter_real_mode(m, vcpu: Vcpu, address: int) -> None:
+    """The boot CPU, as after reset but at ``address`` (CS = address >> 4)."""
+    sregs = vcpu.get_sregs()
+    sregs.cs.selector, sregs.cs.base = address >> 4, address >> 4 << 4
+    vcpu.set_sregs(sregs)
+    vcpu.set_regs(kvm_regs(rip=address & 0xF, rflags=2))

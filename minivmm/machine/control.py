@@ -50,6 +50,9 @@ class RunControl:
         self.shutdown_request: ShutdownRequest | None = None
         self.exit_status = 0
         self.reset_machine: Callable[[str], None] = lambda reason: None  # the machine sets it
+        self.wake_machine: Callable[[], None] = lambda: None  # the machine sets it: S3 resume
+        self.wake_delay: Callable[[], float | None] = lambda: None  # seconds until a wake source fires
+        self._suspends = 0  # a wake timer of an earlier suspend must not wake a later one
         self._request_lock = threading.Lock()
 
     # --- events --------------------------------------------------------------------------
@@ -124,6 +127,22 @@ class RunControl:
         self.vcpus.hold_all()
         self.loop.call_soon_threadsafe(self._handle_reset, reason)
 
+    def request_suspend(self) -> None:
+        """The guest suspends to RAM (ACPI S3): QEMU's qemu_system_suspend_request."""
+        self.vcpus.hold_all()
+        self.loop.call_soon_threadsafe(self._handle_suspend)
+
+    def wakeup(self, reason: str) -> bool:
+        """QEMU's qemu_system_wakeup: a suspended machine resets, RAM kept, and the guest goes on
+        from its waking vector; False when it is not suspended."""
+        if self.state != runstate.SUSPENDED:
+            return False
+        self.wake_machine()
+        self.set_state(runstate.RUNNING)
+        self.vcpus.resume_all()
+        self.emit("WAKEUP")
+        return True
+
     def request_panic(self) -> None:
         """The guest says it panicked (pvpanic): QEMU's -action panic=... decides."""
         self.vcpus.hold_all()
@@ -174,6 +193,22 @@ class RunControl:
         if self.state not in (runstate.RUNNING, runstate.INMIGRATE, runstate.FINISH_MIGRATE):
             self.set_state(runstate.PRELAUNCH)
         self.resume_if_running()
+
+    def _handle_suspend(self) -> None:
+        if self.state != runstate.RUNNING or self.shutdown_request is not None:
+            self.resume_if_running()
+            return
+        self.vcpus.pause_all()
+        self.set_state(runstate.SUSPENDED)
+        self.emit("SUSPEND")
+        self._suspends += 1
+        delay = self.wake_delay()
+        if delay is not None:  # the RTC alarm, when the guest let it wake the machine
+            self.loop.call_later(delay, self._wake_if_still, self._suspends)
+
+    def _wake_if_still(self, suspend: int) -> None:
+        if suspend == self._suspends:
+            self.wakeup("rtc")
 
     def _handle_panic(self) -> None:
         action = self.config.panic_action

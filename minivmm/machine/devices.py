@@ -24,6 +24,7 @@ from minivmm.devices import edu, fw_cfg, pc_testdev, pci_testdev, pvpanic
 from minivmm.devices.acpi_pm import (
     RESET_CONTROL_RST_CPU,
     RESET_CONTROL_SYS_RST,
+    RTC_EN,
     AcpiPm,
     Pm1Event,
     PmTimer,
@@ -59,7 +60,7 @@ class Board:
 BOARD = (
     Board("post-code", layout.PORT_POST, 1, lambda dm, cfg: PostCode(trace="postcode" in cfg.trace)),
     Board("fw_cfg", layout.PORT_FW_CFG, layout.FW_CFG_PORTS_SIZE, lambda dm, cfg: dm.make_fw_cfg(cfg)),
-    Board("acpi-pm1-evt", layout.PORT_ACPI_PM1A_EVT, 4, lambda dm, cfg: Pm1Event()),
+    Board("acpi-pm1-evt", layout.PORT_ACPI_PM1A_EVT, 4, lambda dm, cfg: dm.pm1_event),
     Board("acpi-pm-timer", layout.PORT_ACPI_PM_TMR, 4, lambda dm, cfg: PmTimer(time.monotonic_ns)),
     Board(
         "reset-control",
@@ -68,12 +69,12 @@ BOARD = (
         lambda dm, cfg: ResetControl(lambda: dm.control.request_reset("guest-reset")),
     ),
     Board("i8042", layout.PORT_I8042_DATA, 5, lambda dm, cfg: I8042(lambda: dm.control.request_reset("guest-reset"))),
-    Board("rtc", layout.PORT_CMOS, 2, lambda dm, cfg: Rtc(dm.ram_below_4g, dm.ram_above_4g)),
+    Board("rtc", layout.PORT_CMOS, 2, lambda dm, cfg: dm.rtc),
     Board(
         "acpi-pm",
         layout.PORT_ACPI_PM1A_CNT,
         2,
-        lambda dm, cfg: AcpiPm(lambda: dm.control.request_shutdown("guest-shutdown")),
+        lambda dm, cfg: AcpiPm(lambda: dm.control.request_shutdown("guest-shutdown"), dm.control.request_suspend),
     ),
 )
 
@@ -191,6 +192,9 @@ class DeviceManager:
         self.ram_ranges = ram_ranges
         self.ram_below_4g = ram_ranges[0][1]
         self.ram_above_4g = sum(size for _, size in ram_ranges[1:])
+        self.rtc = Rtc(self.ram_below_4g, self.ram_above_4g)
+        self.pm1_event = Pm1Event()
+        self.control.wake_delay = self.wake_delay
         serials = cfg.serials or [ChardevConfig("serial0", "stdio", option="-serial stdio")]
         if len(serials) > len(layout.COM_PORTS):
             raise MachineError(serials[len(layout.COM_PORTS)].option, f"at most {len(layout.COM_PORTS)} serial ports")
@@ -222,9 +226,15 @@ class DeviceManager:
             fw_cfg_port=layout.PORT_FW_CFG,
             pm_timer=True,
             pci=True,
-            s3=False,  # a guest that suspends to RAM would power off: S3 is not offered
+            s3=True,
             reset=(layout.PORT_RESET_CONTROL, RESET_CONTROL_SYS_RST | RESET_CONTROL_RST_CPU),
         )
+
+    def wake_delay(self) -> float | None:
+        """Seconds until the RTC alarm wakes a suspended machine, if the guest enabled RTC wake."""
+        if not self.pm1_event.enable & RTC_EN:
+            return None
+        return self.rtc.seconds_to_alarm()
 
     def devices(self) -> list[Device]:
         return self.pio.devices() + self.mmio.devices()

@@ -39,6 +39,7 @@ class Machine:
         self.vcpus = VcpuManager()
         self.control = RunControl(config, self.loop, self.vcpus)
         self.control.reset_machine = self.reset
+        self.control.wake_machine = self.wake
         self.memory = GuestMemory()
         self.memslots: list[Slot] = []
         self.vm = self.kvm = None
@@ -78,17 +79,32 @@ class Machine:
         if not self.config.start_paused and self.control.state == runstate.PRELAUNCH:
             self.control.vm_start()
 
-    def reset(self, reason: str) -> None:
-        """QEMU's qemu_system_reset with the vCPUs paused: power-on vCPU and irqchip
-        state, devices reset, boot images reloaded; RESET is emitted."""
+    def _power_on_state(self) -> None:
+        """vCPUs, irqchips, PIT and devices as at power-on (the vCPUs paused); RAM untouched."""
         self.vcpus.restore_initial()
         for chip in self.initial_irqchips:
             self.vm.set_irqchip(chip)
         self.vm.set_pit2(self.initial_pit)
         self.devices.reset_all()
+
+    def reset(self, reason: str) -> None:
+        """QEMU's qemu_system_reset with the vCPUs paused: power-on vCPU and irqchip
+        state, devices reset, boot images reloaded; RESET is emitted."""
+        self._power_on_state()
         if self.control.state != runstate.INMIGRATE:  # as QEMU's rom_reset: RAM still to come is not written
             builder.load_boot(self)
         self.control.emit("RESET", {"guest": reason.startswith("guest"), "reason": reason})
+
+    def wake(self) -> None:
+        """S3 resume, as firmware does it: the machine resets with RAM kept, and the boot CPU starts
+        in real mode at the waking vector the guest left in the FACS (with -bios, or no vector, the
+        reset is a plain one: the firmware or a fresh boot decides)."""
+        self._power_on_state()
+        vector = builder.waking_vector(self)
+        if vector:
+            builder.enter_real_mode(self, self.vcpus[0].vcpu, vector)
+        elif self.image.kind != "bios":
+            builder.load_boot(self)
 
     def run(self) -> int:
         """Run until the guest or the host ends the machine; the process exit status."""

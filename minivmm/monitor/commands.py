@@ -192,6 +192,13 @@ def system_reset(ctx: Context) -> dict:
     return {}
 
 
+@command("system_wakeup")
+def system_wakeup(ctx: Context) -> dict:
+    if not ctx.machine.control.wakeup("qmp"):
+        raise QmpError("Unable to wake up: guest is not in suspended state")
+    return {}
+
+
 @command("quit")
 def quit_(ctx: Context) -> dict:
     ctx.machine.control.request_shutdown("host-qmp-quit", force=True)
