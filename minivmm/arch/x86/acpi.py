@@ -27,9 +27,8 @@ What is described, after QEMU's pc machine (PIIX4 power management):
   PCI-routable IRQs 5, 9 (the SCI), 10 and 11 are level-triggered, active
   high; LINT1 of every local APIC is the NMI input.
 - DSDT (AML): \\_S5 = {0, 0, 0, 0} (SLP_TYP 0: ``SLP_EN | 0 << 10`` to
-  PM1a_CNT is power-off) and \\_S3 = {1, 1, 0, 0} (QEMU's PIIX encoding;
-  minivmm's AcpiPm takes every SLP_EN write as power-off, so a guest
-  suspending to RAM turns off; ``s3=False`` leaves S3 out); the present
+  PM1a_CNT is power-off) and \\_S3 = {1, 1, 0, 0} (QEMU's PIIX encoding:
+  SLP_TYP 1 suspends to RAM; ``s3=False`` leaves S3 out); the present
   COM ports as PNP0501 devices with their I/O range and IRQ; QEMU's
   pvpanic device (QEMU0001) when present; fw_cfg (QEMU0002) when present;
   a PCI root bridge (PNP0A03, bus 0, the 0xcf8 config ports) only when the
