@@ -94,7 +94,7 @@ class Model:
 
 
 def _pc_testdev(dm: DeviceManager, props: dict[str, int]) -> list[tuple[str, int, int, Device]]:
-    ports = pc_testdev.TestDevPorts(dm.flush_page)
+    ports = pc_testdev.TestDevPorts(dm.memory.flush_page)
     return [
         ("pio", pc_testdev.PORT_BASE, 12, ports),
         ("pio", pc_testdev.PORT_IRQ, pc_testdev.IRQ_LINES, pc_testdev.TestDevIrq(dm.vm.irq_line)),
@@ -323,9 +323,6 @@ class DeviceManager:
                 (self.pio if bus == "pio" else self.mmio).register(base, size, device)
             except BusError as e:
                 raise MachineError(dev.option, str(e)) from None
-
-    def flush_page(self, gpa: int) -> None:
-        self.memory.flush_page(gpa)
 
     def close(self) -> None:
         for chardev in self.chardevs:
