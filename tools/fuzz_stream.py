@@ -398,9 +398,12 @@ class _BoardHost:
     """What the machine's BOARD table asks of its device manager, for devices built without a VM."""
 
     def __init__(self, ram: int) -> None:
-        self.control = SimpleNamespace(request_reset=lambda *a, **k: None, request_shutdown=lambda *a, **k: None)
+        nothing = lambda *a, **k: None  # noqa: E731
+        self.control = SimpleNamespace(request_reset=nothing, request_shutdown=nothing, request_suspend=nothing)
         self.ram_below_4g, self.ram_above_4g, self.ram_ranges = ram, 0, [(0, ram)]
         self.memory = None
+        self.rtc = rtc.Rtc(ram, 0)
+        self.pm1_event = acpi_pm.Pm1Event()
 
     make_fw_cfg = DeviceManager.make_fw_cfg
 
