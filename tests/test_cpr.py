@@ -233,6 +233,22 @@ def test_twenty_chained_cpr_exec_updates_leak_nothing(qmp_vm, ram_fds, tmp_path)
     assert not leaked, f"fds without close-on-exec: {leaked}"
     assert not any("minivmm-cpr-state" in what for what, _ in fd_report(pid).values())
     still_walking(fd)
+    # the helpers each update starts (teardown, watchdog) are gone and reaped: no zombies pile up
+    wait_for(lambda: not _children(pid), what="the update helpers to be reaped")
+
+
+def _children(pid: int) -> list[str]:
+    """The processes whose parent is ``pid``, with their state letter."""
+    out = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(f"{entry}:{fields[0]}")
+    return out
 
 
 # --- cpr-transfer -----------------------------------------------------------------------------

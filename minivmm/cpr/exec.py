@@ -76,7 +76,7 @@ class CprExec(CprOutgoing):
             self._stop_vm()
             with channels.connect(self.addr, self.manager.named_fd) as out:
                 self._write_state(out)
-            loop.call_and_wait(lambda: self._exec(watchdog.pipe))  # returns only if exec failed
+            loop.call_and_wait(lambda: self._exec(watchdog))  # returns only if exec failed
         finally:
             watchdog.cancel()  # still here: exec failed, or the migration did
 
@@ -90,13 +90,16 @@ class CprExec(CprOutgoing):
                 kept.append(word)
         return [sys.executable, "-m", "minivmm", *kept, "-incoming", self.addr.describe()]
 
-    def _exec(self, watchdog_fd: int) -> None:
+    def _exec(self, watchdog: holder.Watchdog) -> None:
         """On the main thread, with everything else quiet: become the new image."""
         m = self.machine
         argv = self.manager.params.cpr_exec_command
         helper = defer_teardown()
         self.times["exec"] = time.monotonic_ns()
-        state = CprState("cpr-exec", m.fds, dict(self.times), teardown_helper=helper, watchdog_fd=watchdog_fd)
+        watchdog_fd = watchdog.pipe
+        state = CprState(
+            "cpr-exec", m.fds, dict(self.times), helper, watchdog_fd=watchdog_fd, watchdog_pid=watchdog.proc.pid
+        )
         memfd = state_memfd(state)
         fds = list(m.fds.fds.values())
         env = {**os.environ, ENV: str(memfd)}

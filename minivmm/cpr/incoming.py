@@ -47,9 +47,9 @@ def adopt(state: CprState) -> None:
     """The machine is built over the fds: this image has the guest."""
     state.report_in()
     state.table.release_unclaimed()
-    pid = state.teardown_helper
-    if pid:  # cpr/exec.py's defer_teardown: the old address space goes once it exits
-        threading.Thread(target=lambda: os.waitpid(pid, 0), name="reap-teardown", daemon=True).start()
+    for pid in (state.teardown_helper, state.watchdog_pid):  # children of the image this one replaced
+        if pid:
+            threading.Thread(target=lambda p=pid: os.waitpid(p, 0), name="reap", daemon=True).start()
 
 
 def fail_line(text: str, state: CprState | None, state_source: str) -> str:

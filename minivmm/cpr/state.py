@@ -43,6 +43,7 @@ CPR_STATE = VMSD(
         Field("teardown_helper", "u32", max=(1 << 22)),  # cpr-exec: the pid holding the old address space, to reap
         # cpr-exec: the pipe the watchdog waits on (cpr/holder.py); -1 when there is none
         Field("watchdog_fd", "i64", since=2, default=-1, min=-1, max=(1 << 31) - 1),
+        Field("watchdog_pid", "u32", since=2, default=0, max=(1 << 22)),  # to reap, as the teardown helper
     ),
 )
 
@@ -54,13 +55,15 @@ class CprState:
     times: dict[str, int] = field(default_factory=dict)  # phase -> CLOCK_MONOTONIC ns
     teardown_helper: int = 0
     watchdog_fd: int = -1
+    watchdog_pid: int = 0
 
     def blob(self) -> bytes:
         w = StateWriter()
         entries = [{"name": n, "id": i, "fd": fd} for (n, i), fd in self.table.fds.items()]
         times = [{"phase": p, "at": t} for p, t in self.times.items()]
         values = {"mode": self.mode, "fds": entries, "times": times}
-        w.add(CPR_STATE, {**values, "teardown_helper": self.teardown_helper, "watchdog_fd": self.watchdog_fd})
+        children = {"teardown_helper": self.teardown_helper, "watchdog_pid": self.watchdog_pid}
+        w.add(CPR_STATE, {**values, **children, "watchdog_fd": self.watchdog_fd})
         return w.blob()
 
     @classmethod
@@ -79,7 +82,9 @@ class CprState:
         numbers = fds if fds is not None else [e["fd"] for e in entries]
         table = FdTable({(e["name"], e["id"]): fd for e, fd in zip(entries, numbers)}, inherited=True)
         times = {t["phase"]: t["at"] for t in values["times"]}
-        return cls(values["mode"], table, times, values["teardown_helper"], values["watchdog_fd"])
+        return cls(
+            values["mode"], table, times, values["teardown_helper"], values["watchdog_fd"], values["watchdog_pid"]
+        )
 
     def report_in(self) -> None:
         """Tell the watchdog of a cpr-exec that this image has the guest (cpr/holder.py)."""
