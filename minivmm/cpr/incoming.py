@@ -21,7 +21,6 @@ import os
 import threading
 
 from .state import CprError, CprState, take_exec_state
-from .transfer import receive
 
 __all__ = ["CprError", "take_exec_state", "take_transfer", "adopt", "fail_line"]
 
@@ -37,6 +36,8 @@ def take_transfer(state: CprState | None, channels: list) -> tuple[object | None
     channel, option = cpr[0]
     if state is not None:
         raise CprError(f"{option}: this image was exec'd with CPR state already")
+    from .transfer import receive  # only a cpr-transfer target needs it (a cpr-exec image pays for imports)
+
     try:
         return receive(channel)
     except (CprError, OSError) as e:

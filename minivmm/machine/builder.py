@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from minivmm import runstate
-from minivmm.arch.x86 import acpi, boot, cpuid, layout, modes
+from minivmm.arch.x86 import boot, cpuid, layout, modes
 from minivmm.kvm import constants as c
 from minivmm.kvm.structs import kvm_fpu, kvm_regs
 from minivmm.kvm.system import Vcpu
@@ -80,6 +80,8 @@ def load_boot(m) -> None:
     except boot.BootError as e:
         raise MachineError("", str(e)) from None
     if m.image.kind != "bios":  # firmware builds its own tables (and its ROM covers 0xe0000)
+        from minivmm.arch.x86 import acpi  # not before a boot: an incoming update pays for every import
+
         for gpa, blob in acpi.build(m.devices.acpi_config(m.config.smp)):
             m.memory.write(gpa, blob)
     _enter(m, m.vcpus[0].vcpu, entry)
@@ -108,6 +110,8 @@ def waking_vector(m) -> int:
     """The real-mode address the guest left in the FACS for its S3 resume (0: none)."""
     if m.image.kind == "bios":
         return 0
+    from minivmm.arch.x86 import acpi
+
     facs = acpi.build_tables(m.devices.acpi_config(m.config.smp)).tables["FACS"][0]
     vector = int.from_bytes(m.memory.read(facs + FACS_X_WAKING_VECTOR, 8), "little")
     vector = vector or int.from_bytes(m.memory.read(facs + FACS_WAKING_VECTOR, 4), "little")

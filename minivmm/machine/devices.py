@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from minivmm.arch.x86 import acpi, layout
+from minivmm.arch.x86 import layout
 from minivmm.arch.x86.e820 import memory_map
 from minivmm.chardev import Chardev, ChardevError, FileChardev, SocketChardev, StdioChardev
 from minivmm.config import ChardevConfig, DeviceConfig, MachineConfig
@@ -214,8 +214,10 @@ class DeviceManager:
         self.fw_cfg = fw_cfg.pc(self.memory, ncpus=cfg.smp, ram_size=ram, e820=e820)
         return self.fw_cfg
 
-    def acpi_config(self, ncpus: int) -> acpi.AcpiConfig:
-        """What the ACPI tables describe: this machine's CPUs and the devices it has."""
+    def acpi_config(self, ncpus: int):
+        """What the ACPI tables describe (an acpi.AcpiConfig): this machine's CPUs and devices."""
+        from minivmm.arch.x86 import acpi
+
         ports = {r.base: r.device for r in self.pio.ranges}
         serial = tuple(i for i, (port, _irq) in enumerate(layout.COM_PORTS) if port in ports)
         pvpanic_port = next((r.base for r in self.pio.ranges if isinstance(r.device, pvpanic.PvPanic)), None)
