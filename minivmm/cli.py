@@ -59,6 +59,8 @@ Control:
   -action panic=pause|shutdown|exit-failure|none   what a pvpanic report does
   -device pvpanic[,ioport=0x505]
   -global migration.x-listen-remote=on   let -incoming tcp: listen beyond loopback (unauthenticated)
+  -global kvm-pit.lost_tick_policy=delay|discard   make up missed PIT ticks, or not
+  -overcommit mem-lock=off,cpu-pm=off    accepted (minivmm neither locks RAM nor passes HLT/MWAIT)
   -name NAME  -pidfile FILE  -nodefaults  -display none  -nographic
   -d postcode              print every write to port 0x80 with its time
   -version  -help
@@ -377,6 +379,15 @@ def _opt_global(p: _Parsed, opt: str, value: str) -> None:
         raise OptionError(f"Property '{name}' not found (minivmm knows: {', '.join(GLOBALS)})")
 
 
+def _opt_overcommit(p: _Parsed, opt: str, value: str) -> None:
+    """QEMU's -overcommit: minivmm never locks guest RAM and never hands the guest HLT or MWAIT."""
+    for key, val in parse_keyval(value).items():
+        if key not in ("mem-lock", "cpu-pm"):
+            raise OptionError(f"Invalid parameter '{key}'")
+        if parse_bool(key, val):
+            raise OptionError(f"{key}=on is not supported by minivmm (only {key}=off)")
+
+
 def _opt_vnc(p: _Parsed, opt: str, value: str) -> None:
     if value != "none":
         raise OptionError("minivmm has no display: only -vnc none is accepted")
@@ -452,6 +463,7 @@ OPTIONS: dict[str, tuple[bool, Callable]] = {
     "display": (True, _opt_display),
     "vnc": (True, _opt_vnc),
     "global": (True, _opt_global),
+    "overcommit": (True, _opt_overcommit),
     "nographic": (False, _ignore),
     "d": (True, _opt_d),
     "version": (False, _show("version")),

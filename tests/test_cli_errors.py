@@ -36,6 +36,11 @@ def _one_line_error(result, *fragments):
         (["-smp", "cpus=2,bogus=1"], ["-smp cpus=2,bogus=1: Invalid parameter 'bogus'"]),
         (["-cpu", "host,+nosuchfeature"], ["-cpu host,+nosuchfeature:", "unknown CPU feature 'nosuchfeature'"]),
         (["-cpu", "pentium"], ["-cpu pentium: unable to find CPU model 'pentium'"]),
+        (
+            ["-overcommit", "cpu-pm=on"],
+            ["-overcommit cpu-pm=on: cpu-pm=on is not supported by minivmm (only cpu-pm=off)"],
+        ),
+        (["-overcommit", "bogus=off"], ["-overcommit bogus=off: Invalid parameter 'bogus'"]),
         (["-M", "q35"], ["-M q35: unsupported machine type 'q35' (minivmm models the i440FX PC: use 'pc')"]),
         (["-machine", "kernel-irqchip=split"], ["Property 'pc-machine.kernel-irqchip' not found"]),
         (["-machine", "foo=bar"], ["-machine foo=bar: Property 'pc-machine.foo' not found"]),
@@ -207,7 +212,7 @@ def test_what_the_kvm_unit_tests_runner_probes(vmm):
 
 
 def test_lost_tick_policy_discard_and_vnc_none_run_a_guest(vmm):
-    r = vmm.run("-global", "kvm-pit.lost_tick_policy=discard", "-vnc", "none", "-serial", "stdio")
+    r = vmm.run("-global", "kvm-pit.lost_tick_policy=discard", "-vnc", "none", "-overcommit", "mem-lock=off,cpu-pm=off")
     assert r.status == 0 and "long64: work=19ec7595d3969201" in r.stdout, r
     for args, fragment in (
         (["-global", "kvm-pit.lost_tick_policy=slew"], "does not accept value 'slew' (delay or discard)"),
