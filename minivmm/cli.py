@@ -34,6 +34,7 @@ Machine:
   -m SIZE                  guest RAM (plain numbers are MiB; K/M/G/T suffixes), default 128M
   -smp N                   number of vCPUs (also cpus=N,sockets=..,cores=..,threads=..)
   -cpu host[,+feat|-feat]  CPUID as KVM supports it, with features added or removed
+  -cpu qemu64|kvm64|Opteron_G1|Skylake-Server|max[,vendor=...]  QEMU's CPU models
   -machine [pc,]KEY=VAL    accel=kvm, memory-backend=ID, aux-ram-share=on|off
   -object memory-backend-memfd,id=ID,size=SIZE[,share=on|off][,hugetlb=on][,prealloc=on]
   -object memory-backend-file,id=ID,size=SIZE,mem-path=PATH[,share=on|off]
@@ -41,14 +42,15 @@ Machine:
   -mem-prealloc            fault in all guest RAM at start (first touches are slow under nested KVM)
   -accel kvm | -enable-kvm the only accelerator
 Boot:
-  -kernel FILE             multiboot (ELF32) or ELF64 kernel; default: the built-in guest
+  -kernel FILE             Linux bzImage, PVH vmlinux, multiboot (ELF32) or minivmm ELF64; default: built-in guest
   -append CMDLINE          kernel command line
-  -initrd "FILE [ARGS][,FILE [ARGS]]"  multiboot modules
+  -initrd FILE             Linux initrd; multiboot: "FILE [ARGS][,FILE [ARGS]]" modules
   -bios FILE               flat real-mode firmware, mapped to end at 4 GiB
 Devices:
   -serial stdio|null|none|file:PATH|unix:PATH,server=on[,wait=off]|chardev:ID  (default stdio)
   -chardev stdio|null|file|socket,id=ID[,path=PATH][,server=on][,wait=off][,append=on]
   -device isa-debug-exit[,iobase=0x501][,iosize=2]
+  -device pc-testdev | pci-testdev | edu | pvpanic   (-device help lists the models)
 Control:
   -qmp unix:PATH[,server=on][,wait=off] | tcp:HOST:PORT,server=on[,wait=off]   a QMP monitor
   -mon chardev=ID,mode=control[,pretty=on]   a QMP monitor on a -chardev socket
