@@ -65,11 +65,11 @@ class Processes:
 
     @staticmethod
     def kill(proc: subprocess.Popen) -> None:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """The whole process group, even when its leader is gone (holders and watchdogs stay in it)."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         proc.wait()
 
     def close(self) -> None:

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
+from fuzz import Processes  # noqa: E402  (tools/, beside this file)
+
 from minivmm.arch.x86 import vcpu_state, vm_state
 from minivmm.config import MachineConfig
 from minivmm.devices import acpi_pm, fw_cfg, i8042, pci, postcode, rtc, serial
@@ -597,35 +599,6 @@ def save_state(start: Callable[..., subprocess.Popen], workdir: Path, ram_mib: i
 
 
 # --- the CLI ------------------------------------------------------------------------------------
-
-
-class Processes:
-    """minivmm children, each in its own process group, all killed at the end."""
-
-    def __init__(self, cwd: Path) -> None:
-        self.cwd, self.procs = cwd, []
-
-    def start(self, *args: str) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "minivmm", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            cwd=self.cwd,
-            start_new_session=True,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            proc.wait()
-            proc.stderr.close()
 
 
 def main(argv: list[str] | None = None) -> int:
