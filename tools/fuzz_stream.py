@@ -402,7 +402,7 @@ class _BoardHost:
     def __init__(self, ram: int) -> None:
         nothing = lambda *a, **k: None  # noqa: E731
         self.control = SimpleNamespace(request_reset=nothing, request_shutdown=nothing, request_suspend=nothing)
-        self.ram_below_4g, self.ram_above_4g, self.ram_ranges = ram, 0, [(0, ram)]
+        self.ram_ranges = [(0, ram)]
         self.memory = None
         self.rtc = rtc.Rtc(ram, 0)
         self.pm1_event = acpi_pm.Pm1Event()

@@ -185,14 +185,12 @@ class DeviceManager:
         self.chardevs: list[Chardev] = []
         self.irqfds: dict[int, int] = {}  # GSI -> eventfd for KVM_IRQFD
         self.irqfds_bound = False  # an incoming CPR binds them once the source has let go
-        self.ram_below_4g = self.ram_above_4g = 0
+        self.ram_ranges: list[tuple[int, int]] = []
 
     def build(self, cfg: MachineConfig, ram_ranges: list[tuple[int, int]]) -> None:
         """Serial ports, the board, then -device, in that order (the order their state is saved in)."""
         self.ram_ranges = ram_ranges
-        self.ram_below_4g = ram_ranges[0][1]
-        self.ram_above_4g = sum(size for _, size in ram_ranges[1:])
-        self.rtc = Rtc(self.ram_below_4g, self.ram_above_4g)
+        self.rtc = Rtc(ram_ranges[0][1], sum(size for _, size in ram_ranges[1:]))  # below and above 4 GiB
         self.pm1_event = Pm1Event()
         self.control.wake_delay = self.wake_delay
         serials = cfg.serials or [ChardevConfig("serial0", "stdio", option="-serial stdio")]
@@ -211,8 +209,7 @@ class DeviceManager:
         """QEMU's fw_cfg with the PC's items: CPU counts, RAM size, the e820 map (DMA into guest RAM)."""
         ram = sum(size for _, size in self.ram_ranges)
         e820 = memory_map(self.ram_ranges)
-        self.fw_cfg = fw_cfg.pc(self.memory, ncpus=cfg.smp, ram_size=ram, e820=e820)
-        return self.fw_cfg
+        return fw_cfg.pc(self.memory, ncpus=cfg.smp, ram_size=ram, e820=e820)
 
     def acpi_config(self, ncpus: int):
         """What the ACPI tables describe (an acpi.AcpiConfig): this machine's CPUs and devices."""
