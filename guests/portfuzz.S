@@ -11,10 +11,15 @@
  * MMIO write or read in an unassigned megabyte) and a value.  It leaves
  * alone only what a real guest would use to end itself on purpose: the
  * isa-debug-exit ports, the ACPI sleep-enable bit, the i8042's reset
- * commands (0xd1 and the 0xf0-0xff pulses), pvpanic's "panicked" bit (it
- * may say "crash loaded"), and the PIT, which KVM
+ * commands (0xd1 and the 0xf0-0xff pulses), the reset control register's
+ * reset bit (0xcf9 bit 2), pvpanic's "panicked" bit (it may say "crash loaded"), and the PIT, which KVM
  * emulates in the kernel and which, set to its shortest period, slows the
- * whole guest to a crawl under a nested host.  Nor does it touch ports
+ * whole guest to a crawl under a nested host.  With "pit" on the command
+ * line (for minivmm's own PIT, kernel-irqchip=split, whose period has a
+ * floor) one device-port draw in four goes to the PIT's ports 0x40-0x43 and
+ * 0x61 instead; with "ioapic", half the MMIO draws go to the IOAPIC's
+ * registers, every value written with the redirection entry's mask bit
+ * (16) set, so no random vector, NMI or INIT is ever delivered.  Nor does it touch ports
  * 0xfffd-0xffff: a wide access there runs past the end of the TSS I/O
  * bitmap (#GP, and with no IDT a triple fault and a reset that replays the
  * same seed forever; under PVM the bitmap, not IOPL, decides at CPL3).  Interrupts stay disabled,
@@ -44,6 +49,7 @@
 	.equ LAST_WIDE_PORT, 0xfffc	/* a 32-bit access here ends at 0xffff */
 	.equ PORT_PVPANIC, 0x505	/* -device pvpanic */
 	.equ PVPANIC_PANICKED, 0x01
+	.equ RESET_CONTROL_RST_CPU, 0x04
 
 	.code64
 	.text
@@ -82,7 +88,17 @@ user_main:
 	mov %rax, %rsi
 	call parse_dec
 	mov %rax, %r14
-2:	xor %r13d, %r13d		/* steps done */
+2:	mov cmdline, %rsi		/* optional targets */
+	mov $word_pit, %edi
+	call cmd_find
+	test %rax, %rax
+	setnz fuzz_pit
+	mov cmdline, %rsi
+	mov $word_ioapic, %edi
+	call cmd_find
+	test %rax, %rax
+	setnz fuzz_ioapic
+	xor %r13d, %r13d		/* steps done */
 	test %r14, %r14
 	jz report
 
@@ -99,7 +115,17 @@ step:
 	mov $NPORTS, %ecx
 	div %rcx
 	movzwl ports(,%rdx,2), %edx
-	jmp 2f
+	cmpb $0, fuzz_pit
+	je 2f
+	test $0x30000, %ebx		/* "pit": one draw in four */
+	jnz 2f
+	mov %rbx, %rax
+	shr $20, %rax
+	xor %edx, %edx
+	mov $NPIT_PORTS, %ecx
+	div %rcx
+	movzwl pit_ports(,%rdx,2), %edx
+	jmp 8f				/* the PIT check below is for the others */
 1:	mov %rbx, %rdx			/* any port */
 	shr $16, %rdx
 	and $0xffff, %edx
@@ -111,7 +137,7 @@ step:
 	lea -PORT_PIT(%rdx), %eax	/* nor the in-kernel PIT */
 	cmp $4, %eax
 	jb done
-	mov %rbx, %rcx
+8:	mov %rbx, %rcx
 	shr $32, %rcx
 	and $7, %ecx			/* ecx: the access kind */
 	cmp $OP_MMIO, %ecx
@@ -133,8 +159,11 @@ step:
 	jne 6f
 	and $~(SLP_EN >> 8), %eax
 6:	cmp $PORT_PVPANIC, %dx		/* no panic report */
-	jne 7f
+	jne 9f
 	and $~PVPANIC_PANICKED, %eax
+9:	cmp $PORT_RESET_CONTROL, %dx	/* no reset through 0xcf9 */
+	jne 7f
+	and $~RESET_CONTROL_RST_CPU, %eax
 7:	cmp $1, %ecx
 	jb out8
 	je out16
@@ -155,9 +184,17 @@ in16:	in %dx, %ax
 	jmp done
 mmio:	mov %r12, %rdi			/* a 4-aligned address in the unassigned megabyte */
 	shr $40, %rdi
-	and $0xffffc, %edi
+	cmpb $0, fuzz_ioapic
+	je 1f
+	bt $39, %r12			/* "ioapic": every other draw */
+	jnc 1f
+	and $0x7c, %edi			/* IOREGSEL, IOWIN, EOI and around them */
+	or $IOAPIC_ADDR, %edi
+	or $1 << 16, %r12d		/* masked: nothing is delivered */
+	jmp 2f
+1:	and $0xffffc, %edi
 	or $UNASSIGNED_MMIO, %edi		/* zero-extends into rdi */
-	cmp $OP_MMIO, %ecx
+2:	cmp $OP_MMIO, %ecx
 	je 7f
 	mov %r12d, (%rdi)
 	jmp done
@@ -228,6 +265,8 @@ next:
 	.section .rodata
 word_seed:	.asciz "seed="
 word_ops:	.asciz "ops="
+word_pit:	.asciz "pit"
+word_ioapic:	.asciz "ioapic"
 	.balign 2
 ports:					/* every port the machine emulates */
 	.word PORT_COM1, PORT_COM1 + 1, PORT_COM1 + 2, PORT_COM1 + 3
@@ -244,10 +283,16 @@ ports:					/* every port the machine emulates */
 	.word PORT_PVPANIC
 ports_end:
 	.equ NPORTS, (ports_end - ports) / 2
+pit_ports:				/* with "pit" */
+	.word PORT_PIT, PORT_PIT + 1, PORT_PIT + 2, PORT_PIT + 3, PORT_SPEAKER
+pit_ports_end:
+	.equ NPIT_PORTS, (pit_ports_end - pit_ports) / 2
 
 	.data
 cmdline:	.quad 0
 seed:		.quad 0
+fuzz_pit:	.byte 0
+fuzz_ioapic:	.byte 0
 
 	.bss
 	.balign 16

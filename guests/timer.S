@@ -13,6 +13,26 @@
  *         serial    COM1 receive interrupts on IRQ 4 (vector 0x24); prints
  *                   "timer: got X" for every byte received and, after "q",
  *                   "timer: serial done".
+ *         ioapic N  through the IOAPIC, the PIC masked: prints its version
+ *                   register ("timer: ioapic version=XXXXXXXX"), takes N PIT
+ *                   ticks on pin 2, edge-triggered, vector 0x50 ("timer:
+ *                   ioapic pit ticks=N"), then a level-triggered pin: with
+ *                   -device pc-testdev, raises line 10 (vector 0x51) and
+ *                   EOIs it twice while still high, lowering it in the
+ *                   third handler; prints the interrupts taken ("timer:
+ *                   ioapic level irqs=N", N >= 3: each EOI of a line still
+ *                   high delivers it again; KVM's own IOAPIC here delivers
+ *                   once more after the line falls, as under QEMU) and the
+ *                   entry's remote IRR bit ("rirr=0").  "ioapic N eoi":
+ *                   the handler also writes the vector to the IOAPIC's own
+ *                   EOI register (0x40, from version 0x20 on), as Linux
+ *                   does with directed EOI.
+ *         pit2      PIT counter 2 as Linux calibrates the TSC with it:
+ *                   gate on through port 0x61, mode 0, count 0xffff;
+ *                   two latched reads must count down, the read-back
+ *                   status byte is printed, then port 0x61 bit 5 (OUT2)
+ *                   must rise at the terminal count: "timer: pit2
+ *                   down=1 status=XX out2=1".
  *         (N missing or 0 means 100.)
  * Exits:  debug-exit value 0x10 (status 33).
  *
@@ -43,6 +63,27 @@
 	.equ LVT_MASKED, 1 << 16
 	.equ LAPIC_TICK_COUNT, 1000000	/* 1 ms at 1 GHz */
 	.equ IER_RX, 0x01		/* interrupt on received data */
+	.equ IOAPIC_IOWIN, IOAPIC_ADDR + 0x10
+	.equ IOAPIC_EOI, IOAPIC_ADDR + 0x40
+	.equ IOAPIC_REG_VERSION, 1
+	.equ IOAPIC_REG_TABLE, 0x10	/* pin n: low half at 0x10 + 2n */
+	.equ IOAPIC_LEVEL, 1 << 15
+	.equ IOAPIC_MASKED, 1 << 16
+	.equ IOAPIC_REMOTE_IRR, 1 << 14
+	.equ IOAPIC_PIT_PIN, 2		/* IRQ 0, as the MADT's override says */
+	.equ IOAPIC_PIT_VECTOR, 0x50
+	.equ LEVEL_PIN, 10
+	.equ LEVEL_VECTOR, 0x51
+	.equ LEVEL_IRQS, 3
+	.equ TESTDEV_IRQ_PORT, 0x2000
+	.equ SPEAKER_GATE2, 0x01	/* port 0x61 */
+	.equ SPEAKER_DATA, 0x02
+	.equ SPEAKER_OUT2, 0x20
+	.equ PIT_CH2_MODE0, 0xb0	/* counter 2, lo/hi byte, mode 0, binary */
+	.equ PIT_CH2_LATCH, 0x80	/* counter 2, counter latch */
+	.equ PIT_READBACK_STATUS2, 0xe8	/* read-back: status only, counter 2 */
+	.equ PIT_STATUS_OUT, 0x80
+	.equ PIT2_POLLS, 1000000	/* pc-testdev: line n follows port 0x2000 + n */
 	.equ MCR_DTR_RTS_OUT2, 0x0b	/* OUT2 gates the UART IRQ on a PC */
 
 /* IRET_SAME_CPL: what iret does when the interrupted code ran at our own
@@ -94,6 +135,14 @@ _start:
 	call cmd_find
 	test %eax, %eax
 	jnz serial_test
+	mov $word_ioapic, %edi
+	call cmd_find
+	test %eax, %eax
+	jnz ioapic_test
+	mov $word_pit2, %edi
+	call cmd_find
+	test %eax, %eax
+	jnz pit2_test
 	mov $word_pit, %edi
 	call cmd_find			/* no "pit" either: rAX = 0, N = 100 */
 
@@ -167,6 +216,137 @@ serial_test:
 done:
 	mov $0x10, %al
 	jmp guest_exit
+
+/* ---- ioapic N ---- */
+ioapic_test:
+	call ticks_arg
+	mov $word_eoi, %edi
+	call cmd_find
+	test %eax, %eax
+	setnz directed_eoi
+	movl $0x100 | SPURIOUS_VECTOR, LAPIC_SVR	/* software enable */
+	movl $IOAPIC_REG_VERSION, IOAPIC_ADDR
+	PRINT("timer: ioapic version=")
+	mov IOAPIC_IOWIN, %eax
+	mov $8, %ecx
+	call puthex
+	PUTC('\n')
+
+	mov $IOAPIC_PIT_VECTOR, %eax
+	mov $lapic_irq, %edx		/* counts and EOIs the LAPIC */
+	call set_gate
+	mov $IOAPIC_PIT_PIN, %ecx
+	mov $IOAPIC_PIT_VECTOR, %eax	/* fixed, physical, to APIC 0, edge */
+	call ioapic_route
+	mov $PIT_CH0_MODE2, %al
+	out %al, $PIT_CMD
+	mov $PIT_DIVISOR & 0xff, %al
+	out %al, $PORT_PIT
+	mov $PIT_DIVISOR >> 8, %al
+	out %al, $PORT_PIT
+	call wait_ticks
+	mov $IOAPIC_PIT_PIN, %ecx
+	mov $IOAPIC_MASKED, %eax
+	call ioapic_route
+	PRINT("timer: ioapic pit ticks=")
+	mov ticks, %eax
+	call putdec
+	PUTC('\n')
+
+	mov $LEVEL_VECTOR, %eax
+	mov $level_irq, %edx
+	call set_gate
+	mov $LEVEL_PIN, %ecx
+	mov $LEVEL_VECTOR | IOAPIC_LEVEL, %eax
+	call ioapic_route
+	mov $1, %al			/* raise the line */
+	mov $TESTDEV_IRQ_PORT + LEVEL_PIN, %dx
+	out %al, %dx
+1:	sti
+	hlt
+	cli
+	cmpl $LEVEL_IRQS, level_irqs
+	jb 1b
+	sti				/* room for an interrupt that should not come */
+	mov $20000, %ecx
+1:	loop 1b
+	cli
+	PRINT("timer: ioapic level irqs=")
+	mov level_irqs, %eax
+	call putdec
+	PRINT(" rirr=")
+	movl $IOAPIC_REG_TABLE + 2 * LEVEL_PIN, IOAPIC_ADDR
+	mov IOAPIC_IOWIN, %eax
+	shr $14, %eax			/* IOAPIC_REMOTE_IRR */
+	and $1, %eax
+	call putdec
+	PUTC('\n')
+	jmp done
+
+/* ---- pit2 ---- */
+pit2_test:
+	in $PORT_SPEAKER, %al
+	and $~SPEAKER_DATA, %al		/* speaker off */
+	or $SPEAKER_GATE2, %al		/* counter 2 counts */
+	out %al, $PORT_SPEAKER
+	mov $PIT_CH2_MODE0, %al
+	out %al, $PIT_CMD
+	mov $0xff, %al			/* count 0xffff, low byte first */
+	out %al, $PORT_PIT + 2
+	out %al, $PORT_PIT + 2
+	call pit2_latch
+	mov %eax, %ebx
+	mov $2000, %ecx			/* let it run a little */
+1:	loop 1b
+	call pit2_latch
+	PRINT("timer: pit2 down=")
+	cmp %ebx, %eax
+	setb %al
+	movzbl %al, %eax
+	call putdec
+	mov $PIT_READBACK_STATUS2, %al
+	out %al, $PIT_CMD
+	in $PORT_PIT + 2, %al
+	PRINT(" status=")
+	movzbl %al, %eax
+	and $~PIT_STATUS_OUT, %eax	/* the output may rise at any moment */
+	mov $2, %ecx
+	call puthex
+	mov $PIT2_POLLS, %ecx		/* about 60 ms here, 55 ms of counting */
+1:	in $PORT_SPEAKER, %al
+	test $SPEAKER_OUT2, %al
+	jnz 2f
+	loop 1b
+2:	PRINT(" out2=")
+	shr $5, %eax
+	and $1, %eax
+	call putdec
+	PUTC('\n')
+	jmp done
+
+/* pit2_latch: eax = counter 2's count, latched. */
+pit2_latch:
+	mov $PIT_CH2_LATCH, %al
+	out %al, $PIT_CMD
+	in $PORT_PIT + 2, %al
+	movzbl %al, %edx
+	in $PORT_PIT + 2, %al
+	movzbl %al, %eax
+	shl $8, %eax
+	or %edx, %eax
+	ret
+
+/* ioapic_route: IOAPIC pin ecx's entry = eax (low half), destination APIC 0. */
+ioapic_route:
+	push %eax
+	lea IOAPIC_REG_TABLE + 1(, %ecx, 2), %eax
+	mov %eax, IOAPIC_ADDR
+	movl $0, IOAPIC_IOWIN		/* high half: destination 0 */
+	lea IOAPIC_REG_TABLE(, %ecx, 2), %eax
+	mov %eax, IOAPIC_ADDR
+	pop %eax
+	mov %eax, IOAPIC_IOWIN
+	ret
 
 /* ticks_arg: eax = address after the command-line word, or 0.
  * Sets target = the number that follows it, or DEFAULT_TICKS. */
@@ -249,6 +429,23 @@ lapic_irq:
 	movl $0, LAPIC_EOI
 	IRET_SAME_CPL
 
+level_irq:				/* lower the line on the last one, then EOI */
+	push %eax
+	push %edx
+	incl level_irqs
+	cmpl $LEVEL_IRQS, level_irqs
+	jb 1f
+	xor %al, %al
+	mov $TESTDEV_IRQ_PORT + LEVEL_PIN, %dx
+	out %al, %dx
+1:	movl $0, LAPIC_EOI
+	cmpb $0, directed_eoi
+	je 2f
+	movl $LEVEL_VECTOR, IOAPIC_EOI
+2:	pop %edx
+	pop %eax
+	IRET_SAME_CPL
+
 serial_irq:
 	pushal
 1:	mov $COM1_LSR, %dx		/* every byte that is there */
@@ -277,6 +474,9 @@ serial_irq:
 word_pit:	.asciz "pit"
 word_lapic:	.asciz "lapic"
 word_serial:	.asciz "serial"
+word_ioapic:	.asciz "ioapic"
+word_pit2:	.asciz "pit2"
+word_eoi:	.asciz "eoi"
 	.balign 8
 gdt:
 	.quad 0				/* 0x00 null */
@@ -296,6 +496,8 @@ idt_ptr:
 	.data
 ticks:		.long 0
 target:		.long 0
+level_irqs:	.long 0
+directed_eoi:	.byte 0
 serial_done:	.byte 0
 
 	.bss

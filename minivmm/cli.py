@@ -35,7 +35,8 @@ Machine:
   -smp N                   number of vCPUs (also cpus=N,sockets=..,cores=..,threads=..)
   -cpu host[,+feat|-feat]  CPUID as KVM supports it, with features added or removed
   -cpu qemu64|kvm64|Opteron_G1|Skylake-Server|max[,vendor=...]  QEMU's CPU models
-  -machine [pc,]KEY=VAL    accel=kvm, memory-backend=ID, aux-ram-share=on|off
+  -machine [pc,]KEY=VAL    accel=kvm, memory-backend=ID, aux-ram-share=on|off,
+                           kernel-irqchip=on|split (split: PIC, IOAPIC, PIT in minivmm), pit=on|off
   -object memory-backend-memfd,id=ID,size=SIZE[,share=on|off][,hugetlb=on][,prealloc=on]
   -object memory-backend-file,id=ID,size=SIZE,mem-path=PATH[,share=on|off]
   -object memory-backend-ram,id=ID,size=SIZE[,share=on|off]
@@ -159,6 +160,16 @@ def _apply_machine(p: _Parsed) -> None:
                 cfg.memory_backend = value
             elif key == "aux-ram-share":
                 cfg.aux_ram_share = parse_bool(key, value)
+            elif key == "kernel-irqchip":
+                if value == "off":
+                    raise OptionError(
+                        "kernel-irqchip=off is not supported: minivmm needs KVM's local APICs (use on or split)"
+                    )
+                if value not in ("on", "split"):
+                    raise OptionError(f"Parameter 'kernel-irqchip' expects 'on', 'off' or 'split', not '{value}'")
+                cfg.kernel_irqchip = value
+            elif key == "pit":
+                cfg.pit = parse_bool(key, value)
             else:
                 raise OptionError(f"Property 'pc-machine.{key}' not found")
         except OptionError as e:

@@ -81,6 +81,8 @@ class MachineConfig:
     devices: list[DeviceConfig] = field(default_factory=list)
     no_reboot: bool = False
     no_shutdown: bool = False  # on guest power-off, stop in runstate "shutdown" instead of exiting
+    kernel_irqchip: str = "on"  # -machine kernel-irqchip=on|split: split has minivmm emulate PIC, IOAPIC, PIT
+    pit: bool = True  # -machine pit=off: no PIT at all
     pit_reinject: bool = True  # -global kvm-pit.lost_tick_policy=discard turns it off (QEMU's default: delay)
     listen_remote: bool = False  # -global migration.x-listen-remote=on: -incoming beyond loopback
     panic_action: str = "shutdown"  # -action panic=pause|shutdown|exit-failure|none

@@ -100,6 +100,10 @@ class VcpuThread:
         self.state = VcpuRunState.CREATED  # where the thread is
         self.wanted = VcpuRunState.PAUSED  # where it was asked to go: PAUSED, RUNNING or QUIT
         self.exits = 0  # number of KVM_RUN returns, for statistics
+        # A userspace interrupt controller's hooks (kernel-irqchip=split): work to do before each
+        # entry (ExtINT injection), and the EOI of a level-triggered IOAPIC vector.
+        self.before_run: Callable[[VcpuThread], None] | None = None
+        self.on_eoi: Callable[[int], None] = lambda vector: None
         self.thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
 
     @property
@@ -119,8 +123,12 @@ class VcpuThread:
             self.cond.notify_all()
             if wanted == VcpuRunState.RUNNING:
                 return
-            self.vcpu.run_mmap[RUN_OFFSET_IMMEDIATE_EXIT] = 1
-            ident = self.thread.ident
+        self.kick()
+
+    def kick(self) -> None:
+        """Make the thread leave KVM_RUN and pass through ``before_run`` again, without a pause."""
+        self.vcpu.run_mmap[RUN_OFFSET_IMMEDIATE_EXIT] = 1
+        ident = self.thread.ident
         if ident is not None and self.thread.is_alive() and ident != threading.get_ident():
             try:
                 signal.pthread_kill(ident, SIG_KICK)
@@ -182,6 +190,8 @@ class VcpuThread:
         exit_io, exit_mmio, out = c.KVM_EXIT_IO, c.KVM_EXIT_MMIO, c.KVM_EXIT_IO_OUT
         exits = 0
         reason = 0
+        if self.before_run is not None:
+            self.before_run(self)
         try:
             while True:
                 if ioctl(fd, kvm_run, None) < 0:
@@ -206,6 +216,10 @@ class VcpuThread:
                             view[at : at + size] = device.read(devoff, size).to_bytes(size, "little")
                 elif reason == exit_mmio:
                     self._mmio(view)
+                elif reason == c.KVM_EXIT_IOAPIC_EOI:
+                    self.on_eoi(view[RUN_OFFSET_EXIT])
+                elif reason == c.KVM_EXIT_IRQ_WINDOW_OPEN:
+                    return None  # back through before_run, which injects
                 else:
                     return self._other_exit(reason)
         except Exception as e:  # device emulation failed: the guest cannot trust its device any more

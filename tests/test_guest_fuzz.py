@@ -39,6 +39,14 @@ def test_portfuzz_survives(vmm, tmp_path, seed, smp):
     _check(r.status, log.read_text(errors="replace"), r.stderr, seed)
 
 
+@pytest.mark.parametrize("seed,smp", [(0x1F, 1), (0x77, 2)])
+def test_portfuzz_survives_with_a_split_irqchip(vmm, tmp_path, seed, smp):
+    """minivmm's own PIC, PIT (ports 0x40-0x43, 0x61) and IOAPIC registers, fuzzed."""
+    log = tmp_path / "log"
+    r = vmm.run(*fz.portfuzz_args(seed, OPS, log, smp, split=True), timeout=60)
+    _check(r.status, log.read_text(errors="replace"), r.stderr, seed)
+
+
 def test_portfuzz_with_a_monitor_stays_running(qmp_vm, tmp_path):
     seed, ops = 0x7BBF, 150000
     log = tmp_path / "log"

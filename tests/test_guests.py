@@ -182,15 +182,20 @@ def test_smp_topology_form(vmm):
     assert "smp: all 2 cpus up" in r.stdout
 
 
+@pytest.mark.parametrize("irqchip", ["on", "split"])  # split: through minivmm's PIC and PIT
 @pytest.mark.parametrize("timer", ["pit", "lapic"])
-def test_timer_interrupts_are_delivered(vmm, timer):
-    r = vmm.run("-kernel", guest("timer.elf"), "-append", f"{timer} 100", *DEBUG_EXIT)
+def test_timer_interrupts_are_delivered(vmm, timer, irqchip):
+    r = vmm.run(
+        "-kernel", guest("timer.elf"), "-append", f"{timer} 100", "-M", f"kernel-irqchip={irqchip}", *DEBUG_EXIT
+    )
     assert r.status == GUEST_EXIT_OK, r
     assert f"timer: {timer} ticks=100" in r.stdout
 
 
-def test_serial_receive_interrupts_through_the_irqchip(vmm):
-    r = vmm.run("-kernel", guest("timer.elf"), "-append", "serial", *DEBUG_EXIT, input=b"abq")
+@pytest.mark.parametrize("irqchip", ["on", "split"])
+def test_serial_receive_interrupts_through_the_irqchip(vmm, irqchip):
+    args = ["-kernel", guest("timer.elf"), "-append", "serial", "-M", f"kernel-irqchip={irqchip}"]
+    r = vmm.run(*args, *DEBUG_EXIT, input=b"abq")
     assert r.status == GUEST_EXIT_OK, r
     assert lines(r.stdout, "timer: ") == ["timer: got a", "timer: got b", "timer: got q", "timer: serial done"]
 

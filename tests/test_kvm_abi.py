@@ -21,6 +21,7 @@ _FLEX = [
     ("kvm_msrs", structs.msrs_with, "entries"),
     ("kvm_msr_list", structs.msr_list_with, "indices"),
     ("kvm_cpuid2", structs.cpuid2_with, "entries"),
+    ("kvm_irq_routing", structs.irq_routing_with, "entries"),
 ]
 
 

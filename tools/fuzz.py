@@ -1053,12 +1053,13 @@ class GuestRun:
         return None
 
 
-def portfuzz_args(seed: int, ops: int, log: Path, smp: int = 1) -> list[str]:
+def portfuzz_args(seed: int, ops: int, log: Path, smp: int = 1, split: bool = False) -> list[str]:
+    """``split``: kernel-irqchip=split, the guest also fuzzing minivmm's own PIT and IOAPIC."""
     return [
         "-kernel",
         guests.path("portfuzz.elf"),
         "-append",
-        f"seed={seed:x} ops={ops}",
+        f"seed={seed:x} ops={ops}" + (" pit ioapic" if split else ""),
         "-m",
         "16",
         "-serial",
@@ -1069,12 +1070,15 @@ def portfuzz_args(seed: int, ops: int, log: Path, smp: int = 1) -> list[str]:
         "pvpanic",
         "-no-reboot",  # a reset would replay the same seed forever: exit instead
         *(["-smp", str(smp)] if smp > 1 else []),
+        *(["-machine", "kernel-irqchip=split"] if split else []),
     ]
 
 
-def run_portfuzz(procs: Processes, seed: int, ops: int, smp: int = 1, timeout: float = 60) -> GuestRun:
+def run_portfuzz(
+    procs: Processes, seed: int, ops: int, smp: int = 1, split: bool = False, timeout: float = 60
+) -> GuestRun:
     log = procs.cwd / f"portfuzz-{seed:x}.log"
-    proc = procs.start(*portfuzz_args(seed, ops, log, smp))
+    proc = procs.start(*portfuzz_args(seed, ops, log, smp, split))
     try:
         _, err = proc.communicate(timeout=timeout)
         status = proc.returncode
@@ -1096,11 +1100,12 @@ def fuzz_guest(seeds: int, ops: int, first: int) -> int:
             for i in range(seeds):
                 seed = (first + i) * 0x9E3779B97F4A7C15 % (1 << 64) or 1
                 smp = 2 if i % 2 else 1
-                problem = run_portfuzz(procs, seed, ops, smp).problem(seed, ops)
+                split = i % 4 >= 2  # every other pair with minivmm's PIC, IOAPIC and PIT
+                problem = run_portfuzz(procs, seed, ops, smp, split).problem(seed, ops)
                 tried["guest:runs"] += 1
                 tried["guest ops"] += ops
                 if problem:
-                    findings.append((f"seed={seed:x} ops={ops} smp={smp}", problem))
+                    findings.append((f"seed={seed:x} ops={ops} smp={smp} split={split}", problem))
         finally:
             procs.close()
     return report("guest runs", tried, findings)

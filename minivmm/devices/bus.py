@@ -19,6 +19,7 @@ class Range:
     base: int
     length: int
     device: Device
+    offset: int = 0  # the device offset of ``base``: one device may answer in several ranges
 
     @property
     def end(self) -> int:
@@ -49,10 +50,10 @@ class Bus:
         self._bases: list[int] = []
         self.cache: dict[int, tuple[Device, int]] = {}
 
-    def register(self, base: int, length: int, device: Device) -> None:
+    def register(self, base: int, length: int, device: Device, offset: int = 0) -> None:
         if length <= 0:
             raise BusError(f"{self.name}: {device.name}: empty range at {base:#x}")
-        new = Range(base, length, device)
+        new = Range(base, length, device, offset)
         for r in self.ranges:
             if r.base < new.end and new.base < r.end:
                 raise BusError(
@@ -79,7 +80,8 @@ class Bus:
         hit = (UNCLAIMED, 0)
         i = bisect.bisect(self._bases, addr) - 1
         if i >= 0 and addr < self.ranges[i].end:
-            hit = (self.ranges[i].device, addr - self.ranges[i].base)
+            r = self.ranges[i]
+            hit = (r.device, addr - r.base + r.offset)
         if len(self.cache) >= _CACHE_LIMIT:
             self.cache.clear()
         self.cache[addr] = hit
@@ -94,4 +96,11 @@ class Bus:
         device.write(offset, size, value)
 
     def devices(self) -> list[Device]:
-        return [r.device for r in self.ranges]
+        """Each device once, in address order of its first range."""
+        seen: set[int] = set()  # by identity: some devices are dataclasses, which do not hash
+        out = []
+        for r in self.ranges:
+            if id(r.device) not in seen:
+                seen.add(id(r.device))
+                out.append(r.device)
+        return out

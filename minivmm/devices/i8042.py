@@ -6,8 +6,8 @@ No keyboard or mouse is attached.
 A real i8042 has a one-byte output buffer; replies wait here in a queue of
 at most QUEUE_SIZE bytes (QEMU's PS/2 queue is bounded too), and a reply
 that finds it full is dropped, so a guest that issues commands without
-reading cannot grow it. Ports 0x61-0x63 inside the claimed range are not the
-controller's: they read as all ones and ignore writes.
+reading cannot grow it. The controller answers at 0x60 (offset 0) and 0x64
+(offset 4); port 0x61 between them is the PIT's.
 """
 
 from __future__ import annotations

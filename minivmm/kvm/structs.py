@@ -297,6 +297,38 @@ class kvm_dirty_log(Structure):
     _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
 
 
+class kvm_interrupt(Structure):
+    _fields_ = [("irq", u32)]
+
+
+class kvm_irq_routing_irqchip(Structure):
+    _fields_ = [("irqchip", u32), ("pin", u32)]
+
+
+class kvm_irq_routing_msi(Structure):
+    _fields_ = [("address_lo", u32), ("address_hi", u32), ("data", u32), ("pad", u32)]
+
+
+class _routing_u(Union):
+    _fields_ = [("irqchip", kvm_irq_routing_irqchip), ("msi", kvm_irq_routing_msi), ("pad", u32 * 8)]
+
+
+class kvm_irq_routing_entry(Structure):
+    _fields_ = [("gsi", u32), ("type", u32), ("flags", u32), ("pad", u32), ("u", _routing_u)]
+
+
+class kvm_irq_routing(Structure):
+    _fields_ = [("nr", u32), ("flags", u32)]
+
+
+def irq_routing_with(n: int) -> type[Structure]:
+    return type(
+        f"kvm_irq_routing_{n}",
+        (Structure,),
+        {"_fields_": [*kvm_irq_routing._fields_, ("entries", kvm_irq_routing_entry * n)]},
+    )
+
+
 class kvm_enable_cap(Structure):
     _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
 
@@ -369,6 +401,10 @@ class _run_msr(Structure):
     _fields_ = [("error", u8), ("pad", u8 * 7), ("reason", u32), ("index", u32), ("data", u64)]
 
 
+class _run_eoi(Structure):
+    _fields_ = [("vector", u8)]
+
+
 class _run_exit(Union):
     _fields_ = [
         ("hw", _run_hw),
@@ -381,6 +417,7 @@ class _run_exit(Union):
         ("emulation_failure", _run_emulation_failure),
         ("system_event", _run_system_event),
         ("msr", _run_msr),
+        ("eoi", _run_eoi),
         ("padding", c_char * 256),
     ]
 

@@ -11,6 +11,7 @@ import ctypes
 import errno
 import mmap
 import os
+from collections.abc import Iterable, Mapping
 from ctypes import byref, c_uint64, sizeof
 
 from . import constants as c
@@ -133,6 +134,31 @@ class Vm:
     def create_irqchip(self) -> None:
         ioctl(self.fd, io.KVM_CREATE_IRQCHIP)
 
+    def enable_split_irqchip(self, ioapic_pins: int) -> None:
+        """An in-kernel LAPIC only; the PIC, IOAPIC and PIT are the VMM's (before any vCPU).
+
+        GSIs below ``ioapic_pins`` are the IOAPIC's: their MSI routes tell KVM which
+        vectors to report as KVM_EXIT_IOAPIC_EOI.
+        """
+        cap = s.kvm_enable_cap(cap=c.KVM_CAP_SPLIT_IRQCHIP)
+        cap.args[0] = ioapic_pins
+        ioctl(self.fd, io.KVM_ENABLE_CAP, byref(cap))
+
+    def set_gsi_routing(
+        self, irqchip_routes: Iterable[tuple[int, int, int]] = (), msi_routes: Mapping[int, tuple[int, int]] = {}
+    ) -> None:
+        """Replace the routing table: (GSI, irqchip, pin) entries, and GSI -> (MSI address, MSI data)."""
+        chips = list(irqchip_routes)
+        table = s.irq_routing_with(len(chips) + len(msi_routes))(nr=len(chips) + len(msi_routes))
+        entries = iter(table.entries)
+        for (gsi, chip, pin), entry in zip(chips, entries):
+            entry.gsi, entry.type = gsi, c.KVM_IRQ_ROUTING_IRQCHIP
+            entry.u.irqchip.irqchip, entry.u.irqchip.pin = chip, pin
+        for (gsi, (address, data)), entry in zip(sorted(msi_routes.items()), entries):
+            entry.gsi, entry.type = gsi, c.KVM_IRQ_ROUTING_MSI
+            entry.u.msi.address_lo, entry.u.msi.address_hi, entry.u.msi.data = address & 0xFFFFFFFF, address >> 32, data
+        ioctl(self.fd, io.KVM_SET_GSI_ROUTING, byref(table))
+
     def create_pit2(self, flags: int = c.KVM_PIT_SPEAKER_DUMMY) -> None:
         ioctl(self.fd, io.KVM_CREATE_PIT2, byref(s.kvm_pit_config(flags=flags)))
 
@@ -196,6 +222,10 @@ class Vcpu:
             self.run_mmap.close()
             os.close(self.fd)
             self.fd = -1
+
+    def interrupt(self, vector: int) -> None:
+        """Queue an external interrupt (the userspace PIC's ExtINT, split irqchip)."""
+        ioctl(self.fd, io.KVM_INTERRUPT, byref(s.kvm_interrupt(vector)))
 
     def get_regs(self) -> s.kvm_regs:
         return _get(self.fd, io.KVM_GET_REGS, s.kvm_regs)

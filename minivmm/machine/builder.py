@@ -1,7 +1,7 @@
 """Building a machine from its MachineConfig, in the order KVM needs.
 
-1. the VM, its TSS and identity-map pages, the in-kernel irqchip and PIT,
-   all before any vCPU (their power-on state is kept for resets);
+1. the VM, its TSS and identity-map pages, the interrupt controllers
+   (irqchip.py), all before any vCPU (their power-on state is kept for resets);
 2. guest RAM and its memory slots (ram.py);
 3. the devices (devices.py), with their irqfds bound unless an incoming
    CPR's source still holds them;
@@ -19,6 +19,7 @@ from minivmm.kvm.structs import kvm_fpu, kvm_regs
 from minivmm.kvm.system import Vcpu
 from minivmm.log import message
 
+from . import irqchip
 from .devices import DeviceManager
 from .errors import MachineError
 from .ram import RamBuilder, add_memslots, ram_ranges, ram_size
@@ -38,25 +39,21 @@ def build(m) -> None:
     m.vm = m.kvm.create_vm()
     m.vm.set_tss_addr(layout.TSS_ADDR)
     m.vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
-    m.vm.create_irqchip()
-    m.vm.create_pit2()
-    if not cfg.pit_reinject:  # lost_tick_policy=discard: ticks the guest missed are not made up
-        m.vm.reinject_control(False)
-    m.initial_irqchips = [m.vm.get_irqchip(i) for i in range(3)]
-    m.initial_pit = m.vm.get_pit2()
+    m.irqchip = irqchip.create(m.vm, cfg.kernel_irqchip, cfg.pit, cfg.pit_reinject)
 
     m.ram_ranges = ram_ranges(ram_size(cfg))
     firmware = m.image.firmware if m.image.kind == "bios" else None
     RamBuilder(cfg, m.fds).build(m.memory, m.ram_ranges, firmware)
     m.memslots = add_memslots(m.vm, m.memory)
 
-    m.devices = DeviceManager(m.kvm, m.vm, m.memory, m.loop, m.fds, m.control)
+    m.devices = DeviceManager(m.kvm, m.vm, m.memory, m.loop, m.fds, m.control, m.irqchip)
     m.devices.build(cfg, m.ram_ranges)
     if not m.fds.inherited:
         m.devices.bind_irqfds()
 
     buses = (m.devices.pio, m.devices.mmio)
     m.vcpus.create(m.kvm, m.vm, cfg.smp, cfg.cpu, buses, m.control.on_vcpu_exit, m.describe, message)
+    m.irqchip.attach(m.vcpus.threads)
 
     if cfg.incoming:
         m.control.set_state(runstate.INMIGRATE)  # RAM and state come from the stream: load nothing

@@ -33,6 +33,7 @@ from minivmm.devices.acpi_pm import (
 from minivmm.devices.bus import Bus, BusError
 from minivmm.devices.debug_exit import DebugExit
 from minivmm.devices.device import Device
+from minivmm.devices.i8042 import COMMAND as I8042_COMMAND
 from minivmm.devices.i8042 import I8042
 from minivmm.devices.postcode import PostCode
 from minivmm.devices.rtc import Rtc
@@ -44,6 +45,7 @@ from minivmm.memory import GuestMemory
 
 from .control import RunControl
 from .errors import MachineError
+from .irqchip import KernelIrqchip, SplitIrqchip
 from .pci import PciBus
 
 
@@ -55,6 +57,7 @@ class Board:
     port: int
     size: int
     make: Callable[[DeviceManager, MachineConfig], Device]
+    offset: int = 0  # the device offset of ``port``
 
 
 BOARD = (
@@ -68,7 +71,8 @@ BOARD = (
         1,
         lambda dm, cfg: ResetControl(lambda: dm.control.request_reset("guest-reset")),
     ),
-    Board("i8042", layout.PORT_I8042_DATA, 5, lambda dm, cfg: I8042(lambda: dm.control.request_reset("guest-reset"))),
+    Board("i8042", layout.PORT_I8042_DATA, 1, lambda dm, cfg: dm.i8042),
+    Board("i8042", layout.PORT_I8042_CMD, 1, lambda dm, cfg: dm.i8042, offset=I8042_COMMAND),
     Board("rtc", layout.PORT_CMOS, 2, lambda dm, cfg: dm.rtc),
     Board(
         "acpi-pm",
@@ -97,7 +101,7 @@ def _pc_testdev(dm: DeviceManager, props: dict[str, int]) -> list[tuple[str, int
     ports = pc_testdev.TestDevPorts(dm.memory.flush_page)
     return [
         ("pio", pc_testdev.PORT_BASE, 12, ports),
-        ("pio", pc_testdev.PORT_IRQ, pc_testdev.IRQ_LINES, pc_testdev.TestDevIrq(dm.vm.irq_line)),
+        ("pio", pc_testdev.PORT_IRQ, pc_testdev.IRQ_LINES, pc_testdev.TestDevIrq(dm.irq_line)),
         ("mmio", pc_testdev.IOMEM_BASE, pc_testdev.IOMEM_SIZE, pc_testdev.TestDevMemory(ports)),
     ]
 
@@ -177,9 +181,18 @@ def device_help() -> str:
 
 class DeviceManager:
     def __init__(
-        self, kvm: Kvm, vm: Vm, memory: GuestMemory, loop: MainLoop, fds: FdTable, control: RunControl
+        self,
+        kvm: Kvm,
+        vm: Vm,
+        memory: GuestMemory,
+        loop: MainLoop,
+        fds: FdTable,
+        control: RunControl,
+        irqchip: KernelIrqchip | SplitIrqchip,
     ) -> None:
         self.kvm, self.vm, self.memory, self.loop, self.fds, self.control = kvm, vm, memory, loop, fds, control
+        self.irqchip = irqchip
+        self.irq_line = irqchip.set_irq  # (GSI, level)
         self.pio = Bus("port I/O")
         self.mmio = Bus("MMIO")
         self.chardevs: list[Chardev] = []
@@ -192,7 +205,9 @@ class DeviceManager:
         self.ram_ranges = ram_ranges
         self.rtc = Rtc(ram_ranges[0][1], sum(size for _, size in ram_ranges[1:]))  # below and above 4 GiB
         self.pm1_event = Pm1Event()
+        self.i8042 = I8042(lambda: self.control.request_reset("guest-reset"))
         self.control.wake_delay = self.wake_delay
+        self.irqchip.add_devices(self.pio, self.mmio, self.loop)
         serials = cfg.serials or [ChardevConfig("serial0", "stdio", option="-serial stdio")]
         if len(serials) > len(layout.COM_PORTS):
             raise MachineError(serials[len(layout.COM_PORTS)].option, f"at most {len(layout.COM_PORTS)} serial ports")
@@ -200,8 +215,8 @@ class DeviceManager:
             if cc.backend != "none":
                 self._add_serial(index, cc)
         for board in BOARD:
-            self.pio.register(board.port, board.size, board.make(self, cfg))
-        self.pci = PciBus(self.pio, self.mmio, self.vm.irq_line)
+            self.pio.register(board.port, board.size, board.make(self, cfg), board.offset)
+        self.pci = PciBus(self.pio, self.mmio, self.irq_line)
         for dev in cfg.devices:
             self._add_model(dev)
 
@@ -273,15 +288,16 @@ class DeviceManager:
     # --- interrupts -----------------------------------------------------------------------------------
     def _isa_irq(self, gsi: int) -> Callable[[int], None]:
         """An edge-triggered ISA interrupt line, as Firecracker wires its devices: through
-        an irqfd (an eventfd KVM listens on) when KVM has them, else KVM_IRQ_LINE.
+        an irqfd (an eventfd KVM listens on) when KVM has them and emulates the PIC and
+        IOAPIC itself; else the level goes to KVM_IRQ_LINE or to minivmm's controllers.
 
         The eventfd is a device fd like VFIO's interrupt eventfds: it is kept in the CPR
         table ("irqfd", "gsiN"), so an update binds the very same eventfd to the new VM.
         A rising edge is all an edge-triggered PIC or IOAPIC input sees of a level, so a
         pulse per rise of the device's level is the same interrupt.
         """
-        if not self.kvm.check_extension(c.KVM_CAP_IRQFD):
-            return lambda level: self.vm.irq_line(gsi, level)
+        if self.irqchip.split or not self.kvm.check_extension(c.KVM_CAP_IRQFD):
+            return lambda level: self.irq_line(gsi, level)  # a userspace PIC/IOAPIC sees the level
         fd = self.irqfds.get(gsi)
         if fd is None:
             fd, _ = self.fds.open("irqfd", f"gsi{gsi}", lambda: os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))

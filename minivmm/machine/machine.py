@@ -82,9 +82,7 @@ class Machine:
     def _power_on_state(self) -> None:
         """vCPUs, irqchips, PIT and devices as at power-on (the vCPUs paused); RAM untouched."""
         self.vcpus.restore_initial()
-        for chip in self.initial_irqchips:
-            self.vm.set_irqchip(chip)
-        self.vm.set_pit2(self.initial_pit)
+        self.irqchip.power_on()
         self.devices.reset_all()
 
     def reset(self, reason: str) -> None:

@@ -1,8 +1,9 @@
 """A machine's whole non-RAM state as one vmstate blob.
 
 Sections, in load order: globalstate (the run state), each vCPU (docs/boot.md's
-order inside), the PIT, the clock and the irqchips, then every device with
-state. Loading decodes and checks everything before applying anything, so a
+order inside), KVM's PIT, the clock and KVM's irqchips (those KVM emulates),
+then every device with state (minivmm's PIC, IOAPIC and PIT among them with
+kernel-irqchip=split). Loading decodes and checks everything before applying anything, so a
 bad blob leaves the machine untouched; a section this machine has no place
 for, or one it lacks, is an error naming it (QEMU's wording).
 """
@@ -62,8 +63,10 @@ def save(machine, runstate: str) -> bytes:
     w.add(GLOBALSTATE, {"runstate": runstate})
     for t in machine.vcpus:
         w.add(vcpu_state.VMSTATE, vcpu_state.save(t.vcpu, machine.vcpus.caps), t.index)
-    vm = vm_state.save(machine.vm)
-    w.add(vm_state.PIT_VMSTATE, {"pit": vm.pit})
+    chips = machine.irqchip.kvm_chips
+    vm = vm_state.save(machine.vm, chips, machine.irqchip.kvm_pit)
+    if vm.pit is not None:
+        w.add(vm_state.PIT_VMSTATE, {"pit": vm.pit})
     w.add(vm_state.CLOCK_VMSTATE, vm.clock)
     for i, chip in enumerate(vm.irqchips):
         w.add(vm_state.IRQCHIP_VMSTATE, {"chip": chip}, i)
@@ -76,9 +79,11 @@ def decode_all(machine, blob: bytes) -> Loaded:
     sections = {(sec.name, sec.instance): sec for sec in read_blob(blob)}
     expected: dict[tuple[str, int], VMSD] = {("globalstate", 0): GLOBALSTATE}
     expected.update({("vcpu", t.index): vcpu_state.VMSTATE for t in machine.vcpus})
-    expected[("kvm-pit", 0)] = vm_state.PIT_VMSTATE
+    chips = range(3) if machine.irqchip.kvm_chips else range(0)
+    if machine.irqchip.kvm_pit:
+        expected[("kvm-pit", 0)] = vm_state.PIT_VMSTATE
     expected[("kvmclock", 0)] = vm_state.CLOCK_VMSTATE
-    expected.update({("kvm-irqchip", i): vm_state.IRQCHIP_VMSTATE for i in range(3)})
+    expected.update({("kvm-irqchip", i): vm_state.IRQCHIP_VMSTATE for i in chips})
     devices = _devices(machine)
     expected.update({(vmsd.name, instance): vmsd for vmsd, instance, _ in devices})
     for key in sections:
@@ -97,7 +102,7 @@ def decode_all(machine, blob: bytes) -> Loaded:
         values[key] = decode(vmsd, sec.payload, sec.version, sec.path)
     for t in machine.vcpus:
         _check_vcpu(machine.vcpus.caps, values[("vcpu", t.index)], f"vcpu[{t.index}]")
-    for i in range(3):
+    for i in chips:
         chip_id = s.kvm_irqchip.from_buffer_copy(values[("kvm-irqchip", i)]["chip"]).chip_id
         if chip_id != i:
             raise VMStateError(f"kvm-irqchip[{i}]/chip: holds chip {chip_id}, not {i}")
@@ -105,8 +110,8 @@ def decode_all(machine, blob: bytes) -> Loaded:
         runstate=values[("globalstate", 0)]["runstate"],
         vcpus=[values[("vcpu", t.index)] for t in machine.vcpus],
         vm=vm_state.VmState(
-            irqchips=[values[("kvm-irqchip", i)]["chip"] for i in range(3)],
-            pit=values[("kvm-pit", 0)]["pit"],
+            irqchips=[values[("kvm-irqchip", i)]["chip"] for i in chips],
+            pit=values[("kvm-pit", 0)]["pit"] if ("kvm-pit", 0) in expected else None,
             clock=values[("kvmclock", 0)],
         ),
         devices=[(device, values[(v.name, i)]) for v, i, device in devices if (v.name, i) in values],

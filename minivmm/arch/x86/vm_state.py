@@ -1,5 +1,5 @@
-"""VM-wide KVM state: the three irqchips, the PIT and the clock, saved and
-restored as QEMU's kvm devices do.
+"""VM-wide KVM state: the three irqchips and the PIT (when KVM emulates them)
+and the clock, saved and restored as QEMU's kvm devices do.
 """
 
 from __future__ import annotations
@@ -19,22 +19,23 @@ CLOCK_VMSTATE = VMSD("kvmclock", 1, 1, (Field("clock", "u64"), Field("flags", "u
 
 @dataclass
 class VmState:
-    irqchips: list[bytes]
-    pit: bytes
+    irqchips: list[bytes]  # none with kernel-irqchip=split
+    pit: bytes | None  # none without KVM's PIT
     clock: dict
 
 
-def save(vm: Vm) -> VmState:
+def save(vm: Vm, irqchips: bool, pit: bool) -> VmState:
     clock = vm.get_clock()
     return VmState(
-        irqchips=[bytes(vm.get_irqchip(i)) for i in range(3)],
-        pit=bytes(vm.get_pit2()),
+        irqchips=[bytes(vm.get_irqchip(i)) for i in range(3)] if irqchips else [],
+        pit=bytes(vm.get_pit2()) if pit else None,
         clock={"clock": clock.clock, "flags": clock.flags, "realtime": clock.realtime},
     )
 
 
 def restore(vm: Vm, state: VmState, clock_flags_supported: int) -> None:
-    vm.set_pit2(s.kvm_pit_state2.from_buffer_copy(state.pit))
+    if state.pit is not None:
+        vm.set_pit2(s.kvm_pit_state2.from_buffer_copy(state.pit))
     # With KVM_CLOCK_REALTIME the kernel advances the clock by the real time
     # that passed since the save, so the guest's wall clock does not lag.
     flags = state.clock["flags"] & clock_flags_supported & c.KVM_CLOCK_REALTIME

@@ -1,0 +1,181 @@
+"""The I/O APIC (82093AA, version 0x20) in userspace, for ``kernel-irqchip=split``.
+
+With a split irqchip KVM keeps only the local APICs; this device owns the 24
+redirection entries. Each pin's entry is turned into an MSI (address and data,
+as the IOAPIC would put on the bus) and handed to KVM as the route of GSI
+``pin``; raising the pin is a KVM_IRQ_LINE on that GSI. KVM reads the routes to
+know which vectors are level-triggered IOAPIC ones: their EOIs come back as
+KVM_EXIT_IOAPIC_EOI, which clears the entry's remote IRR and, if the line is
+still asserted, delivers it again (how a level-triggered line works).
+
+Registers, at IOAPIC_ADDR: IOREGSEL (0x00), IOWIN (0x10) and the EOI register
+(0x40). Behind IOWIN: ID (0), version (1), arbitration (2), and the
+redirection table from 0x10, two 32-bit halves per pin. Polarity is kept but
+not applied: a source's level 1 is "asserted", as in KVM's and QEMU's IOAPICs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from minivmm.arch.x86 import layout
+from minivmm.devices.state import LockedState
+from minivmm.vmstate import VMSD, Field
+
+PINS = 24
+VERSION = 0x20 | ((PINS - 1) << 16)
+IOREGSEL, IOWIN, EOI = 0x00, 0x10, 0x40
+REG_ID, REG_VERSION, REG_ARB, REG_TABLE = 0x00, 0x01, 0x02, 0x10
+
+VECTOR = 0xFF
+DELIVERY_MODE = 0x700
+DEST_MODE_LOGICAL = 1 << 11
+DELIVERY_STATUS = 1 << 12  # read-only
+POLARITY_LOW = 1 << 13
+REMOTE_IRR = 1 << 14  # read-only
+TRIGGER_LEVEL = 1 << 15
+MASKED = 1 << 16
+WRITABLE = VECTOR | DELIVERY_MODE | DEST_MODE_LOGICAL | POLARITY_LOW | TRIGGER_LEVEL | MASKED | (0xFF << 56)
+ENTRY_BITS = WRITABLE | REMOTE_IRR
+
+MSI_ADDRESS_BASE = layout.LAPIC_ADDR
+
+
+def msi_of(entry: int) -> tuple[int, int]:
+    """The MSI (address, data) an IOAPIC sends for a redirection entry."""
+    dest = (entry >> 56) & 0xFF
+    logical = 1 if entry & DEST_MODE_LOGICAL else 0
+    address = MSI_ADDRESS_BASE | (dest << 12) | (logical << 2)
+    data = (entry & (VECTOR | DELIVERY_MODE)) | ((1 << 15) if entry & TRIGGER_LEVEL else 0)
+    return address, data
+
+
+@dataclass
+class IoApicState:
+    id: int = 0
+    ioregsel: int = 0
+    irr: int = 0  # the pins' levels, as sources last set them
+    entries: list[int] = field(default_factory=lambda: [MASKED] * PINS)
+
+
+VMSTATE = VMSD(
+    "ioapic",
+    version_id=1,
+    minimum_version_id=1,
+    fields=(
+        Field("id", "u8", max=0x0F),
+        Field("ioregsel", "u8"),
+        Field("irr", "u32", mask=(1 << PINS) - 1),
+        Field("entries", "u64", is_list=True, mask=ENTRY_BITS),  # exactly PINS: see check
+    ),
+    check=lambda v: None if len(v["entries"]) == PINS else ("entries", f"expected {PINS} entries"),
+    post_load=lambda v: IoApicState(**v),
+)
+
+
+class IoApic(LockedState):
+    """The redirection table; ``inject(gsi)`` raises a GSI (KVM_IRQ_LINE), ``set_routes`` gives KVM the MSIs."""
+
+    name = "ioapic"
+    vmstate = VMSTATE
+
+    def __init__(self, inject: Callable[[int], None], set_routes: Callable[[dict[int, tuple[int, int]]], None]) -> None:
+        self.inject, self.set_routes = inject, set_routes
+        self.lock = threading.Lock()
+        self.s = IoApicState()
+        self.routes: dict[int, tuple[int, int]] = {}
+        self._update_routes()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.s = IoApicState()
+            self._update_routes()
+
+    def load_state(self, state: IoApicState) -> None:
+        with self.lock:
+            self.s = state
+            self._update_routes()
+
+    # --- the pins ---------------------------------------------------------------------------------
+    def set_irq(self, pin: int, level: int) -> None:
+        """A source's line: an edge entry fires on the rising edge, a level entry while high."""
+        with self.lock:
+            bit = 1 << pin
+            was = self.s.irr & bit
+            if level:
+                self.s.irr |= bit
+            else:
+                self.s.irr &= ~bit
+            entry = self.s.entries[pin]
+            if level and (entry & TRIGGER_LEVEL or not was):
+                self._service(pin)
+
+    def eoi(self, vector: int) -> None:
+        """The guest ended a level-triggered interrupt: lines still high fire again."""
+        with self.lock:
+            for pin, entry in enumerate(self.s.entries):
+                if entry & TRIGGER_LEVEL and entry & REMOTE_IRR and entry & VECTOR == vector:
+                    self.s.entries[pin] = entry & ~REMOTE_IRR
+                    if self.s.irr & (1 << pin):
+                        self._service(pin)
+
+    def _service(self, pin: int) -> None:
+        entry = self.s.entries[pin]
+        if entry & MASKED or entry & REMOTE_IRR:
+            return
+        if entry & TRIGGER_LEVEL:
+            self.s.entries[pin] = entry | REMOTE_IRR
+        self.inject(pin)
+
+    def _update_routes(self) -> None:
+        routes = {pin: msi_of(entry) for pin, entry in enumerate(self.s.entries)}
+        if routes != self.routes:
+            self.set_routes(routes)
+            self.routes = routes
+
+    # --- registers --------------------------------------------------------------------------------
+    def read(self, offset: int, size: int) -> int:
+        with self.lock:
+            if offset == IOREGSEL:
+                return self.s.ioregsel
+            if offset == IOWIN:
+                return self._read_register(self.s.ioregsel)
+            return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        with self.lock:
+            if offset == IOREGSEL:
+                self.s.ioregsel = value & 0xFF
+            elif offset == IOWIN:
+                self._write_register(self.s.ioregsel, value & 0xFFFFFFFF)
+        if offset == EOI:
+            self.eoi(value & VECTOR)
+
+    def _read_register(self, reg: int) -> int:
+        if reg in (REG_ID, REG_ARB):
+            return self.s.id << 24
+        if reg == REG_VERSION:
+            return VERSION
+        pin, high = divmod(reg - REG_TABLE, 2)
+        if 0 <= pin < PINS:
+            return (self.s.entries[pin] >> (32 * high)) & 0xFFFFFFFF
+        return 0
+
+    def _write_register(self, reg: int, value: int) -> None:
+        if reg == REG_ID:
+            self.s.id = (value >> 24) & 0x0F
+            return
+        pin, high = divmod(reg - REG_TABLE, 2)
+        if not 0 <= pin < PINS:
+            return
+        entry = self.s.entries[pin]
+        half = 0xFFFFFFFF << (32 * high)
+        new = (entry & ~half & WRITABLE) | ((value << (32 * high)) & half & WRITABLE)
+        if new & TRIGGER_LEVEL:
+            new |= entry & REMOTE_IRR  # read-only: kept until the EOI
+        self.s.entries[pin] = new
+        self._update_routes()
+        if self.s.irr & (1 << pin) and new & TRIGGER_LEVEL:
+            self._service(pin)  # unmasking an asserted level line delivers it
