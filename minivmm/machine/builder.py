@@ -56,7 +56,7 @@ def build(m) -> None:
         m.devices.bind_irqfds()
 
     buses = (m.devices.pio, m.devices.mmio)
-    m.vcpus.create(m.kvm, m.vm, cfg.smp, cfg.cpu, buses, m.control.on_vcpu_exit, m.describe, message)
+    m.vcpus.create(m.kvm, m.vm, cfg.smp, cfg.cpu, buses, m.control.on_vcpu_exit, m.describe, message, cfg.run_loop)
 
     if cfg.incoming:
         m.control.set_state(runstate.INMIGRATE)  # RAM and state come from the stream: load nothing
