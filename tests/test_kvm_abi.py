@@ -24,6 +24,7 @@ _FLEX = [
     ("kvm_msrs", structs.msrs_with, "entries"),
     ("kvm_msr_list", structs.msr_list_with, "indices"),
     ("kvm_cpuid2", structs.cpuid2_with, "entries"),
+    ("kvm_coalesced_mmio_ring", structs.coalesced_mmio_ring_with, "coalesced_mmio"),
 ]
 
 
