@@ -42,6 +42,7 @@ Machine:
   -object memory-backend-ram,id=ID,size=SIZE[,share=on|off]
   -mem-prealloc            fault in all guest RAM at start (first touches are slow under nested KVM)
   -accel kvm | -enable-kvm the only accelerator
+  -accel kvm,x-run-loop=c|python   the vCPU loop: C (the default when built) or the Python reference
 Boot:
   -kernel FILE             Linux bzImage, PVH vmlinux, multiboot (ELF32) or minivmm ELF64; default: built-in guest
   -append CMDLINE          kernel command line
@@ -180,6 +181,10 @@ def _opt_accel(p: _Parsed, opt: str, value: str) -> None:
     props = parse_keyval(value, "accel")
     if props.get("accel") != "kvm":
         raise OptionError(f"invalid accelerator '{props.get('accel')}' (minivmm only has kvm)")
+    if "x-run-loop" in props:
+        if props["x-run-loop"] not in ("c", "python"):
+            raise OptionError(f"Parameter 'x-run-loop' does not accept value '{props['x-run-loop']}' (c or python)")
+        p.config.run_loop = props["x-run-loop"]
 
 
 def _opt_object(p: _Parsed, opt: str, value: str) -> None:

@@ -91,3 +91,4 @@ class MachineConfig:
     incoming: list = field(default_factory=list)  # -incoming channels (migration.channels.Channel; DEFER)
     name: str | None = None
     trace: set[str] = field(default_factory=set)
+    run_loop: str | None = None  # -accel kvm,x-run-loop=c|python; None: the C loop when it is built

@@ -15,6 +15,13 @@ next is the run-state controller's decision.
 The exit loop is the hot path: exits are decoded with precompiled structs
 from the mmap'd kvm_run rather than through ctypes attributes, and devices
 are found through the bus's per-address cache.
+
+Two loops enter KVM_RUN, one handling of exits: the Python loop makes one
+KVM_RUN per pass by ctypes; the C loop (kvm/runloop.c, with a ``RunLoop``)
+makes KVM_RUNs until an exit it does not handle itself (a post-code write is
+one it does), and every other exit comes back here. Work that must come
+before *each* KVM_RUN clears ``runloop.hot`` (or sets kvm_run's
+request_interrupt_window), and C then returns after every exit.
 """
 
 from __future__ import annotations
@@ -26,10 +33,12 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from .devices.bus import Bus
 from .kvm import constants as c
 from .kvm import ioctls
+from .kvm.runloop import RunLoop
 from .kvm.structs import RUN_OFFSET_EXIT, RUN_OFFSET_EXIT_REASON, RUN_OFFSET_IMMEDIATE_EXIT
 from .kvm.system import KvmError, Vcpu, _ioctl, get_errno
 
@@ -89,6 +98,7 @@ class VcpuThread:
         mmio: Bus,
         on_exit: Callable[[VcpuThread, VcpuExit], None],
         describe: Callable[[VcpuThread], str],
+        runloop: RunLoop | None = None,
     ) -> None:
         self.vcpu = vcpu
         self.index = vcpu.id
@@ -96,6 +106,7 @@ class VcpuThread:
         self.mmio = mmio
         self.on_exit = on_exit  # called in this thread when the guest cannot go on
         self.describe = describe  # "RIP=... " context for error messages
+        self.runloop = runloop  # the C loop's state for this vCPU; None: the Python loop
         self.cond = threading.Condition()
         self.state = VcpuRunState.CREATED  # where the thread is
         self.wanted = VcpuRunState.PAUSED  # where it was asked to go: PAUSED, RUNNING or QUIT
@@ -181,10 +192,16 @@ class VcpuThread:
                 self.on_exit(self, stop)
 
     def _run(self) -> VcpuExit | None:
-        """Run the guest until a pause is requested (None) or it cannot go on."""
+        """Run the guest until a pause is requested (None) or it cannot go on.
+
+        ``enter()`` is one KVM_RUN (the Python loop) or the C loop; either way an
+        exit that reaches the code below is handled the same."""
         fd = self.vcpu.fd
         view = memoryview(self.vcpu.run_mmap)
-        kvm_run, ioctl = ioctls.KVM_RUN, _ioctl
+        if self.runloop is None:
+            enter, last_errno = partial(_ioctl, fd, ioctls.KVM_RUN, None), get_errno
+        else:
+            enter, last_errno = self.runloop.enter(view), self.runloop.errno
         decode = _EXIT.unpack_from
         pio_cache_get, pio_lookup = self.pio.cache.get, self.pio.lookup
         exit_io, exit_mmio, out = c.KVM_EXIT_IO, c.KVM_EXIT_MMIO, c.KVM_EXIT_IO_OUT
@@ -194,8 +211,8 @@ class VcpuThread:
             self.before_run(self)
         try:
             while True:
-                if ioctl(fd, kvm_run, None) < 0:
-                    err = get_errno()
+                if enter() < 0:
+                    err = last_errno()
                     if err in (errno.EINTR, errno.EAGAIN):
                         return None
                     return VcpuExit(
@@ -226,6 +243,8 @@ class VcpuThread:
             return VcpuExit(ExitKind.INTERNAL_ERROR, f"{self._access(view, reason)} failed: {type(e).__name__}: {e}")
         finally:
             self.exits += exits
+            if self.runloop is not None:
+                self.exits += self.runloop.leave()
             view.release()
 
     def _access(self, view: memoryview, reason: int) -> str:

@@ -1,18 +1,21 @@
 """The vendored bindings against the kernel's own headers: every structure's
 size and every field's offset, every ioctl number and constant, as a C
-compiler sees them in <linux/kvm.h>."""
+compiler sees them in <linux/kvm.h> (a cffi module built for the test)."""
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import shutil
-import subprocess
+import sysconfig
 
 import pytest
 
 from minivmm.kvm import constants, ioctls, structs
 
-pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
+cffi = pytest.importorskip("cffi")
+_CC = (sysconfig.get_config_var("CC") or "cc").split()[0]
+pytestmark = pytest.mark.skipif(shutil.which(_CC) is None, reason=f"no C compiler ({_CC})")
 
 # Structures whose C declaration wraps a member in an anonymous union.
 _ANONYMOUS = {("kvm_run", "exit")}
@@ -22,6 +25,7 @@ _FLEX = [
     ("kvm_msr_list", structs.msr_list_with, "indices"),
     ("kvm_cpuid2", structs.cpuid2_with, "entries"),
     ("kvm_irq_routing", structs.irq_routing_with, "entries"),
+    ("kvm_coalesced_mmio_ring", structs.coalesced_mmio_ring_with, "coalesced_mmio"),
 ]
 
 
@@ -45,32 +49,42 @@ def _top_level_structs() -> list[type]:
     ]
 
 
-@pytest.fixture(scope="module")
-def c_values(tmp_path_factory) -> dict[str, int]:
-    lines = []
+def _c_expressions() -> dict[str, str]:
+    """What to ask the compiler, by the key the tests look up: sizes, offsets, ioctl numbers, constants."""
+    exprs = {}
     for struct in _top_level_structs():
         name = struct.__name__
-        lines.append(f'printf("sizeof {name} %zu\\n", sizeof(struct {name}));')
+        exprs[f"sizeof {name}"] = f"sizeof(struct {name})"
         for c_field, _py, _off in _fields(struct, top=name):
-            lines.append(f'printf("offsetof {name} {c_field} %zu\\n", offsetof(struct {name}, {c_field}));')
+            exprs[f"offsetof {name} {c_field}"] = f"offsetof(struct {name}, {c_field})"
     for c_name, _helper, array in _FLEX:
-        lines.append(f'printf("offsetof {c_name} {array} %zu\\n", offsetof(struct {c_name}, {array}));')
+        exprs[f"offsetof {c_name} {array}"] = f"offsetof(struct {c_name}, {array})"
     for name in sorted(set(ioctls.NAMES.values())):
-        lines.append(f'printf("{name} %lu\\n", (unsigned long){name});')
+        exprs[name] = f"(unsigned long){name}"
     for name in dir(constants):
         if name.startswith("KVM_") and isinstance(getattr(constants, name), int) and name != "KVM_API_VERSION":
-            lines.append(f'printf("{name} %lu\\n", (unsigned long){name});')
-    src = "#include <stdio.h>\n#include <stddef.h>\n#include <linux/kvm.h>\nint main(void) {\n"
-    src += "\n".join(lines) + "\nreturn 0;\n}\n"
-    d = tmp_path_factory.mktemp("abi")
-    (d / "abi.c").write_text(src)
-    subprocess.run(["gcc", "-o", str(d / "abi"), str(d / "abi.c")], check=True, capture_output=True)
-    out = subprocess.run([str(d / "abi")], check=True, capture_output=True, text=True).stdout
-    values = {}
-    for line in out.splitlines():
-        key, value = line.rsplit(" ", 1)
-        values[key] = int(value)
-    return values
+            exprs[name] = f"(unsigned long){name}"
+    return exprs
+
+
+@pytest.fixture(scope="module")
+def c_values(tmp_path_factory) -> dict[str, int]:
+    """Every expression's value, from one table compiled against <linux/kvm.h>."""
+    exprs = _c_expressions()
+    table = ",\n".join(f"    {value}" for value in exprs.values())
+    ffi = cffi.FFI()
+    ffi.cdef("unsigned long abi_value(size_t i);")
+    ffi.set_source(
+        "_kvm_abi_check",
+        "#include <stddef.h>\n#include <linux/kvm.h>\n"
+        f"static const unsigned long values[] = {{\n{table}\n}};\n"
+        "unsigned long abi_value(size_t i) { return values[i]; }\n",
+    )
+    so = ffi.compile(tmpdir=str(tmp_path_factory.mktemp("abi")))
+    spec = importlib.util.spec_from_file_location("_kvm_abi_check", so)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return {key: module.lib.abi_value(i) for i, key in enumerate(exprs)}
 
 
 @pytest.mark.parametrize("struct", _top_level_structs(), ids=lambda s: s.__name__)

@@ -11,16 +11,20 @@ import pytest
 from conftest import guest, wait_for
 from minivmm.config import ChardevConfig, MachineConfig
 from minivmm.guests.abwalk import check_invariant, read_status
+from minivmm.kvm import runloop
 from minivmm.machine import Machine
 
+needs_c = pytest.mark.skipif(runloop.UNAVAILABLE is not None, reason=str(runloop.UNAVAILABLE))
 
-@pytest.fixture
-def machines(tmp_path):
+
+@pytest.fixture(params=[pytest.param("c", marks=needs_c), "python"])
+def machines(tmp_path, request):
+    """Machines running the C loop or the Python loop: pausing must work the same."""
     made: list[Machine] = []
 
     def make(**kw) -> Machine:
         serial = ChardevConfig("serial0", "file", path=str(tmp_path / f"serial{len(made)}.log"))
-        m = Machine(MachineConfig(serials=[serial], **kw))
+        m = Machine(MachineConfig(serials=[serial], run_loop=request.param, **kw))
         made.append(m)
         return m
 

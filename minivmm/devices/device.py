@@ -6,18 +6,23 @@ migration code rely on, declared rather than guessed.
 - ``reset``: back to the power-on state (system_reset, a guest reboot).
 - the persist part, optional: ``vmstate`` (the state description, or None
   for a device with nothing to keep), ``save_state`` and ``load_state``.
+- ``latch``, optional: for a device whose writes only store the value and
+  count it (the post-code port), those registers, so the C run loop does
+  the writes without returning to Python.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from minivmm.kvm.runloop import Latch
 from minivmm.vmstate import VMSD
 
 
 class Device:
     name: str = "device"
     vmstate: VMSD | None = None  # a device with state declares its description here
+    latch: Latch | None = None  # a device whose writes are a kvm.runloop.Latch's store and count
 
     def read(self, offset: int, size: int) -> int:
         return (1 << (8 * size)) - 1

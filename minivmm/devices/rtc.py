@@ -11,12 +11,17 @@ values (month 0, BCD nibbles above 9, hour 0x3f) are taken arithmetically,
 as QEMU's mktimegm does (month 0 is December of the year before), and the
 guest clock is kept within years 1 to 9999, so every later read has an
 answer.
+
+The machine may queue index-port writes in KVM's coalesced ring rather than
+take an exit for each (as QEMU does); ``flush_coalesced`` replays them, and
+the RTC calls it before anything that reads or replaces the index.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from minivmm.arch.x86 import layout
@@ -101,6 +106,15 @@ class Rtc(LockedState):
         for reg, value in _cmos_memory(ram_below_4g, ram_above_4g).items():
             self.s.cmos[reg] = value
         self.lock = threading.Lock()
+        self.flush_coalesced: Callable[[], None] = lambda: None  # the machine's, when writes queue
+
+    def save_state(self) -> RtcState:
+        self.flush_coalesced()
+        return super().save_state()
+
+    def load_state(self, state: RtcState) -> None:
+        self.flush_coalesced()  # writes from before the load are history: replayed now, then replaced
+        super().load_state(state)
 
     def _encode(self, value: int) -> int:
         return value if self.s.cmos[REG_B] & REG_B_BINARY else (value // 10) * 16 + value % 10
@@ -134,6 +148,7 @@ class Rtc(LockedState):
     def read(self, offset: int, size: int) -> int:
         if offset == 0:
             return 0xFF
+        self.flush_coalesced()
         with self.lock:
             reg = self.s.index
             if reg in _TIME_REGS:
@@ -147,6 +162,7 @@ class Rtc(LockedState):
 
     def write(self, offset: int, size: int, value: int) -> None:
         value &= 0xFF
+        self.flush_coalesced()
         with self.lock:
             if offset == 0:
                 self.s.index = value & ~NMI_DISABLE & 0x7F

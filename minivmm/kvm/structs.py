@@ -348,6 +348,29 @@ class kvm_irqfd(Structure):
     _fields_ = [("fd", u32), ("gsi", u32), ("flags", u32), ("resamplefd", u32), ("pad", u8 * 16)]
 
 
+class kvm_coalesced_mmio_zone(Structure):
+    _fields_ = [("addr", u64), ("size", u32), ("pio", u32)]  # pio shares its slot with pad
+
+
+class kvm_coalesced_mmio(Structure):
+    _fields_ = [("phys_addr", u64), ("len", u32), ("pio", u32), ("data", u8 * 8)]
+
+
+class kvm_coalesced_mmio_ring(Structure):
+    """The ring's head; its entries fill the rest of the page (coalesced_mmio_ring_with)."""
+
+    _fields_ = [("first", u32), ("last", u32)]
+
+
+KVM_COALESCED_MMIO_MAX = (4096 - ctypes.sizeof(kvm_coalesced_mmio_ring)) // ctypes.sizeof(kvm_coalesced_mmio)
+
+
+@cache
+def coalesced_mmio_ring_with(n: int) -> type[Structure]:
+    fields = [*kvm_coalesced_mmio_ring._fields_, ("coalesced_mmio", kvm_coalesced_mmio * n)]
+    return type(f"kvm_coalesced_mmio_ring_{n}", (Structure,), {"_fields_": fields})
+
+
 # --- struct kvm_run and its exit unions -------------------------------------
 
 

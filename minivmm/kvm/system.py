@@ -11,7 +11,7 @@ import ctypes
 import errno
 import mmap
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from ctypes import byref, c_uint64, sizeof
 
 from . import constants as c
@@ -177,6 +177,11 @@ class Vm:
         flags = 0 if assign else c.KVM_IRQFD_FLAG_DEASSIGN
         ioctl(self.fd, io.KVM_IRQFD, byref(s.kvm_irqfd(fd=fd, gsi=gsi, flags=flags)))
 
+    def register_coalesced(self, addr: int, size: int, pio: bool) -> None:
+        """Guest writes to [addr, addr+size) go to the coalesced ring instead of exiting (CoalescedRing)."""
+        zone = s.kvm_coalesced_mmio_zone(addr=addr, size=size, pio=int(pio))
+        ioctl(self.fd, io.KVM_REGISTER_COALESCED_MMIO, byref(zone))
+
     def get_irqchip(self, chip_id: int) -> s.kvm_irqchip:
         chip = s.kvm_irqchip(chip_id=chip_id)
         ioctl(self.fd, io.KVM_GET_IRQCHIP, byref(chip))
@@ -329,6 +334,32 @@ class Vcpu:
 
     def kvmclock_ctrl(self) -> None:
         ioctl(self.fd, io.KVM_KVMCLOCK_CTRL)
+
+
+class CoalescedRing:
+    """The VM's ring of coalesced writes, which KVM fills instead of exiting to userspace.
+
+    KVM maps it in every vCPU's mmap at the page KVM_CHECK_EXTENSION(KVM_CAP_COALESCED_MMIO)
+    returns; this is a mapping of its own (it outlives nothing and pins no vCPU buffer).
+    One consumer at a time: the caller serializes ``pop``.
+    """
+
+    def __init__(self, vcpu: Vcpu, page: int) -> None:
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        self._mmap = mmap.mmap(vcpu.fd, mmap.PAGESIZE, mmap.MAP_SHARED, prot, offset=page * mmap.PAGESIZE)
+        self._ring = s.coalesced_mmio_ring_with(s.KVM_COALESCED_MMIO_MAX).from_buffer(self._mmap)
+
+    def pop(self) -> Iterator[tuple[bool, int, bytes]]:
+        """(pio, address, data) of each queued write, oldest first; each leaves the ring once handled."""
+        ring = self._ring
+        while ring.first != ring.last:  # KVM fills an entry before it moves last past it
+            entry = ring.coalesced_mmio[ring.first]
+            yield bool(entry.pio), entry.phys_addr, bytes(entry.data[: entry.len])
+            ring.first = (ring.first + 1) % s.KVM_COALESCED_MMIO_MAX
+
+    def close(self) -> None:
+        self._ring = None
+        self._mmap.close()
 
 
 assert sizeof(s.kvm_regs) == 144

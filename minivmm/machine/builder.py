@@ -5,7 +5,8 @@
 2. guest RAM and its memory slots (ram.py);
 3. the devices (devices.py), with their irqfds bound unless an incoming
    CPR's source still holds them;
-4. every vCPU (vcpus.py), before the first KVM_RUN;
+4. every vCPU (vcpus.py), before the first KVM_RUN, then the coalesced
+   ring the devices read (mapped through a vCPU);
 5. the boot images loaded and the boot CPU set up, unless the state comes
    from an incoming migration (then nothing is written to RAM).
 """
@@ -52,8 +53,9 @@ def build(m) -> None:
         m.devices.bind_irqfds()
 
     buses = (m.devices.pio, m.devices.mmio)
-    m.vcpus.create(m.kvm, m.vm, cfg.smp, cfg.cpu, buses, m.control.on_vcpu_exit, m.describe, message)
+    m.vcpus.create(m.kvm, m.vm, cfg.smp, cfg.cpu, buses, m.control.on_vcpu_exit, m.describe, message, cfg.run_loop)
     m.irqchip.attach(m.vcpus.threads)
+    m.devices.coalesce(m.vcpus[0].vcpu)
 
     if cfg.incoming:
         m.control.set_state(runstate.INMIGRATE)  # RAM and state come from the stream: load nothing

@@ -11,6 +11,7 @@ part are declared, not looked for.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from minivmm.devices.postcode import PostCode
 from minivmm.devices.rtc import Rtc
 from minivmm.devices.serial import Serial
 from minivmm.kvm import constants as c
-from minivmm.kvm.system import Kvm, Vm
+from minivmm.kvm.system import CoalescedRing, Kvm, Vcpu, Vm
 from minivmm.mainloop import MainLoop
 from minivmm.memory import GuestMemory
 
@@ -199,6 +200,9 @@ class DeviceManager:
         self.irqfds: dict[int, int] = {}  # GSI -> eventfd for KVM_IRQFD
         self.irqfds_bound = False  # an incoming CPR binds them once the source has let go
         self.ram_ranges: list[tuple[int, int]] = []
+        self.coalesced: CoalescedRing | None = None
+        self._flush_lock = threading.RLock()
+        self._flushing = False
 
     def build(self, cfg: MachineConfig, ram_ranges: list[tuple[int, int]]) -> None:
         """Serial ports, the board, then -device, in that order (the order their state is saved in)."""
@@ -219,6 +223,29 @@ class DeviceManager:
         self.pci = PciBus(self.pio, self.mmio, self.irq_line)
         for dev in cfg.devices:
             self._add_model(dev)
+
+    def coalesce(self, vcpu: Vcpu) -> None:
+        """Writes to the CMOS index port wait in KVM's coalesced ring instead of exiting, as QEMU
+        has them: such a write does nothing until the data port is accessed, and the RTC replays
+        the ring first (``flush_coalesced``). Without KVM_CAP_COALESCED_PIO they exit as before."""
+        page = self.kvm.check_extension(c.KVM_CAP_COALESCED_MMIO)
+        if not page or not self.vm.check_extension(c.KVM_CAP_COALESCED_PIO):
+            return
+        self.coalesced = CoalescedRing(vcpu, page)
+        self.vm.register_coalesced(layout.PORT_CMOS, 1, pio=True)
+        self.rtc.flush_coalesced = self.flush_coalesced
+
+    def flush_coalesced(self) -> None:
+        """Replay the queued writes on their bus, in order (any thread; QEMU's kvm_flush_coalesced_mmio_buffer)."""
+        with self._flush_lock:
+            if self._flushing:  # a replayed write reached a device that flushes first: this flush
+                return
+            self._flushing = True
+            try:
+                for pio, addr, data in self.coalesced.pop():
+                    (self.pio if pio else self.mmio).write(addr, len(data), int.from_bytes(data, "little"))
+            finally:
+                self._flushing = False
 
     def make_fw_cfg(self, cfg: MachineConfig) -> fw_cfg.FwCfg:
         """QEMU's fw_cfg with the PC's items: CPU counts, RAM size, the e820 map (DMA into guest RAM)."""
@@ -340,6 +367,9 @@ class DeviceManager:
                 raise MachineError(dev.option, str(e)) from None
 
     def close(self) -> None:
+        if self.coalesced is not None:
+            self.coalesced.close()
+            self.coalesced = None
         for chardev in self.chardevs:
             chardev.close()
         for gsi, fd in self.irqfds.items():

@@ -4,6 +4,10 @@ pausing and resuming them together or one at a time.
 Creation order matters to KVM: CPUID before any MSR, MSRs, then the LAPIC
 (LVT0 ExtINT and LVT1 NMI, as a PC's firmware leaves them). Each vCPU's
 state right after creation is kept: a reset restores it.
+
+Each thread runs the C loop (kvm/runloop.py) when it is built, with the
+devices that offer a latch handled in C, or the Python loop, chosen with
+``-accel kvm,x-run-loop=c|python``.
 """
 
 from __future__ import annotations
@@ -14,11 +18,30 @@ from contextlib import contextmanager
 from minivmm.arch.x86 import cpuid, msr, vcpu_state
 from minivmm.devices.bus import Bus
 from minivmm.kvm import constants as c
+from minivmm.kvm import runloop
 from minivmm.kvm.system import Kvm, Vcpu, Vm
 from minivmm.vcpu import VcpuExit, VcpuThread, install_kick_handler
 
+from .errors import MachineError
+
 APIC_LVT0, APIC_LVT1 = 0x350, 0x360
 APIC_MODE_EXTINT, APIC_MODE_NMI = 0x700, 0x400
+_fallback_told = False  # the Python loop instead of an unbuilt C loop is said once per process
+
+
+def use_c_loop(choice: str | None, warn: Callable[[str], None]) -> bool:
+    """Whether the vCPUs run the C loop: ``choice`` is -accel kvm,x-run-loop= (None: C when built)."""
+    global _fallback_told
+    if choice == "python":
+        return False
+    if runloop.UNAVAILABLE is None:
+        return True
+    if choice == "c":
+        raise MachineError("-accel kvm,x-run-loop=c", runloop.UNAVAILABLE)
+    if not _fallback_told:
+        _fallback_told = True
+        warn(f"{runloop.UNAVAILABLE}: using the Python loop")
+    return False
 
 
 class VcpuManager:
@@ -47,8 +70,12 @@ class VcpuManager:
         on_exit: Callable[[VcpuThread, VcpuExit], None],
         describe: Callable[[VcpuThread], str],
         warn: Callable[[str], None],
+        run_loop: str | None = None,
     ) -> None:
         """All vCPUs, before the first KVM_RUN (APs then wait for INIT/SIPI in the in-kernel LAPIC)."""
+        c_loop = use_c_loop(run_loop, warn)
+        pio = buses[0]
+        latches = [(r.base, r.device.latch) for r in pio.ranges if r.length == 1 and r.device.latch is not None]
         self.cpuid = model.apply(kvm.supported_cpuid(), warn=warn)
         xsave2 = kvm.check_extension(c.KVM_CAP_XSAVE2)
         for index in range(count):
@@ -70,7 +97,12 @@ class VcpuManager:
             lapic.regs = bytes(regs)
             vcpu.set_lapic(lapic)
             self.initial_states.append(vcpu_state.save(vcpu, self.caps))
-            self.threads.append(VcpuThread(vcpu, *buses, on_exit, describe))
+            loop = None
+            if c_loop:
+                loop = runloop.RunLoop(vcpu.fd)
+                for port, latch in latches:
+                    loop.add_latch(port, latch)
+            self.threads.append(VcpuThread(vcpu, *buses, on_exit, describe, loop))
 
     def start(self) -> None:
         """Start the threads, paused (once)."""
