@@ -406,6 +406,7 @@ class _BoardHost:
         self.memory = None
         self.rtc = rtc.Rtc(ram, 0)
         self.pm1_event = acpi_pm.Pm1Event()
+        self.i8042 = i8042.I8042(nothing)
 
     make_fw_cfg = DeviceManager.make_fw_cfg
 
@@ -450,11 +451,16 @@ class Shape:
         host = _BoardHost(blocks[0].size)
         for board in BOARD:  # the machine's own table of the devices every PC has
             device = board.make(host, MachineConfig(smp=len(vcpu)))
-            pio.register(board.port, board.size, device)
-            devices.append(device)
+            pio.register(board.port, board.size, device, board.offset)
+            if all(d is not device for d in devices):  # one device may answer in two ranges
+                devices.append(device)
         PciBus(pio, Bus("mmio"), lambda irq, level: None)  # the host bridge every PC has
         persistent = [d for d in pio.devices() if d.vmstate is not None]
-        machine = SimpleNamespace(vcpus=_Vcpus(len(vcpu), caps), devices=SimpleNamespace(persistent=lambda: persistent))
+        machine = SimpleNamespace(
+            vcpus=_Vcpus(len(vcpu), caps),
+            devices=SimpleNamespace(persistent=lambda: persistent),
+            irqchip=SimpleNamespace(kvm_chips=True, kvm_pit=True),  # the source's default, kernel-irqchip=on
+        )
         return cls(blocks, got_layout, machine, devices)
 
 
