@@ -51,6 +51,8 @@ class Guest:
     source: str  # guests/<source> (two guests may share one: linuxboot and linuxpvh)
     bits: int  # 16 (real mode), 32 (multiboot ELF32) or 64 (ELF64)
     script: str  # linker script
+    defines: tuple[str, ...] = ()  # -D for the preprocessor
+    elf32: bool = False  # a 64-bit build converted to ELF32, for multiboot loaders (QEMU's takes no ELF64)
 
     @property
     def stem(self) -> str:
@@ -62,6 +64,7 @@ GUESTS = (
     Guest("hello32.elf", "hello32.S", 32, "elf32.ld"),
     Guest("long64.elf", "long64.S", 64, "elf64.ld"),
     Guest("abwalk.elf", "abwalk.S", 64, "abwalk.ld"),
+    Guest("abwalk-mb.elf", "abwalk.S", 64, "abwalk.ld", ("MULTIBOOT_ENTRY",), elf32=True),
     Guest("portfuzz.elf", "portfuzz.S", 64, "elf64.ld"),
     Guest("platform.elf", "platform.S", 64, "elf64.ld"),
     Guest("smp.elf", "smp.S", 32, "elf32.ld"),
@@ -148,7 +151,8 @@ def strip_constants(obj: str, work: Path) -> None:
 
 def build_guest(guest: Guest, work: Path) -> Path:
     stem = guest.stem
-    run(["gcc", *CPP_FLAGS, f"-DBITS={guest.bits}", "-o", f"{stem}.s", guest.source], work)
+    defines = [f"-D{d}" for d in guest.defines]
+    run(["gcc", *CPP_FLAGS, f"-DBITS={guest.bits}", *defines, "-o", f"{stem}.s", guest.source], work)
     as_mode = "--64" if guest.bits == 64 else "--32"
     run(["as", as_mode, *AS_FLAGS, "-o", f"{stem}.o", f"{stem}.s"], work)
     emulation = "elf_x86_64" if guest.bits == 64 else "elf_i386"
@@ -157,6 +161,8 @@ def build_guest(guest: Guest, work: Path) -> Path:
     strip_constants(elf, work)
     if guest.output.endswith(".bin"):
         run(["objcopy", "-O", "binary", "--gap-fill=0xff", elf, guest.output], work)
+    elif guest.elf32:
+        run(["objcopy", "-O", "elf32-i386", elf, guest.output], work)
     assert (work / guest.output).is_file()
     return work / guest.output
 

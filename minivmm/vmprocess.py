@@ -25,7 +25,7 @@ def qmp_connect(
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"minivmm exited: {proc.stderr.read().decode().strip()}")
+            raise RuntimeError(f"the VMM exited: {proc.stderr.read().decode().strip()}")
         client = QEMUMonitorProtocol(path)
         try:
             client.connect()
@@ -37,12 +37,27 @@ def qmp_connect(
             time.sleep(0.01)
 
 
+MINIVMM = [sys.executable, "-m", "minivmm"]
+
+
 class VmProcess:
-    def __init__(self, workdir: str, name: str, args: list[str], env: dict | None = None) -> None:
+    """``program``: the VMM's argv before ``args`` (minivmm by default; QEMU in the
+    side-by-side benchmarks, which find its RAM by ``ram_bytes``, the memfd's size)."""
+
+    def __init__(
+        self,
+        workdir: str,
+        name: str,
+        args: list[str],
+        env: dict | None = None,
+        program: list[str] = MINIVMM,
+        ram_bytes: int | None = None,
+    ) -> None:
         self.socket = os.path.join(workdir, f"{name}.qmp")
         if os.path.exists(self.socket):
             os.unlink(self.socket)  # left by a killed VM
-        self.argv = [sys.executable, "-m", "minivmm", *args, "-qmp", f"unix:{self.socket},server=on,wait=off"]
+        self.ram_bytes = ram_bytes
+        self.argv = [*program, *args, "-qmp", f"unix:{self.socket},server=on,wait=off"]
         self.proc = subprocess.Popen(
             self.argv, start_new_session=True, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
         )
@@ -68,11 +83,21 @@ class VmProcess:
         self.qmp = self.connect()
 
     def ram_path(self) -> str:
+        """The guest RAM memfd: minivmm's pc.ram, or the one of ``ram_bytes``."""
         pid = self.proc.pid
         for fd in os.listdir(f"/proc/{pid}/fd"):
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:pc.ram"):
-                return f"/proc/{pid}/fd/{fd}"
-        raise RuntimeError(f"no pc.ram memfd in process {pid}")
+            path = f"/proc/{pid}/fd/{fd}"
+            try:
+                target = os.readlink(path)
+                if self.ram_bytes is None:
+                    found = target.startswith("/memfd:pc.ram")
+                else:
+                    found = target.startswith("/memfd:") and os.stat(path).st_size == self.ram_bytes
+            except FileNotFoundError:  # closed meanwhile
+                continue
+            if found:
+                return path
+        raise RuntimeError(f"no guest RAM memfd in process {pid}")
 
     def open_ram(self) -> int:
         return os.open(self.ram_path(), os.O_RDONLY)
@@ -97,11 +122,15 @@ class VmProcess:
         return q
 
     def close(self) -> None:
+        """Kill the VMM (its process group); once is enough, twice does nothing more."""
+        if self.fd < 0:
+            return
         try:
             self.qmp.close()
         except Exception:
             pass
         os.close(self.fd)
+        self.fd = -1
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -316,6 +316,19 @@ def test_file_backend_holds_guest_ram(vmm, tmp_path):
         assert f.read(4) == b"ABWK"  # the walker's status block, written by the guest
 
 
+def test_the_multiboot_walker_enters_long_mode_itself_and_walks(vmm):
+    """abwalk-mb.elf: the walker behind an ELF32 multiboot entry (what QEMU's -kernel takes),
+    which maps 8 GiB and enters long mode itself; its status block counts passes."""
+    args = ["-object", "memory-backend-memfd,id=ram0,size=64M,share=on", "-machine", "memory-backend=ram0", "-m", "64M"]
+    proc = vmm.start("-kernel", guest("abwalk-mb.elf"), "-append", "every=1", *args)
+    assert proc.stdout.read(3) == b"ABB"
+    path, _ = _ram_fd_and_map(proc.pid, "ram0")
+    with open(path, "rb") as f:
+        f.seek(0x1FF000)
+        status = f.read(32)
+    assert status[:4] == b"ABWK" and int.from_bytes(status[8:16], "little") >= 2  # passes
+
+
 def test_hugetlb_memfd(vmm):
     with open("/proc/sys/vm/nr_hugepages") as f:
         hugepages = int(f.read())

@@ -53,7 +53,7 @@ def test_the_saved_state_loads_and_its_v1_form_too(saved):
     data, p, shape = saved
     assert fz.load_in_process(data, shape) is None
     assert fz.load_in_process(fz.to_v1(data), shape) is None
-    assert len(p.pages()) > 4 and p.records[-1].kind == stream.REC_END
+    assert len(p.pages()) >= 3 and p.records[-1].kind == stream.REC_END  # runs of non-zero RAM, <= 4 MiB each
 
 
 def test_named_edits_are_refused_by_name_or_load(saved):

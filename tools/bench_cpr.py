@@ -1,72 +1,109 @@
 #!/usr/bin/env python3
-"""The guest-visible pause of cpr-exec, cpr-transfer and a normal file
-migration of the same A-B walker at 256 MiB, 1 GiB and 4 GiB, in one run.
+"""minivmm against QEMU 11, side by side: the guest-visible pause of cpr-exec,
+cpr-transfer and a file migration of the same A-B walker, in one run.
 
-The pause is measured from outside: a thread polls the walker's status block
-in the RAM memfd every millisecond, and the pause is the time from its last
-progress before the update to its first progress after. Medians of --runs
-runs per cell; ratios are against the same mode at the smallest size (the
-targets: cpr-exec <= 100 ms and cpr-transfer <= 20 ms at 1 GiB, neither
-growing more than 20% from 256 MiB to 4 GiB) and against file migration.
+Both VMMs boot the very same guest (abwalk-mb.elf, multiboot) with the same
+RAM (a shared memfd backend: ``-object memory-backend-memfd,
+id=ram0,size=S,share=on -machine memory-backend=ram0,
+aux-ram-share=on -m S``). The pause is measured from outside: a thread polls
+the walker's status block in the RAM memfd every millisecond, and the pause
+is the time from its last progress before the update to its first progress
+after (for a file migration: from the source's last progress to the target's
+first, the target's start-up included). Runs alternate between the two VMMs,
+so load on the machine falls on both; medians of --runs runs per cell, and
+the ratio minivmm / QEMU.
 
-For the fastest cpr-exec the new image should import from bytecode: install
-minivmm normally (pip compiles it), or run ``python -m compileall`` on an
-editable checkout when PYTHONDONTWRITEBYTECODE is set.
+QEMU is the peer of ``sh ../shared/tools/qemu-peer.sh`` (--qemu, default
+/tmp/qemu-peer/qemu-system-x86_64); without it only minivmm is measured.
+For the fastest cpr-exec the new image imports from bytecode: this tool
+compiles minivmm's modules first, as a normal pip install does.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import bench_migration  # noqa: E402  (this folder: the same normal migration, timed the same way)
-from bench_migration import walker_args  # noqa: E402
-
-from minivmm.vmprocess import VmProcess, Watch  # noqa: E402
+from minivmm import guests  # noqa: E402
+from minivmm.vmprocess import MINIVMM, VmProcess, Watch  # noqa: E402
 
 SIZES = {"256M": 256, "1G": 1024, "4G": 4096}
+MiB = 1 << 20
+UNLIMITED = 1 << 40  # bytes/s: max-bandwidth for both VMMs (QEMU's default throttles at 128 MiB/s)
+STATE_DIR = ""  # --state-dir: where file migration writes (tmpfs measures the VMMs, not the disk)
 
 
-def bench_exec(workdir: str, ram: int) -> float:
-    vm = VmProcess(workdir, "exec", walker_args(ram))
+@dataclass(frozen=True)
+class Vmm:
+    name: str
+    program: list[str]
+
+    def args(self, ram: int) -> list[str]:
+        return [
+            *(["-accel", "kvm", "-nodefaults", "-display", "none"] if self.name == "QEMU" else []),
+            "-kernel",
+            guests.path("abwalk-mb.elf"),
+            "-object",
+            f"memory-backend-memfd,id=ram0,size={ram}M,share=on",
+            "-machine",
+            "memory-backend=ram0,aux-ram-share=on",
+            "-m",
+            f"{ram}M",
+            "-serial",
+            "null",
+        ]
+
+    def start(self, workdir: str, name: str, ram: int, *extra: str) -> VmProcess:
+        return VmProcess(workdir, name, [*self.args(ram), *extra], program=self.program, ram_bytes=ram * MiB)
+
+
+def bench_exec(vmm: Vmm, workdir: str, ram: int) -> float:
+    vm = vmm.start(workdir, "exec", ram)
     try:
         vm.wait_passes(2)
         state = os.path.join(workdir, "vm.state")
-        vm.qmp.cmd(
-            "migrate-set-parameters", mode="cpr-exec", **{"cpr-exec-command": [*vm.argv, "-incoming", f"file:{state}"]}
-        )
+        new = [*vm.argv, "-incoming", f"file:{state}"]
+        vm.qmp.cmd("migrate-set-parameters", mode="cpr-exec", **{"cpr-exec-command": new})
         watch = Watch(vm.fd)
         time.sleep(0.2)
         vm.qmp.cmd("migrate", uri=f"file:{state}")
         pause = watch.pause_ms()
         vm.reconnect()
-        info = vm.qmp.cmd("query-migrate")
-        phases = " ".join(f"{k} {v:.1f}" for k, v in info["x-phase-times"].items())
-        print(
-            f"  cpr-exec {ram} MiB: guest-visible {pause:.1f} ms, VMM-reported {info['downtime']} ms ({phases})",
-            file=sys.stderr,
-        )
+        if vm.qmp.cmd("query-status")["status"] != "running":
+            raise RuntimeError(f"{vmm.name}: not running after cpr-exec")
         return pause
     finally:
         vm.close()
 
 
-def bench_transfer(workdir: str, ram: int) -> float:
+def bench_transfer(vmm: Vmm, workdir: str, ram: int) -> float:
     main, cpr = os.path.join(workdir, "main.sock"), os.path.join(workdir, "cpr.sock")
-    src = VmProcess(workdir, "src", walker_args(ram))
+    for path in (main, cpr):
+        if os.path.exists(path):
+            os.unlink(path)
+    src = vmm.start(workdir, "src", ram)
     dst = None
     try:
         src.wait_passes(2)
         cpr_channel = f'{{"channel-type":"cpr","addr":{{"transport":"socket","type":"unix","path":"{cpr}"}}}}'
-        dst_args = [*walker_args(ram), "-incoming", f"unix:{main}", "-incoming", cpr_channel]
-        dst = _start_target(workdir, dst_args, cpr)
+        dst = subprocess.Popen(
+            [*vmm.program, *vmm.args(ram), "-incoming", f"unix:{main}", "-incoming", cpr_channel],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        while not os.path.exists(cpr):
+            time.sleep(0.005)
         src.qmp.cmd("migrate-set-parameters", mode="cpr-transfer")
         watch = Watch(src.fd)  # the target maps this very memfd
         time.sleep(0.2)
@@ -84,27 +121,42 @@ def bench_transfer(workdir: str, ram: int) -> float:
             _kill(dst)
 
 
-def bench_file(workdir: str, ram: int) -> float:
-    return bench_migration.bench_file(workdir, ram)["pause"]
+def bench_file(vmm: Vmm, workdir: str, ram: int) -> float:
+    """Stop and copy: ``stop``, ``migrate`` to a file, a new process loads it (-incoming), ``cont``.
+    RAM is copied both ways. Stopping first keeps it one pass: QEMU migrates a running guest
+    to a file by precopy, and this walker dirties all of its RAM faster than any file takes it."""
+    path = os.path.join(STATE_DIR or workdir, "vm.state")
+    src = vmm.start(workdir, "src", ram)
+    try:
+        src.wait_passes(1)
+        src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": UNLIMITED})
+        watch = Watch(src.fd)
+        time.sleep(0.2)
+        src.qmp.cmd("stop")
+        src.qmp.cmd("migrate", uri=f"file:{path}")
+        src.wait_migration()
+        watch.stopped = True
+        watch.join()
+        last = watch.changes[-1]
+        src.close()
+        dst = vmm.start(workdir, "dst", ram, "-incoming", f"file:{path}")
+        try:
+            while dst.qmp.cmd("query-status")["status"] != "paused":  # loaded (the source was stopped)
+                time.sleep(0.001)
+            start = dst.status()
+            dst.qmp.cmd("cont")
+            while dst.status() == start:
+                time.sleep(0.0002)
+            return (time.monotonic() - last) * 1000
+        finally:
+            dst.close()
+    finally:
+        src.close()
+        if os.path.exists(path):
+            os.unlink(path)
 
 
-def _start_target(workdir: str, args: list[str], cpr: str):
-    import subprocess
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "minivmm", *args],
-        start_new_session=True,
-        stdin=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    while not os.path.exists(cpr):
-        time.sleep(0.005)
-    return proc
-
-
-def _kill(proc) -> None:
-    import signal
-
+def _kill(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -118,36 +170,50 @@ MODES = {"cpr-exec": bench_exec, "cpr-transfer": bench_transfer, "file": bench_f
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="256M,1G,4G")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--modes", default="cpr-exec,cpr-transfer,file")
+    ap.add_argument("--qemu", default="/tmp/qemu-peer/qemu-system-x86_64", help="the peer; '' to skip it")
+    ap.add_argument("--state-dir", default="/dev/shm", help="file migration's directory ('' for a scratch one)")
     args = ap.parse_args()
+    global STATE_DIR
+    STATE_DIR = args.state_dir
     sizes, modes = args.sizes.split(","), args.modes.split(",")
     import compileall
 
     import minivmm
 
-    # The new image of a cpr-exec imports minivmm: from bytecode, as after a normal pip install.
     compileall.compile_dir(os.path.dirname(minivmm.__file__), quiet=1)
-    results: dict[tuple[str, str], float] = {}
+    vmms = [Vmm("minivmm", MINIVMM)]
+    if args.qemu and os.access(args.qemu, os.X_OK):
+        vmms.append(Vmm("QEMU", [args.qemu]))
+    elif args.qemu:
+        print(f"no QEMU at {args.qemu} (sh ../shared/tools/qemu-peer.sh): minivmm only", file=sys.stderr)
+    runs: dict[tuple[str, str, str], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-cpr-") as workdir:
         for size in sizes:
             for mode in modes:
-                runs = [MODES[mode](workdir, SIZES[size]) for _ in range(args.runs if mode != "file" else 1)]
-                results[(mode, size)] = statistics.median(runs)
-                print(f"{mode} {size}: {', '.join(f'{r:.1f}' for r in runs)} ms", file=sys.stderr)
-    print(f"guest-visible pause of the A-B walker, median ms ({args.runs} runs; file migration 1 run)")
-    print(f"{'mode':>13} | " + " | ".join(f"{s:>17}" for s in sizes))
+                for _ in range(args.runs):
+                    for vmm in vmms:  # alternating: load on the machine falls on both
+                        ms = MODES[mode](vmm, workdir, SIZES[size])
+                        runs.setdefault((vmm.name, mode, size), []).append(ms)
+                for vmm in vmms:
+                    got = ", ".join(f"{r:.1f}" for r in runs[(vmm.name, mode, size)])
+                    print(f"{mode} {size} {vmm.name}: {got} ms", file=sys.stderr)
+    median = {key: statistics.median(v) for key, v in runs.items()}
+    print(f"guest-visible pause of the A-B walker, median of {args.runs} runs, ms")
+    header = f"{'mode':>13} {'RAM':>5} | " + " | ".join(f"{v.name:>8}" for v in vmms)
+    print(header + (" | minivmm/QEMU" if len(vmms) > 1 else ""))
     for mode in modes:
-        base = results[(mode, sizes[0])]
-        cells = []
         for size in sizes:
-            v = results[(mode, size)]
-            cells.append(f"{v:8.1f} ({v / base:4.2f}x)")
-        print(f"{mode:>13} | " + " | ".join(f"{c:>17}" for c in cells))
-    if "file" in modes:
-        for mode in (m for m in modes if m != "file"):
-            ratios = ", ".join(f"{s} {results[('file', s)] / results[(mode, s)]:.0f}x" for s in sizes)
-            print(f"file migration pause / {mode} pause: {ratios}")
+            cells = [median[(v.name, mode, size)] for v in vmms]
+            line = f"{mode:>13} {size:>5} | " + " | ".join(f"{c:8.1f}" for c in cells)
+            if len(vmms) > 1:
+                line += f" | {cells[0] / cells[1]:11.2f}x"
+            print(line)
+    for vmm in vmms:
+        if "cpr-exec" in modes and len(sizes) > 1:
+            growth = median[(vmm.name, "cpr-exec", sizes[-1])] / median[(vmm.name, "cpr-exec", sizes[0])]
+            print(f"{vmm.name} cpr-exec pause at {sizes[-1]} / at {sizes[0]}: {growth:.2f}x")
 
 
 if __name__ == "__main__":

@@ -150,6 +150,13 @@ def read_stream(
     """A whole stream: RAM into ``local``'s blocks, the machine state decoded and checked
     for ``machine`` (not applied), and the source's timestamps. Raises StreamError or
     VMStateError for anything wrong with the bytes."""
+    try:
+        return _read_stream(reader, local, layout, machine, stats)
+    finally:
+        reader.close()
+
+
+def _read_stream(reader, local, layout, machine, stats) -> tuple[machine_state.Loaded, dict[str, int]]:
     infos, got_layout = reader.header()
     blocks = match_blocks(local, infos)
     if got_layout != layout:

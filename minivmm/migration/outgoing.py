@@ -20,6 +20,8 @@ from . import channels, machine_state, stream
 from .ram import CHUNK, DirtyLog, is_zero
 from .stats import Stats
 
+RECORD_MAX = 16 * CHUNK  # a stopped guest's RAM goes in records of up to 4 MiB
+
 MAX_PASSES = 30
 STALL_PASSES = 3  # passes in a row without the dirty set shrinking by a tenth
 
@@ -67,8 +69,8 @@ class Outgoing:
     def _migrate(self) -> None:
         loop = self.machine.loop
         out = channels.connect(self.addr, self.manager.named_fd)
+        writer = stream.Writer(out)
         try:
-            writer = stream.Writer(out)
             blocks = self.manager.outgoing_blocks()
             writer.header([stream.BlockInfo(b.name, b.size, sent) for b, sent in blocks], self.manager.layout())
             sent_blocks = [(i, b) for i, (b, sent) in enumerate(blocks) if sent]
@@ -83,6 +85,7 @@ class Outgoing:
                 self._precopy(writer, sent_blocks, index)
             self._send_state(writer)
         finally:
+            writer.close()
             out.close()
         loop.call_and_wait(lambda: self._finish("completed", None))
 
@@ -108,6 +111,10 @@ class Outgoing:
         self.machine.control.vm_stop_force_state(runstate.FINISH_MIGRATE)
 
     def _send(self, writer, index: int, block, offset: int, length: int, skip_zero: bool, throttle: bool) -> None:
+        if self.stopped_vm:  # few, large records, checksummed ahead of the writes
+            writer.stopped_pages(self._stopped_records(index, block, offset, length, skip_zero))
+            self.stats.transferred = writer.bytes
+            return
         for at in range(offset, offset + length, CHUNK):
             self._check_cancel()
             n = min(CHUNK, offset + length - at)
@@ -120,6 +127,28 @@ class Outgoing:
             self.stats.transferred = writer.bytes
             if throttle:
                 self._throttle(writer.bytes)
+
+    def _stopped_records(self, index: int, block, offset: int, length: int, skip_zero: bool):
+        """(index, offset, data) of the runs of non-zero chunks, at most RECORD_MAX each."""
+        mem = memoryview(block.mem)
+        start = None
+        for at in range(offset, offset + length, CHUNK):
+            self._check_cancel()
+            n = min(CHUNK, offset + length - at)
+            if skip_zero and is_zero(block, at, n):
+                self.stats.zero_pages += n // stream.PAGE_SIZE
+                if start is not None:
+                    yield index, start, mem[start:at]
+                    start = None
+                continue
+            self.stats.normal_pages += n // stream.PAGE_SIZE
+            if start is not None and at + n - start > RECORD_MAX:
+                yield index, start, mem[start:at]
+                start = None
+            if start is None:
+                start = at
+        if start is not None:
+            yield index, start, mem[start : offset + length]
 
     def _throttle(self, sent: int) -> None:
         bandwidth = self.manager.params.max_bandwidth

@@ -6,6 +6,12 @@ other side, from the socket straight into the target's mmap: no copies in
 Python (but for pages sent while the guest runs, which are copied so that
 their checksum matches what is sent). Every record is bounds-checked against the receiving block.
 
+Checksumming large records runs on a second thread (``_Crcs``; zlib lets go
+of the GIL) while this one does the I/O: the source computes the next
+record's CRC while it writes the current one, and the target checks each
+record while it reads the next, every check done before the end mark is
+accepted (nothing runs the loaded RAM before that).
+
 Version 2 (this one writes it; version 1 still loads) adds integrity: a
 CRC-32 of the header, of each page record's header (checked before a byte is
 written, so a flipped offset is refused rather than written to the wrong
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from minivmm.memory import RamBlock
@@ -45,8 +52,26 @@ _STATE = struct.Struct("<BQ")  # type, length
 _END = struct.Struct("<BQQI")  # type, page records, page bytes, CRC-32 of the 17 bytes before
 
 
+PIPELINE_MIN = 1 << 20  # records at least this large are checksummed on the second thread
+
+
 class StreamError(ValueError):
     pass
+
+
+class _Crcs:
+    """CRC-32s on one worker thread, in order, while the caller does I/O."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="stream-crc")
+
+    def submit(self, data):
+        return self.pool.submit(zlib.crc32, data)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def timeout() -> float:
@@ -81,6 +106,12 @@ class Writer:
         self.bytes = 0
         self.page_records = 0
         self.page_bytes = 0
+        self._crcs: _Crcs | None = None
+
+    def close(self) -> None:
+        if self._crcs is not None:
+            self._crcs.close()
+            self._crcs = None
 
     def _write_all(self, data) -> None:
         view = memoryview(data)
@@ -108,7 +139,27 @@ class Writer:
         and sent (the dirty log sends them again); a stopped guest's go straight from RAM."""
         if live:
             data = bytes(data)
-        head = _PAGES.pack(REC_PAGES, block_index, offset, len(data), zlib.crc32(data), 0)[:-4]
+        self._record(block_index, offset, data, zlib.crc32(data))
+
+    def stopped_pages(self, records: Iterable[tuple[int, int, memoryview]]) -> None:
+        """(block index, offset, data) records of a stopped guest's RAM: each record's CRC is
+        computed on the second thread while the one before it is written."""
+        if self._crcs is None:
+            self._crcs = _Crcs()
+        records = iter(records)
+        current = next(records, None)
+        crc = self._crcs.submit(current[2]) if current is not None else None
+        while current is not None:
+            following = next(records, None)
+            index, offset, data = current
+            value = crc.result()
+            if following is not None:
+                crc = self._crcs.submit(following[2])
+            self._record(index, offset, data, value)
+            current = following
+
+    def _record(self, block_index: int, offset: int, data, crc: int) -> None:
+        head = _PAGES.pack(REC_PAGES, block_index, offset, len(data), crc, 0)[:-4]
         self._put(head + struct.pack("<I", zlib.crc32(head)))
         self._put(data)
         self.page_records += 1
@@ -138,6 +189,8 @@ class Reader:
         self.infos: list[BlockInfo] = []
         self.page_records = 0
         self.page_bytes = 0
+        self._crcs: _Crcs | None = None
+        self._checks: list = []  # (CRC future, expected, block name, offset) of records read
         self.timeout = None
         if hasattr(src, "settimeout"):  # a socket; a file cannot stall
             self.timeout = timeout() if timeout_s is None else timeout_s
@@ -205,8 +258,13 @@ class Reader:
             raise StreamError(f"RAM page record {offset:#x}+{length:#x} is outside '{block.name}' ({block.size:#x})")
         where = memoryview(block.mem)[offset : offset + length]
         self._fill(where, f"'{block.name}' at {offset:#x}")
-        if self.version >= 2 and zlib.crc32(where) != data_crc:
-            raise StreamError(f"RAM page record '{block.name}' at {offset:#x}: checksum mismatch: the data is corrupt")
+        if self.version >= 2:
+            if length >= PIPELINE_MIN:  # checked on the second thread while the next one is read
+                if self._crcs is None:
+                    self._crcs = _Crcs()
+                self._checks.append((self._crcs.submit(where), data_crc, block.name, offset))
+            elif zlib.crc32(where) != data_crc:
+                _corrupt(block.name, offset)
         self.page_records += 1
         self.page_bytes += length
         return length
@@ -231,10 +289,22 @@ class Reader:
             raise StreamError(f"device state of {length} bytes is too large")
         return self._take(length, "the device state")
 
+    def close(self) -> None:
+        """Stop checksumming (the stream is done with, loaded or not)."""
+        if self._crcs is not None:
+            self._crcs.close()
+            self._crcs = None
+        self._checks.clear()
+
     def end(self) -> None:
-        """The end mark (its type byte already read): version 2 counts what was sent."""
+        """The end mark (its type byte already read): version 2 counts what was sent, and
+        every record's data must have matched its checksum."""
         if self.version < 2:
             return
+        for crc, want, name, offset in self._checks:
+            if crc.result() != want:
+                _corrupt(name, offset)
+        self._checks.clear()
         head = bytes([REC_END]) + self._take(_END.size - 1, "the end mark")
         _, records, nbytes, crc = _END.unpack(head)
         if zlib.crc32(head[:-4]) != crc:
@@ -244,6 +314,10 @@ class Reader:
                 f"the source sent {records} RAM page records ({nbytes:#x} bytes) but "
                 f"{self.page_records} ({self.page_bytes:#x} bytes) arrived"
             )
+
+
+def _corrupt(name: str, offset: int):
+    raise StreamError(f"RAM page record '{name}' at {offset:#x}: checksum mismatch: the data is corrupt")
 
 
 def _parse_header(body: bytes) -> tuple[list[BlockInfo], list[Placement]]:
