@@ -281,3 +281,28 @@ def raw(qmp_vm):
     r.vm = vm
     yield r
     r.close()
+
+
+# --- cpr-exec helpers shared by the CPR and interrupt-controller tests --------------------------
+
+
+def argv_of(vm, *args: str) -> list[str]:
+    """The full command line of a VM started by the qmp_vm fixture."""
+    return [sys.executable, "-m", "minivmm", *args, "-qmp", f"unix:{vm.socket},server=on,wait=off"]
+
+
+def wait_exec(client) -> None:
+    """After a cpr-exec migrate: the old image's monitor connection drops when it execs."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            client.cmd_obj({"execute": "query-status"})
+        except Exception:
+            break
+        time.sleep(0.01)
+    else:
+        pytest.fail("the VMM never exec'd")
+    try:
+        client.close()
+    except Exception:
+        pass

@@ -22,10 +22,12 @@ from conftest import (
     DEBUG_EXIT,
     GUEST_EXIT_OK,
     MiB,
+    argv_of,
     guest,
     ram_hash,
     ram_path,
     still_walking,
+    wait_exec,
     wait_for,
     wait_migration,
     walking,
@@ -40,11 +42,6 @@ O_CLOEXEC = 0o2000000
 def walker(ram: int = RAM, shared: bool = True) -> list[str]:
     args = ["-kernel", guest("abwalk.elf"), "-m", str(ram), "-mem-prealloc", "-serial", "null"]
     return args + (["-machine", "aux-ram-share=on"] if shared else [])
-
-
-def argv_of(vm, *args: str) -> list[str]:
-    """The full command line of a VM started by the qmp_vm fixture."""
-    return [sys.executable, "-m", "minivmm", *args, "-qmp", f"unix:{vm.socket},server=on,wait=off"]
 
 
 def environ(pid: int) -> dict[str, str]:
@@ -64,23 +61,6 @@ def fd_report(pid: int) -> dict[int, tuple[str, bool]]:
             continue
         out[int(fd)] = (target, bool(flags & O_CLOEXEC))
     return out
-
-
-def wait_exec(client) -> None:
-    """After a cpr-exec migrate: the old image's monitor connection drops when it execs."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            client.cmd_obj({"execute": "query-status"})
-        except Exception:
-            break
-        time.sleep(0.01)
-    else:
-        pytest.fail("the VMM never exec'd")
-    try:
-        client.close()
-    except Exception:
-        pass
 
 
 def wait_status(client, want: str, timeout: float = 30) -> None:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import DEBUG_EXIT, GUEST_EXIT_OK, guest, wait_migration
+from conftest import DEBUG_EXIT, GUEST_EXIT_OK, argv_of, guest, wait_exec, wait_migration
 
 MODES = ["on", "split"]
 PARAVIRTUAL_KVM = "/sys/module/kvm_pvm"
@@ -90,3 +90,22 @@ def test_system_reset_puts_the_split_irqchip_back_to_power_on(qmp_vm):
     out, _ = vm.proc.communicate(timeout=30)
     assert vm.proc.returncode == GUEST_EXIT_OK
     assert out.decode() == "timer: pit ticks=400\n"
+
+
+def test_cpr_exec_keeps_the_split_irqchip_ticking(qmp_vm, tmp_path):
+    """The userspace PIC, PIT and IOAPIC go through a cpr-exec in the state file: the new
+    image's PIT goes on delivering through its PIC, and the count ends where it should."""
+    args = [*timer("split", "-append", "pit 1500"), "-m", "64", "-machine", "aux-ram-share=on"]
+    vm = qmp_vm(*args)
+    time.sleep(0.3)  # ticking
+    state = tmp_path / "vm.state"
+    vm.cmd(
+        "migrate-set-parameters",
+        mode="cpr-exec",
+        **{"cpr-exec-command": [*argv_of(vm, *args), "-incoming", f"file:{state}"]},
+    )
+    vm.cmd("migrate", uri=f"file:{state}")
+    wait_exec(vm.qmp)
+    out, err = vm.proc.communicate(timeout=30)  # the same process, now the new image, finishes the count
+    assert vm.proc.returncode == GUEST_EXIT_OK, err
+    assert out.decode() == "timer: pit ticks=1500\n"
