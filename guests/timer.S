@@ -10,6 +10,12 @@
  *         lapic N   LAPIC timer, periodic, 1 ms (1000000 counts of KVM's
  *                   1 GHz APIC bus, divide by 1), vector 0x40; after N
  *                   interrupts prints "timer: lapic ticks=N".
+ *         oneshot N the LAPIC timer in one-shot mode, re-armed by each
+ *                   interrupt's handler: "timer: oneshot ticks=N".
+ *         tscdeadline N  the LAPIC timer in TSC-deadline mode (CPUID.1:ECX
+ *                   bit 24), each handler writing the next deadline to
+ *                   IA32_TSC_DEADLINE: "timer: tscdeadline ticks=N", or
+ *                   "timer: tscdeadline unsupported" without the bit.
  *         serial    COM1 receive interrupts on IRQ 4 (vector 0x24); prints
  *                   "timer: got X" for every byte received and, after "q",
  *                   "timer: serial done".
@@ -60,6 +66,10 @@
 	.equ LAPIC_TIMER_INIT, LAPIC_ADDR + 0x380
 	.equ LAPIC_TIMER_DIV, LAPIC_ADDR + 0x3e0
 	.equ LVT_PERIODIC, 1 << 17
+	.equ LVT_TSC_DEADLINE, 1 << 18
+	.equ MSR_TSC_DEADLINE, 0x6e0
+	.equ TSC_DELTA, 1000000		/* TSC cycles to the next deadline */
+	.equ CPUID1_ECX_TSC_DEADLINE, 1 << 24
 	.equ LVT_MASKED, 1 << 16
 	.equ LAPIC_TICK_COUNT, 1000000	/* 1 ms at 1 GHz */
 	.equ IER_RX, 0x01		/* interrupt on received data */
@@ -127,7 +137,15 @@ _start:
 	testl $MBI_FLAG_CMDLINE, MBI_FLAGS(%ebp)
 	jz 1f
 	mov MBI_CMDLINE(%ebp), %esi
-1:	mov $word_lapic, %edi
+1:	mov $word_oneshot, %edi
+	call cmd_find
+	test %eax, %eax
+	jnz oneshot_test
+	mov $word_tscdeadline, %edi
+	call cmd_find
+	test %eax, %eax
+	jnz tscdeadline_test
+	mov $word_lapic, %edi
 	call cmd_find
 	test %eax, %eax
 	jnz lapic_test
@@ -187,6 +205,67 @@ lapic_test:
 	call putdec
 	PUTC('\n')
 	jmp done
+
+/* ---- oneshot N ---- */
+oneshot_test:
+	call ticks_arg
+	mov $LAPIC_TIMER_VECTOR, %eax
+	mov $oneshot_irq, %edx
+	call set_gate
+	movl $0x100 | SPURIOUS_VECTOR, LAPIC_SVR
+	movl $0xb, LAPIC_TIMER_DIV
+	movl $LAPIC_TIMER_VECTOR, LAPIC_LVT_TIMER	/* one-shot */
+	movl $LAPIC_TICK_COUNT, LAPIC_TIMER_INIT
+	call wait_ticks
+	movl $LVT_MASKED, LAPIC_LVT_TIMER
+	movl $0, LAPIC_TIMER_INIT
+	PRINT("timer: oneshot ticks=")
+	mov ticks, %eax
+	call putdec
+	PUTC('\n')
+	jmp done
+
+/* ---- tscdeadline N ---- */
+tscdeadline_test:
+	call ticks_arg
+	mov $1, %eax
+	cpuid
+	test $CPUID1_ECX_TSC_DEADLINE, %ecx
+	jnz 1f
+	PRINT("timer: tscdeadline unsupported\n")
+	jmp done
+1:	mov $LAPIC_TIMER_VECTOR, %eax
+	mov $tscdeadline_irq, %edx
+	call set_gate
+	movl $0x100 | SPURIOUS_VECTOR, LAPIC_SVR
+	movl $LVT_TSC_DEADLINE | LAPIC_TIMER_VECTOR, LAPIC_LVT_TIMER
+	call arm_deadline
+	call wait_ticks
+	movl $LVT_MASKED, LAPIC_LVT_TIMER
+	xor %eax, %eax			/* disarm */
+	xor %edx, %edx
+	mov $MSR_TSC_DEADLINE, %ecx
+	wrmsr
+	PRINT("timer: tscdeadline ticks=")
+	mov ticks, %eax
+	call putdec
+	PUTC('\n')
+	jmp done
+
+/* arm_deadline: IA32_TSC_DEADLINE = now + TSC_DELTA. */
+arm_deadline:
+	push %eax
+	push %ecx
+	push %edx
+	rdtsc
+	add $TSC_DELTA, %eax
+	adc $0, %edx
+	mov $MSR_TSC_DEADLINE, %ecx
+	wrmsr
+	pop %edx
+	pop %ecx
+	pop %eax
+	ret
 
 /* ---- serial ---- */
 serial_test:
@@ -429,6 +508,18 @@ lapic_irq:
 	movl $0, LAPIC_EOI
 	IRET_SAME_CPL
 
+oneshot_irq:				/* re-armed until the test masks it */
+	incl ticks
+	movl $LAPIC_TICK_COUNT, LAPIC_TIMER_INIT
+	movl $0, LAPIC_EOI
+	IRET_SAME_CPL
+
+tscdeadline_irq:
+	incl ticks
+	call arm_deadline
+	movl $0, LAPIC_EOI
+	IRET_SAME_CPL
+
 level_irq:				/* lower the line on the last one, then EOI */
 	push %eax
 	push %edx
@@ -473,6 +564,8 @@ serial_irq:
 	.section .rodata
 word_pit:	.asciz "pit"
 word_lapic:	.asciz "lapic"
+word_oneshot:	.asciz "oneshot"
+word_tscdeadline:	.asciz "tscdeadline"
 word_serial:	.asciz "serial"
 word_ioapic:	.asciz "ioapic"
 word_pit2:	.asciz "pit2"

@@ -183,13 +183,20 @@ def test_smp_topology_form(vmm):
 
 
 @pytest.mark.parametrize("irqchip", ["on", "split"])  # split: through minivmm's PIC and PIT
-@pytest.mark.parametrize("timer", ["pit", "lapic"])
+@pytest.mark.parametrize("timer", ["pit", "lapic", "oneshot", "tscdeadline"])  # the last three: LAPIC timer modes
 def test_timer_interrupts_are_delivered(vmm, timer, irqchip):
     r = vmm.run(
         "-kernel", guest("timer.elf"), "-append", f"{timer} 100", "-M", f"kernel-irqchip={irqchip}", *DEBUG_EXIT
     )
     assert r.status == GUEST_EXIT_OK, r
     assert f"timer: {timer} ticks=100" in r.stdout
+
+
+def test_tsc_deadline_mode_follows_the_cpu_model(vmm):
+    """Without the CPUID bit the guest does not find TSC-deadline mode (CPUID read at CPL0)."""
+    r = vmm.run("-kernel", guest("timer.elf"), "-append", "tscdeadline 5", "-cpu", "host,-tsc-deadline", *DEBUG_EXIT)
+    assert r.status == GUEST_EXIT_OK, r
+    assert r.stdout == "timer: tscdeadline unsupported\n"
 
 
 @pytest.mark.parametrize("irqchip", ["on", "split"])
