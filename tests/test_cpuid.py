@@ -30,7 +30,7 @@ def test_parse_and_apply_with_dependencies():
     assert not cpuid.has_feature(out, "avx")  # avx needs xsave
     assert not cpuid.has_feature(out, "avx2")  # and avx2 needs avx
     assert all(e.function != 0xD for e in out)
-    assert warnings == ["warning: host doesn't support requested feature: CPUID.01H:ECX.sse4.2 [bit 20]"]
+    assert warnings == ["warning: host doesn't support requested feature: CPUID[eax=01h].ECX.sse4.2 [bit 20]"]
 
 
 @pytest.mark.parametrize(
@@ -73,12 +73,22 @@ def test_named_models_mask_what_kvm_offers_and_set_vendor_and_signature():
     assert leaf0.ebx.to_bytes(4, "little") == b"Genu"
 
 
+def test_nested_svm_and_lam_features_are_known_and_warned_about_when_the_host_lacks_them():
+    """kvm-unit-tests' lines pass +npt and +lam; QEMU takes them and warns where KVM lacks them."""
+    warnings = []
+    cpuid.CpuModel.parse("max,+npt,+lam").apply(table(), warn=warnings.append)
+    assert sorted(warnings) == [
+        "warning: host doesn't support requested feature: CPUID[eax=07h,ecx=01h].EAX.lam [bit 26]",
+        "warning: host doesn't support requested feature: CPUID[eax=8000000ah].EDX.npt [bit 0]",
+    ]
+
+
 @pytest.mark.parametrize(
     "spec,message",
     [
         ("qemu64,hv_passthrough", "Hyper-V enlightenments are not supported"),
         ("max,vendor=Intel", "must be 12 characters"),
-        ("max,+npt", "unknown CPU feature 'npt'"),
+        ("host,+vmx-exit-nosave-debugctl", r"'vmx-exit-nosave-debugctl': nested VMX capability controls \(vmx-\*\)"),
     ],
 )
 def test_model_properties_minivmm_cannot_honour_are_named(spec, message):

@@ -30,6 +30,12 @@ _LEAF7_EDX = "- - avx512-4vnniw avx512-4fmaps fsrm - - - avx512-vp2intersect - m
 _EXT1_ECX = "lahf-lm cmp-legacy svm extapic cr8legacy abm sse4a misalignsse 3dnowprefetch osvw ibs xop skinit wdt"
 _EXT1_EDX = "- - - - - - - - - - - syscall - - - - - - - - nx - mmxext - - fxsr-opt pdpe1gb rdtscp - lm 3dnowext 3dnow"
 _XSAVE1_EAX = "xsaveopt xsavec xgetbv1 xsaves"
+_LEAF7_1_EAX = "- - - - avx-vnni avx512-bf16 - - - - fzrm fsrs fsrc - - - - - - - - - - - - - lam"
+# SVM's own features (what nested SVM offers a guest), QEMU's names
+_SVM_EDX = (
+    "npt lbrv svm-lock nrip-save tsc-scale vmcb-clean flushbyasid decodeassists - - pause-filter - "
+    "pfthreshold avic - v-vmsave-vmload vgif"
+)
 
 FEATURES: dict[str, tuple[int, int, str, int]] = {}
 for _leaf, _sub, _reg, _names in (
@@ -41,6 +47,8 @@ for _leaf, _sub, _reg, _names in (
     (0x80000001, 0, "ecx", _EXT1_ECX),
     (0x80000001, 0, "edx", _EXT1_EDX),
     (0xD, 1, "eax", _XSAVE1_EAX),
+    (7, 1, "eax", _LEAF7_1_EAX),
+    (0x8000000A, 0, "edx", _SVM_EDX),
 ):
     for _bit, _name in enumerate(_names.split()):
         if _name != "-":
@@ -137,6 +145,8 @@ class CpuModel:
                     continue
             if feat.startswith("hv_") or feat.startswith("hv-"):
                 raise CpuModelError(f"'{feat}': Hyper-V enlightenments are not supported by minivmm")
+            if feat.startswith("vmx-"):
+                raise CpuModelError(f"'{feat}': nested VMX capability controls (vmx-*) are not supported by minivmm")
             feat = ALIASES.get(feat, feat)
             if feat not in FEATURES:
                 raise CpuModelError(f"can't apply global {name}-x86_64-cpu.{feat}: unknown CPU feature '{feat}'")
@@ -194,8 +204,10 @@ def _set_signature(entries: list[kvm_cpuid_entry2], named: NamedModel) -> None:
 
 
 def _describe(feat: str) -> str:
+    """QEMU 11's wording: CPUID[eax=07h,ecx=01h].EAX.lam [bit 26]."""
     leaf, sub, reg, bit = FEATURES[feat]
-    return f"CPUID.{leaf:02X}H:{reg.upper()}.{feat} [bit {bit}]"
+    where = f"eax={leaf:02x}h" + (f",ecx={sub:02x}h" if sub else "")
+    return f"CPUID[{where}].{reg.upper()}.{feat} [bit {bit}]"
 
 
 def _warn(msg: str) -> None:
