@@ -30,6 +30,14 @@ def test_pit_counter_2_as_linux_calibrates_with_it(vmm, mode):
     assert r.stdout == "timer: pit2 down=1 status=30 out2=1\n"
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_pit_off_leaves_no_pit(vmm, mode):
+    """-machine pit=off: ports 0x40-0x43 and 0x61 are unclaimed (all ones), so nothing counts."""
+    r = vmm.run(*timer(mode, "-append", "pit2", "-machine", "pit=off"))
+    assert r.status == GUEST_EXIT_OK, r
+    assert r.stdout == "timer: pit2 down=0 status=7f out2=1\n"
+
+
 def _ioapic_run(vmm, mode: str, append: str) -> tuple[int | None, str]:
     """The ioapic test; (exit status, or None if it had to be killed, and its output)."""
     proc = vmm.start(*timer(mode, "-append", append, *TESTDEV))
