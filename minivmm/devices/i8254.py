@@ -24,7 +24,7 @@ from minivmm.devices.state import LockedState
 from minivmm.vmstate import VMSD, Field
 
 FREQ_HZ = 1193182
-MIN_PERIOD_NS = 100_000
+MIN_PERIOD_NS = 200_000  # KVM's PIT floor (kvm.min_timer_period_us)
 RW_LSB, RW_MSB, RW_WORD0, RW_WORD1 = 1, 2, 3, 4
 PORT_CONTROL, PORT_61 = 3, 4  # device offsets
 REFRESH_NS = 15_085
