@@ -150,3 +150,11 @@ def test_pc_has_neither_ecam_nor_a_routing_table():
     bus, pio, mmio, dev = _bus()
     assert bus.ecam is None and bus.routing_table() == ()
     assert mmio.lookup(ECAM)[0] is UNCLAIMED
+
+
+def test_a_moved_ecam_window_is_where_the_loaded_state_says():
+    src, _, src_mmio, _ = _q35()
+    src_mmio.write(_ecam(0, 0x60), 4, 0xC0000000 | 1)
+    dst, _, dst_mmio, _ = _q35()
+    dst.host.load_state(src.host.save_state())
+    assert dst_mmio.lookup(ECAM)[0] is UNCLAIMED and dst_mmio.read(0xC0000000, 4) == 0x29C08086
