@@ -20,6 +20,7 @@ from minivmm.arch.x86 import layout
 from minivmm.arch.x86.e820 import memory_map
 from minivmm.arch.x86.machine_types import Q35
 from minivmm.guests.abwalk import check_invariant, read_status
+from minivmm.machine.control import EXIT_PANIC
 
 PCI_DEVICES = ["-device", "edu", "-device", "pci-testdev"]
 
@@ -50,6 +51,17 @@ def test_pc_is_still_the_default_and_has_no_ecam(vmm):
     for machine in ([], ["-M", "pc"], ["-M", "pc-i440fx-9.2"]):
         out = _run_platform(vmm, *machine)
         assert "platform: pci 00:00.0 id=8086:1237" in out and "platform: mcfg none" in out, machine
+
+
+def test_the_isa_test_devices_work_on_q35(vmm):
+    """pc-testdev (ports and MMIO), isa-debug-exit (every run's exit status) and pvpanic, as on pc."""
+    r = vmm.run(
+        "-M", "q35", "-kernel", guest("platform.elf"), *DEBUG_EXIT, "-device", "pc-testdev", "-append", "testdev"
+    )
+    assert r.status == GUEST_EXIT_OK, r
+    assert "platform: testdev data=1234ab78 iomem=deadbeef\n" in r.stdout
+    r = vmm.run("-M", "q35", "-kernel", guest("hello32.elf"), "-append", "panic", "-device", "pvpanic", *DEBUG_EXIT)
+    assert r.status == EXIT_PANIC and r.stderr == "minivmm: the guest panicked (-action panic=shutdown)\n", r
 
 
 def _e820(out: str) -> list[tuple[int, int, int]]:
