@@ -55,12 +55,14 @@ class PciBus:
         pio.register(layout.PORT_PCI_CONFIG + 4, 4, PciHostPort(self.host, 4))
         self.ecam: Ecam | None = None
         self.ecam_at: int | None = None  # the window's base while mapped
-        if machine.ecam is None:
+        if machine.ecam is None:  # pc: the i440FX and the PIIX
             self.route = piix_irq
+            self.routes_in_acpi = False  # the interrupt line's ISA IRQ is what an OS uses without a _PRT
             self.reserved: frozenset[int] = frozenset()
             self.add(HostBridge())
-        else:
+        else:  # q35: the MCH with its ECAM window, and the ICH9
             self.route = q35.pirq_gsi
+            self.routes_in_acpi = True  # GSIs 16-23, which an OS in APIC mode learns only from ACPI
             self.reserved = frozenset({q35.LPC_SLOT})  # -device never takes the LPC's slot
             self.ecam = Ecam(self.host)
             mch = q35.MchHostBridge()
@@ -110,10 +112,8 @@ class PciBus:
         return self.route(function.slot, function.config[INTERRUPT_PIN])
 
     def routing_table(self) -> tuple[tuple[int, int, int], ...]:
-        """The DSDT's _PRT, (slot, pin 0-3, GSI) for every slot and pin: on q35, whose INTx GSIs
-        16-23 an OS in APIC mode learns only from ACPI. None on pc, where the interrupt line
-        register's ISA IRQ is what an OS uses without one."""
-        if self.route is piix_irq:
+        """The DSDT's _PRT, (slot, pin 0-3, GSI) for every slot and pin, where the chipset needs one."""
+        if not self.routes_in_acpi:
             return ()
         return tuple((slot, pin - 1, self.route(slot, pin)) for slot in range(32) for pin in range(1, 5))
 
