@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 from minivmm.devices.device import Device
 
-from .pci import PciHost
+from .pci import EXT_CONFIG_SIZE, PciHost
 
 BUS_SHIFT, DEVICE_SHIFT, FUNCTION_SHIFT = 20, 15, 12
-REGISTER_MASK = (1 << FUNCTION_SHIFT) - 1
+REGISTER_MASK = EXT_CONFIG_SIZE - 1
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Ecam(Device):
         if size > 4:  # a quadword is two dwords, as QEMU splits it
             return self.read(offset, 4) | self.read(offset + 4, size - 4) << 32
         bus, slot, fn, reg = self.decode(offset)
-        size = min(size, REGISTER_MASK + 1 - reg)
+        size = min(size, EXT_CONFIG_SIZE - reg)
         return self.host.config_read(bus, slot, fn, reg, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
@@ -49,4 +49,4 @@ class Ecam(Device):
             self.write(offset + 4, size - 4, value >> 32)
             return
         bus, slot, fn, reg = self.decode(offset)
-        self.host.config_write(bus, slot, fn, reg, min(size, REGISTER_MASK + 1 - reg), value)
+        self.host.config_write(bus, slot, fn, reg, min(size, EXT_CONFIG_SIZE - reg), value)
