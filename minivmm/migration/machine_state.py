@@ -1,12 +1,13 @@
 """A machine's whole non-RAM state as one vmstate blob.
 
 Sections, in load order: configuration (the machine type, checked first, as
-QEMU checks it: a q35 stream never loads into a pc machine), globalstate (the
-run state), each vCPU (docs/boot.md's order inside), KVM's PIT, the clock and KVM's irqchips (those KVM emulates),
-then every device with state (minivmm's PIC, IOAPIC and PIT among them with
-kernel-irqchip=split). Loading decodes and checks everything before applying anything, so a
-bad blob leaves the machine untouched; a section this machine has no place
-for, or one it lacks, is an error naming it (QEMU's wording).
+QEMU checks it: a q35 stream never loads into a pc machine), globalstate
+(the run state), each vCPU (docs/boot.md's order inside), KVM's PIT, the
+clock and KVM's irqchips (those KVM emulates), then every device with state
+(minivmm's PIC, IOAPIC and PIT among them with kernel-irqchip=split).
+Loading decodes and checks everything before applying anything, so a bad
+blob leaves the machine untouched; a section this machine has no place for,
+or one it lacks, is an error naming it (QEMU's wording).
 """
 
 from __future__ import annotations
