@@ -85,6 +85,12 @@ def test_ram_below_4g_ends_before_ecam_and_the_e820_map_reserves_it(vmm, ram):
     assert all(base + size <= layout.PCIE_ECAM_BASE or base >= 4 << 30 for base, size, kind in e820 if kind == 1)
 
 
+def test_the_multiboot_memory_map_reserves_ecam_too(vmm):
+    r = vmm.run("-M", "q35", "-kernel", guest("hello32.elf"), *DEBUG_EXIT)
+    assert r.status == GUEST_EXIT_OK, r
+    assert "hello32: mmap base=0x00000000b0000000 len=0x0000000010000000 type=2\n" in r.stdout
+
+
 def test_query_pci_info_pci_and_info_mtree_on_q35(qmp_vm):
     vm = qmp_vm("-M", "q35", "-kernel", guest("platform.elf"), "-S", "-serial", "null", *PCI_DEVICES)
     devices = vm.cmd("query-pci")["return"][0]["devices"]
