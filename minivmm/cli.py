@@ -36,7 +36,8 @@ Machine:
   -smp N                   number of vCPUs (also cpus=N,sockets=..,cores=..,threads=..)
   -cpu host[,+feat|-feat]  CPUID as KVM supports it, with features added or removed
   -cpu qemu64|kvm64|Opteron_G1|Skylake-Server|max[,vendor=...]  QEMU's CPU models
-  -machine [pc|q35,]KEY=VAL  the machine type (pc: i440FX, the default; q35: MCH/ICH9, PCI Express),
+  -machine [pc|q35,]KEY=VAL  the machine type (pc: i440FX, the default; q35: MCH/ICH9, PCI Express;
+                           -machine help lists them),
                            accel=kvm, memory-backend=ID, aux-ram-share=on|off,
                            kernel-irqchip=on|split (split: PIC, IOAPIC, PIT in minivmm), pit=on|off
   -object memory-backend-memfd,id=ID,size=SIZE[,share=on|off][,hugetlb=on][,prealloc=on]
@@ -86,7 +87,7 @@ class _Parsed:
     monitor_specs: list[tuple[ChardevConfig, bool, str]] = field(default_factory=list)
     incoming: list = field(default_factory=list)  # (Channel, option text)
     pidfile: str | None = None
-    show: str | None = None  # "help", "version" or "devices"
+    show: str | None = None  # "help", "version", "devices" or "machines"
 
 
 def _where(opt: str, value: str | None) -> str:
@@ -145,6 +146,9 @@ def _opt_cpu(p: _Parsed, opt: str, value: str) -> None:
 
 
 def _opt_machine(p: _Parsed, opt: str, value: str) -> None:
+    if value in ("help", "?"):  # QEMU's listing of the machine types
+        p.show = "machines"
+        return
     for key, val in parse_keyval(value, "type").items():
         p.machine_props[key] = (val, _where(opt, value))
 
@@ -598,6 +602,9 @@ def main(argv: list[str] | None = None) -> int:
             from .machine.devices import device_help
 
             print(device_help(), end="")
+            return 0
+        if p.show == "machines":
+            print(machine_types.machine_help(), end="")
             return 0
         return process.run(p, argv, start_ns, state)
     except Exception as e:  # the last barrier: one line, and an exec'd image's guest RAM kept for a retry

@@ -47,6 +47,16 @@ def test_the_names_of_the_q35_machine(vmm, machine):
     assert "platform: ecam 00:1f.0 id=8086:2918 same=yes" in out  # the LPC, through ECAM
 
 
+def test_machine_help_lists_both_in_qemus_format(vmm):
+    r = vmm.run("-machine", "help")
+    assert r.status == 0 and r.stdout == (
+        "Supported machines are:\n"
+        "pc                   Standard PC (i440FX + PIIX, 1996) (default)\n"
+        "q35                  Standard PC (Q35 + ICH9, 2009)\n"
+    )
+    assert vmm.run("-M", "?").stdout == r.stdout
+
+
 def test_pc_is_still_the_default_and_has_no_ecam(vmm):
     for machine in ([], ["-M", "pc"], ["-M", "pc-i440fx-9.2"]):
         out = _run_platform(vmm, *machine)

@@ -53,3 +53,10 @@ def find(name: str) -> MachineType | None:
     if name in MACHINE_TYPES:
         return MACHINE_TYPES[name]
     return next((MACHINE_TYPES[t] for t, pattern in _VERSIONED.items() if pattern.fullmatch(name)), None)
+
+
+def machine_help() -> str:
+    """``-machine help``, in QEMU's format."""
+    lines = ["Supported machines are:"]
+    lines += [f"{t.name:<20} {t.description}{' (default)' if t is PC else ''}" for t in MACHINE_TYPES.values()]
+    return "\n".join(lines) + "\n"
