@@ -5,8 +5,10 @@
  * _S5 name in the DSDT.
  *
  *   acpi_walk    %rsi = the RSDP.  Fills the counters below (and acpi_facs,
- *                acpi_pm1a_evt, acpi_pm1a_cnt, acpi_pm_tmr); clobbers
- *                %rax, %rcx, %rdx, %rsi, %r12-%r15.
+ *                acpi_pm1a_evt, acpi_pm1a_cnt, acpi_pm_tmr, and the
+ *                addresses of the DSDT and the MCFG, acpi_dsdt and
+ *                acpi_mcfg, 0 when absent); clobbers %rax, %rcx, %rdx,
+ *                %rsi, %r12-%r15.
  *   acpi_report  prints, each line starting with the string at acpi_prefix
  *                (the including guest defines it):
  *                  <prefix>: acpi rsdp=X rev=N tables=N bad-checksums=N
@@ -162,6 +164,9 @@ acpi_visit:
 	je acpi_madt
 	cmp $0x50434146, %eax		/* "FACP" */
 	je acpi_fadt
+	cmp $0x4746434d, %eax		/* "MCFG" */
+	jne acpi_visit_done
+	mov %rsi, acpi_mcfg
 acpi_visit_done:
 	pop %rsi
 	pop %rcx
@@ -205,6 +210,7 @@ acpi_fadt:
 	mov 40(%rsi), %esi		/* DSDT: checked, and searched for the _S5_ name */
 	test %esi, %esi
 	jz acpi_visit_done
+	mov %rsi, acpi_dsdt
 	call acpi_check_table
 	mov 4(%rsi), %ecx
 	sub $4, %ecx
@@ -232,6 +238,9 @@ acpi_pm1a_cnt:	.long 0
 acpi_pm_tmr:		.long 0
 acpi_dsdt_s5:	.long 0
 acpi_facs:	.long 0
+	.balign 8
+acpi_dsdt:	.quad 0
+acpi_mcfg:	.quad 0
 	.section .rodata
 acpi_word_yes:	.asciz "yes"
 acpi_word_no:	.asciz "no"

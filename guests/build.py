@@ -67,6 +67,7 @@ GUESTS = (
     Guest("abwalk-mb.elf", "abwalk.S", 64, "abwalk.ld", ("MULTIBOOT_ENTRY",), elf32=True),
     Guest("portfuzz.elf", "portfuzz.S", 64, "elf64.ld"),
     Guest("platform.elf", "platform.S", 64, "elf64.ld"),
+    Guest("platformpvh.elf", "platform.S", 64, "elf64pvh.ld"),  # the same guest through PVH, as QEMU boots it
     Guest("smp.elf", "smp.S", 32, "elf32.ld"),
     Guest("timer.elf", "timer.S", 32, "elf32.ld"),
     Guest("linuxboot.bin", "linuxboot.S", 64, "linuxboot.ld"),  # a bzImage: objcopy -O binary from LMA 0

@@ -13,8 +13,8 @@
  *
  * CPL0 is emulated on PVM (slow): the 64-bit entry only saves RSI and drops
  * to CPL3 (user64.S) on minivmm's user-accessible identity map.  The 32-bit
- * entries save their pointer and switch to long mode on the static page
- * tables below (4 GiB in 2 MiB user pages), then do the same.
+ * entries save their pointer and switch to long mode on long32.S's static
+ * page tables (4 GiB in 2 MiB user pages), then do the same.
  *
  * Prints (each number in hex unless said):
  *   linuxboot: boot=bzimage|pvh entry=32|64 (decimal) load=<address of +0>
@@ -63,14 +63,6 @@
 	.equ SI_MEMMAP_ENTRIES, 0x30
 	.equ PVH_MAGIC, 0x336ec578
 	.equ MEMMAP_ENTRY_SIZE, 24
-	/* the long-mode switch */
-	.equ CR0_PE, 1
-	.equ CR0_PG, 0x80000000
-	.equ CR4_PAE, 0x20
-	.equ MSR_EFER, 0xc0000080
-	.equ EFER_LME, 0x100
-	.equ PTE_USER, 0x7		/* present, writable, user */
-	.equ PDE_USER_2M, 0x87		/* the same, 2 MiB page */
 	/* setup header values */
 	.equ SETUP_SECTS, 1		/* the boot sector and one more: 0x400 bytes */
 	.equ LOADED_HIGH, 0x01
@@ -133,7 +125,7 @@ setup_hdr_end:				/* real-mode setup: never run by minivmm */
 startup_32:				/* +0: Linux's 32-bit entry, ESI = zero page */
 	mov %esi, info_ptr
 	movl $KIND_ZEROPAGE, kind
-	jmp long_from_32
+	jmp entry32
 	.org 0x200
 	.code64
 	.globl startup_64
@@ -148,24 +140,12 @@ startup_64:				/* +0x200: the 64-bit entry, RSI = zero page */
 pvh_start:				/* PVH: EBX = hvm_start_info, paging off */
 	mov %ebx, info_ptr
 	movl $KIND_PVH, kind
-long_from_32:				/* emulated on PVM: a few instructions */
+entry32:
 	movl $32, entry_bits
-	lgdt gdt64_ptr			/* user64.S's GDT: 0x10 is 64-bit code */
-	mov $boot_pml4, %eax
-	mov %eax, %cr3
-	mov %cr4, %eax
-	or $CR4_PAE, %eax
-	mov %eax, %cr4
-	mov $MSR_EFER, %ecx
-	rdmsr
-	or $EFER_LME, %eax
-	wrmsr
-	mov %cr0, %eax
-	or $(CR0_PG | CR0_PE), %eax
-	mov %eax, %cr0
-	ljmp $SEL_CODE64, $cpl0_64
+	jmp long_from_32		/* long32.S: on to long_entry */
 
 	.code64
+long_entry:
 cpl0_64:
 	mov $kstack_top, %esp
 	mov $user_main, %edi
@@ -421,6 +401,7 @@ bad_magic:
 #include "serial.S"
 #include "cmdline.S"
 #include "acpi.S"
+#include "long32.S"
 
 	.section .rodata
 acpi_prefix:	.asciz "linuxboot"
@@ -446,22 +427,6 @@ e820_count:	.long 0
 initrd_addr:	.quad 0
 initrd_size:	.quad 0
 rsdp:		.quad 0
-
-/* Identity page tables for the 32-bit entries: 4 GiB in 2 MiB user pages. */
-	.balign 4096
-boot_pml4:
-	.quad boot_pdpt + PTE_USER
-	.fill 511, 8, 0
-boot_pdpt:
-	.quad boot_pd + PTE_USER, boot_pd + 0x1000 + PTE_USER
-	.quad boot_pd + 0x2000 + PTE_USER, boot_pd + 0x3000 + PTE_USER
-	.fill 508, 8, 0
-boot_pd:
-	.set pde, 0
-	.rept 2048
-	.quad (pde << 21) | PDE_USER_2M
-	.set pde, pde + 1
-	.endr
 
 	.bss
 	.balign 16

@@ -1,23 +1,40 @@
 /*
- * platform.S - what a test guest finds on minivmm's PC, read the way
- * kvm-unit-tests' start-up code reads it: fw_cfg, the ACPI tables, the ACPI
- * PM timer, and (with "testdev" on the command line) QEMU's pc-testdev.
+ * platform.S - what a test guest finds on minivmm's PC (pc or q35), read the
+ * way kvm-unit-tests' start-up code reads it: fw_cfg, the ACPI tables, the
+ * ACPI PM timer, PCI configuration space by both mechanisms, and (with
+ * "testdev" on the command line) QEMU's pc-testdev.
  *
- * ELF64, minivmm's direct long-mode boot.  CPL0 only saves the command line;
- * everything runs at CPL3 (see user64.S), where it is native.
+ * One source, two images:
+ *   platform.elf     ELF64, minivmm's direct long-mode boot (elf64.ld).
+ *   platformpvh.elf  the same guest entered through PVH (elf64pvh.ld: Xen's
+ *                    PHYS32_ENTRY note), as QEMU boots it too, so both VMMs
+ *                    run the very same image; long32.S takes it to long mode.
+ * CPL0 only saves the command line; everything runs at CPL3 (see user64.S),
+ * where it is native.
  *
- * Run:    minivmm -kernel platform.elf -smp 2 -device isa-debug-exit,iobase=0xf4,iosize=0x4
+ * Run:    minivmm [-M q35] -kernel platform.elf -smp 2 -device isa-debug-exit,iobase=0xf4,iosize=0x4
  *                 [-device pc-testdev -append testdev]
  * Prints: platform: fw_cfg signature=QEMU id=XXXXXXXX cpus=N max=N ram=XXXXXXXXXXXXXXXX files=N
  *         platform: acpi rsdp=XXXXXXXX rev=N tables=N bad-checksums=N
  *         platform: madt cpus=N ioapics=N overrides=N
  *         platform: fadt pm1a-evt=XXXX pm1a-cnt=XXXX pm-tmr=XXXX dsdt-s5=yes|no
+ *         platform: mcfg base=XXXXXXXXXXXXXXXX segment=N buses=N-N   (or "mcfg none")
+ *         platform: dsdt pci-hid=PNP0A08|PNP0A03|none pci-cid=PNP0A03|none prt=yes|no
  *         platform: pm-timer advances=yes|no
  *         platform: testdev data=XXXXXXXX iomem=XXXXXXXX     (with "testdev")
  *         platform: pci 00:SS.0 id=VVVV:DDDD class=CCCCCC bar0=XXXXXXXX bar1=XXXXXXXX irq=N
- *                                                   (with "pci": each device on bus 0)
+ *                                                   (with "pci": each device on bus 0, by 0xcf8)
  *         platform: edu id=XXXXXXXX live=XXXXXXXX fact10=XXXXXXXX dma=ok|bad
+ *         platform: edu intx-pin=N rirr=N   (INTA raised; the IOAPIC pin the interrupt line names,
+ *             level-triggered, and its remote IRR: 1 when the IOAPIC delivered it)
  *         platform: pci-testdev name=<test 0's name> hits=N datamatch=N port=<name>
+ *         platform: ecam 00:SS.0 id=VVVV:DDDD same=yes|no ext=XXXXXXXX bar0-mask=XXXXXXXX restored=yes|no
+ *             (with "pci" and an MCFG with segment 0 from bus 0: each device on bus 0 through
+ *             ECAM: its first 64 bytes compared with 0xcf8's, the dword at 0x100, BAR0 sized
+ *             through ECAM with decoding off, and back as 0xcf8 reads it)
+ *         platform: mch pciexbar=XXXXXXXXXXXXXXXX     (the q35 host bridge, through ECAM)
+ *         platform: lpc pmbase=XXXXXXXX acpi-cntl=XX  (the ICH9 LPC bridge, through ECAM)
+ *         platform: ecam bus1=XXXXXXXX                (bus 1's 00.0, which no machine has)
  *         platform: s3 suspending     (with "s3": as kvm-unit-tests' s3 test, suspend to
  *             RAM with the RTC alarm set to wake the machine; the resume code, run in real
  *             mode from the FACS waking vector, exits with the value it finds at address 0:
@@ -44,6 +61,26 @@
 	.equ PCI_ENABLE, 0x80000000
 	.equ EDU_ID, 0x11e81234		/* device << 16 | vendor */
 	.equ PCI_TESTDEV_ID, 0x00051b36
+	.equ MCH_ID, 0x29c08086
+	.equ LPC_ID, 0x29188086
+	.equ ECAM_SLOT_SHIFT, 15
+	.equ ECAM_BUS_SIZE, 0x100000
+	.equ NAME_HID, 0x4449485f	/* "_HID" */
+	.equ NAME_CID, 0x4449435f	/* "_CID" */
+	.equ NAME_PRT, 0x5452505f	/* "_PRT" */
+	.equ EISA_PNP0A03, 0x030ad041	/* EisaId ("PNP0A03"): PCI bus */
+	.equ EISA_PNP0A08, 0x080ad041	/* EisaId ("PNP0A08"): PCI Express bus */
+	.equ AML_DWORD_PREFIX, 0x0c
+	.equ SI_CMDLINE, 0x18		/* hvm_start_info's cmdline_paddr */
+	.equ IOAPIC_IOWIN, 0x10		/* IOAPIC_ADDR + 0: register select */
+	.equ IOAPIC_REG_TABLE, 0x10	/* pin n: low half at 0x10 + 2n */
+	.equ IOAPIC_LEVEL, 1 << 15
+	.equ IOAPIC_MASKED, 1 << 16
+	.equ IOAPIC_REMOTE_IRR_BIT, 14
+	.equ INTX_VECTOR, 0x60
+	.equ LAPIC_SVR, 0xf0		/* LAPIC_ADDR + 0xf0: spurious vector, software enable */
+	.equ LAPIC_SVR_ENABLE, 0x100
+	.equ SPURIOUS_VECTOR, 0xff
 	.equ EDU_DMA_BUF, 0x40000
 	.equ S3_RESUME_VECTOR, 0x1000
 	.equ S3_SLEEP, 0x2400		/* SLP_EN | SLP_TYP 1 (the DSDT's _S3) */
@@ -58,16 +95,31 @@
 	.code64
 	.text
 	.globl _start
-_start:					/* CPL0: keep this short */
-	mov $kstack_top, %rsp
+_start:					/* CPL0: keep this short. RBX = the multiboot information */
 	xor %esi, %esi
 	testl $MBI_FLAG_CMDLINE, MBI_FLAGS(%rbx)
-	jz 1f
+	jz start64
 	mov MBI_CMDLINE(%rbx), %esi
-1:	mov %rsi, cmdline
+start64:				/* %rsi = the command line (0: none) */
+	mov $kstack_top, %rsp
+	mov %rsi, cmdline
 	mov $user_main, %edi
 	mov $ustack_top, %esi
 	jmp enter_user
+
+/* The PVH entry (platformpvh.elf only): EBX = hvm_start_info, 32-bit, paging off. */
+	.section .pvh.text, "ax"
+	.code32
+	.globl pvh_start
+pvh_start:
+	mov %ebx, pvh_info
+	jmp long_from_32		/* long32.S: on to long_entry */
+	.code64
+long_entry:
+	mov pvh_info, %ebx
+	mov SI_CMDLINE(%rbx), %rsi
+	jmp start64
+	.text
 
 /* ---- everything below runs at CPL3 ---- */
 
@@ -169,6 +221,8 @@ user_main:
 	jmp guest_exit
 2:	call acpi_walk
 	call acpi_report
+	call mcfg_report
+	call dsdt_report
 
 	/* the PM timer (a 3.58 MHz counter) moves */
 	mov acpi_pm_tmr, %edx
@@ -215,6 +269,9 @@ user_main:
 	test %rax, %rax
 	jz 7f
 	call pci_scan
+	cmpq $0, ecam_base
+	je 7f
+	call ecam_scan
 7:	mov cmdline, %rsi
 	mov $word_s3, %edi
 	call cmd_find
@@ -383,6 +440,34 @@ edu_check:
 4:	PRINT(" dma=")
 	call puts
 	PUTC('\n')
+	/* INTx: INTA raised and seen at the IOAPIC pin the interrupt line register names (IF stays
+	   0: the level-triggered entry's remote IRR says the IOAPIC delivered it) */
+	mov $LAPIC_ADDR, %edi		/* a software-disabled local APIC accepts no interrupt */
+	movl $LAPIC_SVR_ENABLE | SPURIOUS_VECTOR, LAPIC_SVR(%rdi)
+	mov %r12d, %edi
+	mov $0x3c, %esi
+	call pci_config
+	movzbl %al, %ecx		/* the interrupt line: a GSI, an IOAPIC pin */
+	mov $IOAPIC_ADDR, %edi
+	lea IOAPIC_REG_TABLE + 1(, %rcx, 2), %eax
+	mov %eax, (%rdi)
+	movl $0, IOAPIC_IOWIN(%rdi)	/* destination: APIC 0 */
+	lea IOAPIC_REG_TABLE(, %rcx, 2), %eax
+	mov %eax, (%rdi)
+	movl $INTX_VECTOR | IOAPIC_LEVEL, IOAPIC_IOWIN(%rdi)
+	movl $1, 0x60(%rbx)		/* raise */
+	mov IOAPIC_IOWIN(%rdi), %eax
+	shr $IOAPIC_REMOTE_IRR_BIT, %eax
+	and $1, %eax
+	movl $1, 0x64(%rbx)		/* acknowledge: INTA falls */
+	movl $INTX_VECTOR | IOAPIC_LEVEL | IOAPIC_MASKED, IOAPIC_IOWIN(%rdi)
+	PRINT("platform: edu intx-pin=")
+	xchg %eax, %ecx
+	call putdec
+	PRINT(" rirr=")
+	mov %ecx, %eax
+	call putdec
+	PUTC('\n')
 	ret
 
 /* testdev_check: %r14 = BAR0 (memory), %r15 = BAR1 (I/O). */
@@ -425,10 +510,201 @@ testdev_check:
 	PUTC('\n')
 	ret
 
+/* mcfg_report: the MCFG's first allocation; ecam_base is its base when it covers segment 0 from bus 0. */
+mcfg_report:
+	mov acpi_mcfg, %rbx
+	test %rbx, %rbx
+	jz 1f
+	cmpl $60, 4(%rbx)		/* the header, 8 reserved bytes, one 16-byte allocation */
+	jae 2f
+1:	PRINT("platform: mcfg none\n")
+	ret
+2:	PRINT("platform: mcfg base=")
+	mov 44(%rbx), %rax
+	mov $16, %ecx
+	call puthex
+	PRINT(" segment=")
+	movzwl 52(%rbx), %eax
+	call putdec
+	PRINT(" buses=")
+	movzbl 54(%rbx), %eax
+	call putdec
+	PUTC('-')
+	movzbl 55(%rbx), %eax
+	call putdec
+	PUTC('\n')
+	cmpw $0, 52(%rbx)
+	jne 3f
+	cmpb $0, 54(%rbx)
+	jne 3f
+	mov 44(%rbx), %rax
+	mov %rax, ecam_base
+3:	ret
+
+/* dsdt_has: does the DSDT hold the name %eax, followed (when %edx is not 0) by the DWord %edx,
+   as Name (<name>, EisaId (...)) encodes it?  %eax = 1 if so, else 0. */
+dsdt_has:
+	push %rsi
+	push %rcx
+	mov acpi_dsdt, %rsi
+	test %rsi, %rsi
+	jz 3f
+	mov 4(%rsi), %ecx
+	sub $9, %ecx			/* the last place a name, a prefix and a DWord fit */
+	jbe 3f
+1:	cmp %eax, (%rsi)
+	jne 2f
+	test %edx, %edx
+	jz 4f
+	cmpb $AML_DWORD_PREFIX, 4(%rsi)
+	jne 2f
+	cmp %edx, 5(%rsi)
+	je 4f
+2:	inc %rsi
+	dec %ecx
+	jnz 1b
+3:	xor %eax, %eax
+	jmp 5f
+4:	mov $1, %eax
+5:	pop %rcx
+	pop %rsi
+	ret
+
+/* dsdt_report: how the DSDT names the PCI root bridge, and whether it has a _PRT. */
+dsdt_report:
+	PRINT("platform: dsdt pci-hid=")
+	mov $word_pnp0a08, %esi
+	mov $NAME_HID, %eax
+	mov $EISA_PNP0A08, %edx
+	call dsdt_has
+	test %eax, %eax
+	jnz 1f
+	mov $word_pnp0a03, %esi
+	mov $NAME_HID, %eax
+	mov $EISA_PNP0A03, %edx
+	call dsdt_has
+	test %eax, %eax
+	jnz 1f
+	mov $word_none, %esi
+1:	call puts
+	PRINT(" pci-cid=")
+	mov $word_pnp0a03, %esi
+	mov $NAME_CID, %eax
+	mov $EISA_PNP0A03, %edx
+	call dsdt_has
+	test %eax, %eax
+	jnz 2f
+	mov $word_none, %esi
+2:	call puts
+	PRINT(" prt=")
+	mov $acpi_word_yes, %esi
+	mov $NAME_PRT, %eax
+	xor %edx, %edx
+	call dsdt_has
+	test %eax, %eax
+	jnz 3f
+	mov $acpi_word_no, %esi
+3:	call puts
+	PUTC('\n')
+	ret
+
+/* ecam_scan: bus 0 again, through the ECAM window at ecam_base. */
+ecam_scan:
+	xor %r12d, %r12d		/* slot */
+1:	mov %r12d, %ebx
+	shl $ECAM_SLOT_SHIFT, %ebx
+	add ecam_base, %rbx		/* its function 0's configuration space */
+	mov (%rbx), %r13d		/* device << 16 | vendor */
+	cmp $0xffffffff, %r13d
+	je 9f
+	PRINT("platform: ecam 00:")
+	mov %r12d, %eax
+	mov $2, %ecx
+	call puthex
+	PRINT(".0 id=")
+	mov %r13d, %eax
+	mov $4, %ecx
+	call puthex
+	PUTC(':')
+	shr $16, %eax
+	call puthex
+	mov $acpi_word_yes, %r14	/* the header, dword by dword, as 0xcf8 reads it */
+	xor %esi, %esi
+2:	mov %r12d, %edi
+	call pci_config
+	cmp (%rbx,%rsi), %eax
+	je 3f
+	mov $acpi_word_no, %r14
+3:	add $4, %esi
+	cmp $64, %esi
+	jb 2b
+	PRINT(" same=")
+	mov %r14, %rsi
+	call puts
+	PRINT(" ext=")
+	mov 0x100(%rbx), %eax		/* past a conventional function's 256 bytes */
+	mov $8, %ecx
+	call puthex
+	movzwl 4(%rbx), %r14d		/* size BAR0 with decoding off, as an OS does */
+	mov %r14d, %eax
+	and $~3, %eax
+	mov %ax, 4(%rbx)
+	mov 0x10(%rbx), %r15d
+	movl $0xffffffff, 0x10(%rbx)
+	mov 0x10(%rbx), %eax
+	mov %r15d, 0x10(%rbx)
+	mov %r14w, 4(%rbx)
+	PRINT(" bar0-mask=")
+	call puthex
+	PRINT(" restored=")
+	mov %r12d, %edi
+	mov $0x10, %esi
+	call pci_config
+	mov $acpi_word_yes, %esi
+	cmp %r15d, %eax
+	je 4f
+	mov $acpi_word_no, %esi
+4:	call puts
+	PUTC('\n')
+	cmp $MCH_ID, %r13d
+	jne 5f
+	PRINT("platform: mch pciexbar=")
+	mov 0x64(%rbx), %eax		/* a 64-bit register, read as two dwords */
+	shl $32, %rax
+	mov 0x60(%rbx), %ecx
+	or %rcx, %rax
+	mov $16, %ecx
+	call puthex
+	PUTC('\n')
+5:	cmp $LPC_ID, %r13d
+	jne 9f
+	PRINT("platform: lpc pmbase=")
+	mov 0x40(%rbx), %eax
+	mov $8, %ecx
+	call puthex
+	PRINT(" acpi-cntl=")
+	movzbl 0x44(%rbx), %eax
+	mov $2, %ecx
+	call puthex
+	PUTC('\n')
+9:	inc %r12d
+	cmp $32, %r12d
+	jb 1b
+	PRINT("platform: ecam bus1=")
+	mov ecam_base, %rbx
+	mov ECAM_BUS_SIZE(%rbx), %eax
+	mov $8, %ecx
+	call puthex
+	PUTC('\n')
+	ret
+
 #include "user64.S"
 #include "serial.S"
 #include "cmdline.S"
 #include "acpi.S"
+#define LONG32_TEXT .pvh.text
+#define LONG32_DATA .pvh.data
+#include "long32.S"
 
 /* Run in real mode at the waking vector after the resume (copied there before the suspend). */
 	.section .rodata
@@ -450,6 +726,20 @@ word_noalarm:	.asciz "noalarm"
 acpi_prefix:	.asciz "platform"
 word_ok:	.asciz "ok"
 word_bad:	.asciz "bad"
+word_none:	.asciz "none"
+word_pnp0a03:	.asciz "PNP0A03"
+word_pnp0a08:	.asciz "PNP0A08"
+
+/* Xen's PVH entry note (kept by elf64pvh.ld only): namesz, descsz, type, "Xen", the entry. */
+	.section .note.Xen, "a", @note
+	.balign 4
+	.long 4, 4, 18			/* XEN_ELFNOTE_PHYS32_ENTRY */
+	.asciz "Xen"
+	.long pvh_start
+
+	.section .pvh.data, "aw"
+	.balign 8
+pvh_info:	.quad 0			/* hvm_start_info */
 
 	.data
 	.balign 8
@@ -460,6 +750,8 @@ fw_id:		.long 0
 nb_cpus:	.long 0
 max_cpus:	.long 0
 files:		.long 0
+	.balign 8
+ecam_base:	.quad 0			/* from the MCFG: segment 0, bus 0 */
 	.balign 8
 dma_out:	.quad 0x0123456789abcdef
 dma_in:		.quad 0

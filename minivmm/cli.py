@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import __version__
+from .arch.x86 import machine_types
 from .arch.x86.cpuid import CpuModel, CpuModelError
 from .arch.x86.layout import PAGE_SIZE, KiB
 from .config import MIN_RAM, ChardevConfig, DeviceConfig, MachineConfig, MemoryBackendConfig, MonitorConfig
@@ -35,7 +36,9 @@ Machine:
   -smp N                   number of vCPUs (also cpus=N,sockets=..,cores=..,threads=..)
   -cpu host[,+feat|-feat]  CPUID as KVM supports it, with features added or removed
   -cpu qemu64|kvm64|Opteron_G1|Skylake-Server|max[,vendor=...]  QEMU's CPU models
-  -machine [pc,]KEY=VAL    accel=kvm, memory-backend=ID, aux-ram-share=on|off,
+  -machine [pc|q35,]KEY=VAL  the machine type (pc: i440FX, the default; q35: MCH/ICH9, PCI Express;
+                           -machine help lists them),
+                           accel=kvm, memory-backend=ID, aux-ram-share=on|off,
                            kernel-irqchip=on|split (split: PIC, IOAPIC, PIT in minivmm), pit=on|off
   -object memory-backend-memfd,id=ID,size=SIZE[,share=on|off][,hugetlb=on][,prealloc=on]
   -object memory-backend-file,id=ID,size=SIZE,mem-path=PATH[,share=on|off]
@@ -84,7 +87,7 @@ class _Parsed:
     monitor_specs: list[tuple[ChardevConfig, bool, str]] = field(default_factory=list)
     incoming: list = field(default_factory=list)  # (Channel, option text)
     pidfile: str | None = None
-    show: str | None = None  # "help", "version" or "devices"
+    show: str | None = None  # "help", "version", "devices" or "machines"
 
 
 def _where(opt: str, value: str | None) -> str:
@@ -143,17 +146,27 @@ def _opt_cpu(p: _Parsed, opt: str, value: str) -> None:
 
 
 def _opt_machine(p: _Parsed, opt: str, value: str) -> None:
+    if value in ("help", "?"):  # QEMU's listing of the machine types
+        p.show = "machines"
+        return
     for key, val in parse_keyval(value, "type").items():
         p.machine_props[key] = (val, _where(opt, value))
 
 
 def _apply_machine(p: _Parsed) -> None:
     cfg = p.config
-    for key, (value, where) in p.machine_props.items():
+    props = sorted(p.machine_props.items(), key=lambda item: item[0] != "type")  # the type first: errors name it
+    for key, (value, where) in props:
         try:
             if key == "type":
-                if value != "pc" and not value.startswith("pc-i440fx"):
-                    raise OptionError(f"unsupported machine type '{value}' (minivmm models the i440FX PC: use 'pc')")
+                machine = machine_types.find(value)
+                if machine is None:
+                    names = ", ".join(machine_types.MACHINE_TYPES)
+                    raise OptionError(
+                        f'unsupported machine type: "{value}" (minivmm has {names} and their versioned '
+                        "names pc-i440fx-X.Y, pc-q35-X.Y)"
+                    )
+                cfg.machine = machine
             elif key == "accel":
                 if value != "kvm":
                     raise OptionError(f"invalid accelerator '{value}' (minivmm only has kvm)")
@@ -172,7 +185,7 @@ def _apply_machine(p: _Parsed) -> None:
             elif key == "pit":
                 cfg.pit = parse_bool(key, value)
             else:
-                raise OptionError(f"Property 'pc-machine.{key}' not found")
+                raise OptionError(f"Property '{cfg.machine.name}-machine.{key}' not found")
         except OptionError as e:
             raise CliError(f"{where}: {e}") from None
 
@@ -589,6 +602,9 @@ def main(argv: list[str] | None = None) -> int:
             from .machine.devices import device_help
 
             print(device_help(), end="")
+            return 0
+        if p.show == "machines":
+            print(machine_types.machine_help(), end="")
             return 0
         return process.run(p, argv, start_ns, state)
     except Exception as e:  # the last barrier: one line, and an exec'd image's guest RAM kept for a retry

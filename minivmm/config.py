@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .arch.x86.cpuid import CpuModel
+from .arch.x86.machine_types import PC, MachineType
 
 DEFAULT_RAM_SIZE = 128 << 20  # QEMU's default
 MIN_RAM = 1 << 20  # below it there is no room for the boot structures and a kernel at 1 MiB
@@ -65,6 +66,7 @@ class DeviceConfig:
 
 @dataclass
 class MachineConfig:
+    machine: MachineType = PC  # -machine type=: pc (i440FX) or q35
     ram_size: int = DEFAULT_RAM_SIZE
     ram_size_option: str | None = None  # the -m text when given
     smp: int = 1

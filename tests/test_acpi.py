@@ -13,10 +13,14 @@ import subprocess
 import pytest
 
 from minivmm.arch.x86 import acpi, aml, layout, mptable
+from minivmm.arch.x86.machine_types import Q35
+from minivmm.devices import q35
 from minivmm.devices.acpi_pm import AcpiPm
 
 LOW, HIGH = 0xE0000, 0x100000
 FULL = dict(serial=(0, 1, 2, 3), pvpanic_port=0x505, fw_cfg_port=layout.PORT_FW_CFG, pci=True)
+Q35_PRT = tuple((slot, pin - 1, q35.pirq_gsi(slot, pin)) for slot in range(32) for pin in range(1, 5))
+Q35_FULL = dict(FULL, mcfg=Q35.ecam, prt=Q35_PRT)  # what the q35 machine describes
 
 
 class Memory:
@@ -333,14 +337,21 @@ class AmlReader:
 
 
 def resources(buf: bytes) -> list[tuple]:
-    """Resource descriptors: ("io", min, max, align, len), ("irq", [irqs]), ("bus", min, max); up to the End Tag."""
+    """Resource descriptors: ("io", min, max, align, len), ("irq", [irqs]), ("bus", min, max),
+    ("mem", min, length, read-write); up to the End Tag."""
     out, at = [], 0
     while True:
         tag = buf[at]
         if tag & 0x80:
             kind, length = tag, struct.unpack_from("<H", buf, at + 1)[0]
             body = buf[at + 3 : at + 3 + length]
-            assert kind == 0x88 and body[0] == 2, "only a WordBusNumber is expected"
+            if kind == 0x87:  # DWordMemory
+                rtype, flags, tflags, _, lo, hi, _, size = struct.unpack("<BBBIIIII", body)
+                assert rtype == 0 and flags == 0x0C and hi == lo + size - 1
+                out.append(("mem", lo, size, bool(tflags & 1)))
+                at += 3 + length
+                continue
+            assert kind == 0x88 and body[0] == 2, "only a WordBusNumber or a DWordMemory is expected"
             _, _, _, _, lo, hi, _, count = struct.unpack("<BBBHHHHH", body)
             assert count == hi - lo + 1
             out.append(("bus", lo, hi))
@@ -430,6 +441,26 @@ def test_dsdt_pci_root_bridge_only_with_pci():
     assert "\\_SB_.PCI0" not in dsdt_namespace(acpi.AcpiConfig(ncpus=1))
 
 
+def test_mcfg_gives_the_ecam_window_as_qemus_q35():
+    g = Guest(acpi.AcpiConfig(ncpus=2, **Q35_FULL))
+    assert sorted(g.tables) == [b"APIC", b"FACP", b"MCFG"] and g.rsdt_entries == g.xsdt_entries
+    mcfg = g.tables[b"MCFG"][1]
+    assert len(mcfg) == 60 and mcfg[8] == 1 and mcfg[36:44] == bytes(8)
+    assert struct.unpack_from("<QHBBI", mcfg, 44) == (layout.PCIE_ECAM_BASE, 0, 0, 255, 0)
+
+
+def test_dsdt_q35_pci_express_root_with_its_routing_table_and_the_ecam_reservation():
+    ns = dsdt_namespace(acpi.AcpiConfig(ncpus=1, **Q35_FULL))
+    assert ns["\\_SB_.PCI0._HID"] == aml.eisa_id("PNP0A08") and ns["\\_SB_.PCI0._CID"] == aml.eisa_id("PNP0A03")
+    prt = ns["\\_SB_.PCI0._PRT"]
+    assert len(prt) == 128 and prt[4] == [0x1FFFF, 0, 0, 21]  # slot 1 INTA: PIRQF, GSI 21
+    assert [entry[3] for entry in prt[31 * 4 :]] == [16, 17, 18, 19]  # the LPC's slot: PIRQ A-D
+    assert ns["\\_SB_.DRAC._HID"] == aml.eisa_id("PNP0C01")  # QEMU's DRAM controller: the OS sees ECAM reserved
+    assert resources(ns["\\_SB_.DRAC._CRS"]) == [("mem", layout.PCIE_ECAM_BASE, layout.PCIE_ECAM_SIZE, True)]
+    pc = dsdt_namespace(acpi.AcpiConfig(ncpus=1, pci=True))
+    assert "\\_SB_.PCI0._PRT" not in pc and "\\_SB_.PCI0._CID" not in pc and "\\_SB_.DRAC" not in pc
+
+
 # --- sizes and the window ------------------------------------------------------------------------------------
 
 
@@ -468,6 +499,11 @@ def test_a_window_too_small_is_refused():
         (dict(ncpus=1, tables_addr=0xE0020), "tables_addr="),
         (dict(ncpus=1, tables_addr=0xE0000), "overlaps"),
         (dict(ncpus=1, reset=(0x64, 0x100)), "reset="),
+        (dict(ncpus=1, pci=True, mcfg=(0xB0080000, 256 << 20)), "mcfg="),
+        (dict(ncpus=1, pci=True, mcfg=(0xB0000000, 512 << 20)), "mcfg="),
+        (dict(ncpus=1, mcfg=(0xB0000000, 256 << 20)), "mcfg needs pci=True"),
+        (dict(ncpus=1, pci=True, prt=((32, 0, 16),)), "prt entry"),
+        (dict(ncpus=1, prt=((1, 0, 16),)), "prt needs pci=True"),
     ],
 )
 def test_bad_configurations_name_the_field(kwargs, message):
@@ -595,3 +631,22 @@ def test_iasl_disassembles_every_table(tmp_path, ncpus):
     madt = (tmp_path / "apic.dsl").read_text()
     assert madt.count("[Processor Local APIC]") == ncpus
     assert madt.count("[Interrupt Source Override]") == 5
+
+
+@pytest.mark.skipif(IASL is None, reason="iasl (acpica-tools) is not installed")
+def test_iasl_disassembles_the_q35_tables(tmp_path):
+    built = acpi.build_tables(acpi.AcpiConfig(ncpus=2, **Q35_FULL))
+    for name, (_, data) in built.tables.items():
+        (tmp_path / f"{name.lower()}.dat").write_bytes(data)
+        run = subprocess.run([IASL, "-d", f"{name.lower()}.dat"], capture_output=True, text=True, cwd=tmp_path)
+        out = run.stdout + run.stderr
+        assert run.returncode == 0 and "Warning" not in out and "Error" not in out, out
+    mcfg = (tmp_path / "mcfg.dsl").read_text()
+    assert "Base Address : 00000000B0000000" in mcfg and "End Bus Number : FF" in mcfg
+    dsl = (tmp_path / "dsdt.dsl").read_text()
+    assert 'EisaId ("PNP0A08")' in dsl and 'Name (_CID, EisaId ("PNP0A03")' in dsl
+    assert "Name (_PRT, Package (0x80)" in dsl and "DWordMemory (ResourceProducer" in dsl
+    run = subprocess.run([IASL, "-p", "again", "dsdt.dsl"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    again = (tmp_path / "again.aml").read_bytes()
+    assert AmlReader(again[36:]).ns == AmlReader(built.tables["DSDT"][1][36:]).ns

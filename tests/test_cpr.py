@@ -580,8 +580,12 @@ def test_exec_of_a_program_that_never_takes_the_guest_over_restarts_it(qmp_vm, r
         ([*walker(512), "-incoming", "file:STATE"], "has 268435456 bytes, this machine needs 536870912"),
         ([*walker(256), "-m", "lots", "-incoming", "file:STATE"], "-m lots: invalid size 'lots'"),  # the new parser's
         (walker(256), "cpr-exec: the new command line needs -incoming"),  # booting afresh would overwrite the RAM
+        (  # the same RAM and devices on another machine type: the stream's configuration section says
+            [*walker(256), "-M", "q35", "-incoming", "file:STATE"],
+            "Machine type received is 'pc' and local is 'q35'",
+        ),
     ],
-    ids=["ram-does-not-fit", "does-not-parse", "no-incoming"],
+    ids=["ram-does-not-fit", "does-not-parse", "no-incoming", "other-machine-type"],
 )
 def test_new_image_that_cannot_load_keeps_the_ram_for_a_retry(
     qmp_vm, vmm, ram_fds, tmp_path, monkeypatch, new_args, message

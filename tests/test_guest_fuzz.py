@@ -47,6 +47,15 @@ def test_portfuzz_survives_with_a_split_irqchip(vmm, tmp_path, seed, smp):
     _check(r.status, log.read_text(errors="replace"), r.stderr, seed)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["kernel-irqchip", "split"])
+def test_portfuzz_survives_on_q35(vmm, tmp_path, split):
+    """The q35 machine's PCI functions through 0xcf8/0xcfc: the MCH's PCIEXBAR (the ECAM window
+    moved, shrunk or switched off at random) and the LPC."""
+    log = tmp_path / "log"
+    r = vmm.run(*fz.portfuzz_args(0x1F, OPS, log, split=split, machine="q35"), timeout=60)
+    _check(r.status, log.read_text(errors="replace"), r.stderr, 0x1F)
+
+
 def test_portfuzz_with_a_monitor_stays_running(qmp_vm, tmp_path):
     seed, ops = 0x7BBF, 150000
     log = tmp_path / "log"

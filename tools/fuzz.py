@@ -1053,8 +1053,9 @@ class GuestRun:
         return None
 
 
-def portfuzz_args(seed: int, ops: int, log: Path, smp: int = 1, split: bool = False) -> list[str]:
-    """``split``: kernel-irqchip=split, the guest also fuzzing minivmm's own PIT and IOAPIC."""
+def portfuzz_args(seed: int, ops: int, log: Path, smp: int = 1, split: bool = False, machine: str = "pc") -> list[str]:
+    """``split``: kernel-irqchip=split, the guest also fuzzing minivmm's own PIT and IOAPIC.
+    ``machine``: the machine type (q35: the MCH's PCIEXBAR is among what 0xcf8/0xcfc reach)."""
     return [
         "-kernel",
         guests.path("portfuzz.elf"),
@@ -1071,6 +1072,7 @@ def portfuzz_args(seed: int, ops: int, log: Path, smp: int = 1, split: bool = Fa
         "-no-reboot",  # a reset would replay the same seed forever: exit instead
         *(["-smp", str(smp)] if smp > 1 else []),
         *(["-machine", "kernel-irqchip=split"] if split else []),
+        *(["-machine", machine] if machine != "pc" else []),
     ]
 
 

@@ -57,6 +57,7 @@ GUEST_ARGS = ["-kernel", guest_path("abwalk.elf"), "-machine", "aux-ram-share=on
 REFUSALS = (stream.StreamError, VMStateError)
 
 SECTION_VMSDS: dict[str, VMSD] = {
+    "configuration": machine_state.CONFIGURATION,
     "globalstate": machine_state.GLOBALSTATE,
     "vcpu": vcpu_state.VMSTATE,
     "kvm-pit": vm_state.PIT_VMSTATE,
@@ -251,6 +252,7 @@ def named_edits(p: Parsed) -> Iterator[Mutation]:
     yield m("serial irq_level 7", edit_field(p, "serial", "irq_level", 7), "serial[0]/irq_level")
     yield m("acpi SLP_EN stored", edit_field(p, "acpi-pm", "control", acpi_pm.SLP_EN), "acpi-pm[0]/control")
     yield m("post-code count 2**64-1", edit_field(p, "post-code", "count", (1 << 64) - 1), "load")
+    yield m("machine type q35", edit_field(p, "configuration", "name", "q35"), "Machine type received is 'q35'")
     yield m("runstate unknown", edit_field(p, "globalstate", "runstate", "warp-speed"), "globalstate[0]/runstate")
     yield m("runstate paused", edit_field(p, "globalstate", "runstate", "paused"), "load")
     yield m("runstate invalid UTF-8", raw_str_field(p, "globalstate", "runstate", b"\xffrun"), "invalid UTF-8")
@@ -460,6 +462,7 @@ class Shape:
             vcpus=_Vcpus(len(vcpu), caps),
             devices=SimpleNamespace(persistent=lambda: persistent),
             irqchip=SimpleNamespace(kvm_chips=True, kvm_pit=True),  # the source's default, kernel-irqchip=on
+            config=MachineConfig(),  # the source's machine type, pc
         )
         return cls(blocks, got_layout, machine, devices)
 

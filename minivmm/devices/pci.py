@@ -1,6 +1,7 @@
 """A PCI bus the way a PC presents it: configuration mechanism #1 at ports
-0xcf8 (address) and 0xcfc-0xcff (data), one bus, an i440FX host bridge at
-00:00.0, and the devices ``-device`` adds in the next slots.
+0xcf8 (address) and 0xcfc-0xcff (data), one bus, a host bridge at 00:00.0
+(the i440FX here; q35's MCH in q35.py, which adds PCI Express enhanced
+configuration: pcie.py), and the devices ``-device`` adds in the next slots.
 
 minivmm has no firmware for a direct kernel boot, so it does what firmware
 would: each device's BARs get addresses (memory from PCI_MMIO_BASE, I/O
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 from minivmm.devices.device import Device
 from minivmm.vmstate import VMSD, Field
 
-CONFIG_SIZE = 256
+CONFIG_SIZE = 256  # a conventional function's configuration space
+EXT_CONFIG_SIZE = 4096  # a PCI Express function's, as ECAM addresses it
 VENDOR, DEVICE, COMMAND, STATUS, REVISION, CLASS_PROG = 0x00, 0x02, 0x04, 0x06, 0x08, 0x09
 HEADER_TYPE, BAR0, SUBSYS_VENDOR, SUBSYS_ID, INTERRUPT_LINE, INTERRUPT_PIN = 0x0E, 0x10, 0x2C, 0x2E, 0x3C, 0x3D
 CMD_IO, CMD_MEMORY, CMD_MASTER, CMD_INTX_DISABLE = 0x1, 0x2, 0x4, 0x400
@@ -158,33 +160,50 @@ class PciHost(Device):
             function.config[:4] = ids  # the device is what this machine built, whatever the stream says
             function.write_config(COMMAND, 0, 0)  # re-read the BARs and remap
 
-    def _target(self) -> tuple[PciFunction | None, int]:
+    def function(self, bus: int, slot: int, fn: int) -> PciFunction | None:
+        """What answers at bus:slot.fn: the machine has bus 0 and single-function devices."""
+        return self.functions.get(slot) if bus == 0 and fn == 0 else None
+
+    def config_read(self, bus: int, slot: int, fn: int, reg: int, size: int) -> int:
+        """A read of ``size`` bytes at register ``reg`` (0-4095) of a function, by either mechanism:
+        all ones where no function answers, and past a conventional function's 256 bytes (QEMU's
+        answer there, which Linux takes as "no extended configuration space")."""
+        function = self.function(bus, slot, fn)
+        if function is None or reg >= CONFIG_SIZE:
+            return (1 << (8 * size)) - 1  # no device: all ones, as the vendor id 0xffff says
+        return function.read_config(reg, min(size, CONFIG_SIZE - reg))
+
+    def config_write(self, bus: int, slot: int, fn: int, reg: int, size: int, value: int) -> None:
+        """A write; past a conventional function's 256 bytes it has no effect."""
+        function = self.function(bus, slot, fn)
+        if function is not None and reg < CONFIG_SIZE:
+            function.write_config(reg, min(size, CONFIG_SIZE - reg), value)
+
+    def _latched(self) -> tuple[int, int, int, int] | None:
+        """(bus, slot, function, register) the address latch selects, if enabled."""
         if not self.address & ENABLE_BIT:
-            return None, 0
-        bus, slot, fn = (self.address >> 16) & 0xFF, (self.address >> 11) & 0x1F, (self.address >> 8) & 0x7
-        if bus or fn:
-            return None, 0
-        return self.functions.get(slot), self.address & 0xFC
+            return None
+        a = self.address
+        return (a >> 16) & 0xFF, (a >> 11) & 0x1F, (a >> 8) & 0x7, a & 0xFC
 
     def read(self, offset: int, size: int) -> int:
         if offset < 4:
             return (self.address >> (8 * offset)) & ((1 << (8 * size)) - 1) if offset + size <= 4 else 0
-        function, reg = self._target()
-        if function is None:
-            return (1 << (8 * size)) - 1  # no device: all ones, as the vendor id 0xffff says
-        at = reg + offset - 4
-        size = min(size, CONFIG_SIZE - at)
-        return function.read_config(at, size)
+        target = self._latched()
+        if target is None:
+            return (1 << (8 * size)) - 1
+        bus, slot, fn, reg = target
+        return self.config_read(bus, slot, fn, reg + offset - 4, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
         if offset < 4:
             if offset == 0 and size == 4:
                 self.address = value & 0x80FFFFFC
             return
-        function, reg = self._target()
-        if function is not None:
-            at = reg + offset - 4
-            function.write_config(at, min(size, CONFIG_SIZE - at), value)
+        target = self._latched()
+        if target is not None:
+            bus, slot, fn, reg = target
+            self.config_write(bus, slot, fn, reg + offset - 4, size, value)
 
     def reset(self) -> None:
         self.address = 0

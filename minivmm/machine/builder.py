@@ -23,7 +23,7 @@ from minivmm.log import message
 from . import irqchip
 from .devices import DeviceManager
 from .errors import MachineError
-from .ram import RamBuilder, add_memslots, ram_ranges, ram_size
+from .ram import RamBuilder, add_memslots, ram_size
 
 
 def build(m) -> None:
@@ -42,7 +42,7 @@ def build(m) -> None:
     m.vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
     m.irqchip = irqchip.create(m.vm, cfg.kernel_irqchip, cfg.pit, cfg.pit_reinject)
 
-    m.ram_ranges = ram_ranges(ram_size(cfg))
+    m.ram_ranges = cfg.machine.ram_ranges(ram_size(cfg))
     firmware = m.image.firmware if m.image.kind == "bios" else None
     RamBuilder(cfg, m.fds).build(m.memory, m.ram_ranges, firmware)
     m.memslots = add_memslots(m.vm, m.memory)
@@ -75,6 +75,7 @@ def load_boot(m) -> None:
             cpu_signature=leaf1.eax,
             cpu_features=leaf1.edx,
             gib_pages=cpuid.has_feature(m.vcpus.cpuid, "pdpe1gb"),
+            reserved=m.config.machine.reserved(),
         )
     except boot.BootError as e:
         raise MachineError("", str(e)) from None

@@ -5,6 +5,11 @@ each, its BARs given addresses and decoding enabled, its interrupt line set.
 Memory BARs come from PCI_MMIO_BASE up (in the 32-bit hole, below the
 IOAPIC), I/O BARs from PCI_IO_BASE up, each aligned to its size. A BAR the
 guest moves follows on the machine's buses (``remap``).
+
+The machine type decides the chipset: ``pc`` has the i440FX host bridge and
+the PIIX's INTx routing to IRQs 10 and 11; ``q35`` the MCH host bridge with
+its ECAM window (moved as the guest writes PCIEXBAR), the ICH9 LPC bridge at
+00:1f.0, and INTx on GSIs 16-23 (q35.pirq_gsi).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import struct
 from collections.abc import Callable
 
 from minivmm.arch.x86 import layout
+from minivmm.arch.x86.machine_types import PC, MachineType
+from minivmm.devices import q35
 from minivmm.devices.bus import Bus, BusError
 from minivmm.devices.pci import (
     CMD_IO,
@@ -26,13 +33,19 @@ from minivmm.devices.pci import (
     PciHost,
     PciHostPort,
 )
+from minivmm.devices.pcie import Ecam
 
 # The PIIX routes INTA-INTD of slot s to PIRQ[(s + pin - 1) % 4]; firmware gives PIRQA-D these IRQs.
 PIRQ_IRQS = (10, 10, 11, 11)
 
 
+def piix_irq(slot: int, pin: int) -> int:
+    """The IRQ INTx pin ``pin`` (1-4) of ``slot`` reaches on the pc machine."""
+    return PIRQ_IRQS[(slot + pin - 1) % 4]
+
+
 class PciBus:
-    def __init__(self, pio: Bus, mmio: Bus, irq_line: Callable[[int, int], None]) -> None:
+    def __init__(self, pio: Bus, mmio: Bus, irq_line: Callable[[int, int], None], machine: MachineType = PC) -> None:
         self.pio, self.mmio, self.irq_line = pio, mmio, irq_line
         self.host = PciHost()
         self.next_mmio, self.next_io = layout.PCI_MMIO_BASE, layout.PCI_IO_BASE
@@ -40,16 +53,35 @@ class PciBus:
         # The latch is one 32-bit port at 0xcf8 (0xcf9 is the reset control), the data four at 0xcfc.
         pio.register(layout.PORT_PCI_CONFIG, 1, PciHostPort(self.host, 0))
         pio.register(layout.PORT_PCI_CONFIG + 4, 4, PciHostPort(self.host, 4))
-        self.add(HostBridge())
+        self.ecam: Ecam | None = None
+        self.ecam_at: int | None = None  # the window's base while mapped
+        if machine.ecam is None:  # pc: the i440FX and the PIIX
+            self.route = piix_irq
+            self.routes_in_acpi = False  # the interrupt line's ISA IRQ is what an OS uses without a _PRT
+            self.reserved: frozenset[int] = frozenset()
+            self.add(HostBridge())
+        else:  # q35: the MCH with its ECAM window, and the ICH9
+            self.route = q35.pirq_gsi
+            self.routes_in_acpi = True  # GSIs 16-23, which an OS in APIC mode learns only from ACPI
+            self.reserved = frozenset({q35.LPC_SLOT})  # -device never takes the LPC's slot
+            self.ecam = Ecam(self.host)
+            mch = q35.MchHostBridge()
+            mch.map_ecam = self.map_ecam
+            self.add(mch)
+            self.map_ecam(*mch.ecam_window())
+            self.add(q35.Ich9Lpc(), q35.LPC_SLOT)
 
     @property
     def functions(self) -> list[PciFunction]:
         return [self.host.functions[slot] for slot in sorted(self.host.functions)]
 
-    def add(self, function: PciFunction) -> None:
-        slot = len(self.host.functions)
-        if slot >= 32:
-            raise BusError("PCI bus 0 is full (32 slots)")
+    def add(self, function: PciFunction, slot: int | None = None) -> None:
+        """Put ``function`` in ``slot``, or the first free one, as firmware found it."""
+        if slot is None:
+            free = [s for s in range(32) if s not in self.host.functions and s not in self.reserved]
+            if not free:
+                raise BusError(f"PCI bus 0 is full ({32 - len(self.reserved)} slots)")
+            slot = free[0]
         function.slot = slot
         self.host.functions[slot] = function
         for index, bar in enumerate(function.bars):
@@ -76,8 +108,26 @@ class PciBus:
         self.remap(function)
 
     def irq_of(self, function: PciFunction) -> int:
-        pin = function.config[INTERRUPT_PIN]
-        return PIRQ_IRQS[(function.slot + pin - 1) % 4]
+        """The GSI of the function's INTx pin, as the chipset routes it."""
+        return self.route(function.slot, function.config[INTERRUPT_PIN])
+
+    def routing_table(self) -> tuple[tuple[int, int, int], ...]:
+        """The DSDT's _PRT, (slot, pin 0-3, GSI) for every slot and pin, where the chipset needs one."""
+        if not self.routes_in_acpi:
+            return ()
+        return tuple((slot, pin - 1, self.route(slot, pin)) for slot in range(32) for pin in range(1, 5))
+
+    def map_ecam(self, enabled: bool, base: int, size: int) -> None:
+        """Put the ECAM window where the MCH's PCIEXBAR says, or nowhere when it is disabled."""
+        if self.ecam_at is not None:
+            self.mmio.unregister(self.ecam)
+            self.ecam_at = None
+        if enabled:
+            try:
+                self.mmio.register(base, size, self.ecam)
+                self.ecam_at = base
+            except BusError:
+                pass  # over another device: the guest's choice leaves the window unreachable, as a BAR's
 
     def remap(self, function: PciFunction) -> None:
         """Put each BAR's device where its BAR says, if decoding is on (else nowhere)."""

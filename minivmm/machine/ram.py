@@ -1,6 +1,6 @@
 """Guest RAM as the command line describes it: which block backs it, where
 it sits in guest-physical memory (split around the 32-bit MMIO hole when
-large), the -bios ROM, and the KVM memory slots made from that map.
+large, as the machine type says: MachineType.ram_ranges), the -bios ROM, and the KVM memory slots made from that map.
 
 Every block with an fd is opened through the CPR fd table: an incoming
 update finds the guest's RAM there, as it is, and writes nothing to it.
@@ -29,14 +29,6 @@ def host_memory_limit() -> int:
             if key in ("MemTotal", "SwapTotal"):
                 total += int(value.split()[0]) * 1024
     return total
-
-
-def ram_ranges(size: int) -> list[tuple[int, int]]:
-    """(guest-physical base, size) of RAM: split around the 32-bit MMIO hole when large."""
-    if size < layout.RAM_SPLIT_THRESHOLD:
-        return [(0, size)]
-    below = layout.RAM_BELOW_4G_WHEN_SPLIT
-    return [(0, below), (layout.FOUR_GIB, size - below)]
 
 
 def _size_text(size: int) -> str:

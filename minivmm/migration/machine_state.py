@@ -1,11 +1,13 @@
 """A machine's whole non-RAM state as one vmstate blob.
 
-Sections, in load order: globalstate (the run state), each vCPU (docs/boot.md's
-order inside), KVM's PIT, the clock and KVM's irqchips (those KVM emulates),
-then every device with state (minivmm's PIC, IOAPIC and PIT among them with
-kernel-irqchip=split). Loading decodes and checks everything before applying anything, so a
-bad blob leaves the machine untouched; a section this machine has no place
-for, or one it lacks, is an error naming it (QEMU's wording).
+Sections, in load order: configuration (the machine type, checked first, as
+QEMU checks it: a q35 stream never loads into a pc machine), globalstate
+(the run state), each vCPU (docs/boot.md's order inside), KVM's PIT, the
+clock and KVM's irqchips (those KVM emulates), then every device with state
+(minivmm's PIC, IOAPIC and PIT among them with kernel-irqchip=split).
+Loading decodes and checks everything before applying anything, so a bad
+blob leaves the machine untouched; a section this machine has no place for,
+or one it lacks, is an error naming it (QEMU's wording).
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ def _resumable() -> frozenset[str]:
 
 RESUMABLE = _resumable()
 GLOBALSTATE = VMSD("globalstate", 1, 1, (Field("runstate", "str", max=64, choices=RESUMABLE),))
+# QEMU's "configuration" section: the machine type. A minivmm before q35 did not write it: its
+# streams are from pc machines.
+CONFIGURATION = VMSD("configuration", 1, 1, (Field("name", "str", max=64),), optional=True)
+STREAMS_BEFORE_MACHINE_TYPES = "pc"
 
 
 @dataclass
@@ -60,6 +66,7 @@ def _devices(machine) -> list:
 def save(machine, runstate: str) -> bytes:
     """The blob for a machine whose vCPUs are paused; ``runstate`` is what the target should resume to."""
     w = StateWriter()
+    w.add(CONFIGURATION, {"name": machine.config.machine.name})
     w.add(GLOBALSTATE, {"runstate": runstate})
     for t in machine.vcpus:
         w.add(vcpu_state.VMSTATE, vcpu_state.save(t.vcpu, machine.vcpus.caps), t.index)
@@ -77,7 +84,8 @@ def save(machine, runstate: str) -> bytes:
 
 def decode_all(machine, blob: bytes) -> Loaded:
     sections = {(sec.name, sec.instance): sec for sec in read_blob(blob)}
-    expected: dict[tuple[str, int], VMSD] = {("globalstate", 0): GLOBALSTATE}
+    _check_machine_type(machine, sections)
+    expected: dict[tuple[str, int], VMSD] = {("configuration", 0): CONFIGURATION, ("globalstate", 0): GLOBALSTATE}
     expected.update({("vcpu", t.index): vcpu_state.VMSTATE for t in machine.vcpus})
     chips = range(3) if machine.irqchip.kvm_chips else range(0)
     if machine.irqchip.kvm_pit:
@@ -116,6 +124,17 @@ def decode_all(machine, blob: bytes) -> Loaded:
         ),
         devices=[(device, values[(v.name, i)]) for v, i, device in devices if (v.name, i) in values],
     )
+
+
+def _check_machine_type(machine, sections: dict) -> None:
+    """The stream's machine type is this machine's, before anything else is looked at (QEMU's wording)."""
+    sec = sections.get(("configuration", 0))
+    received = STREAMS_BEFORE_MACHINE_TYPES
+    if sec is not None:
+        received = decode(CONFIGURATION, sec.payload, sec.version, sec.path)["name"]
+    local = machine.config.machine.name
+    if received != local:
+        raise VMStateError(f"configuration/name: Machine type received is '{received}' and local is '{local}'")
 
 
 def _check_vcpu(caps: vcpu_state.StateCaps, st: vcpu_state.VcpuState, path: str) -> None:

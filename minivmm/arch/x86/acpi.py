@@ -34,6 +34,13 @@ What is described, after QEMU's pc machine (PIIX4 power management):
   a PCI root bridge (PNP0A03, bus 0, the 0xcf8 config ports) only when the
   machine has PCI. Processors are not declared in the DSDT: Linux takes
   them from the MADT (no CPU hotplug, no C-states).
+- With PCI Express enhanced configuration (q35, ``mcfg``): the MCFG table
+  (one allocation: the ECAM base, segment 0, buses 0-255), the root bridge
+  as PNP0A08 with _CID PNP0A03, and QEMU's DRAM controller device (DRAC,
+  PNP0C01) whose _CRS reserves the ECAM window for the OS.
+- ``prt``: the root bridge's _PRT, one static entry per slot and pin with
+  the GSI its INTx reaches (q35: GSIs 16-23; such entries are level-triggered,
+  active low, which KVM's and minivmm's IOAPICs take as they take any line).
 
 Nothing here is written through firmware: ``build`` returns (guest-physical
 address, bytes) pieces the boot code writes, like mptable.build. With
@@ -99,6 +106,10 @@ ISO_LEVEL_HIGH = ISO_ACTIVE_HIGH | ISO_LEVEL
 ISA_OVERRIDES = ((0, 2, 0),) + tuple((irq, irq, ISO_LEVEL_HIGH) for irq in (5, 9, 10, 11))  # (IRQ, GSI, flags)
 ALL_PROCESSORS = 0xFF
 
+# MCFG (PCI Firmware Specification 3.0, 4.1.2)
+MCFG_REVISION = 1
+MCFG_BUS_SIZE = 1 << 20  # each bus's share of the ECAM window
+
 PVPANIC_HID = "QEMU0001"
 FW_CFG_HID = "QEMU0002"
 PCI_CONFIG_PORT, PCI_CONFIG_PORTS = 0xCF8, 8
@@ -112,6 +123,8 @@ class AcpiConfig:
     COM1). ``pvpanic_port``: the pvpanic device's port, or None.
     ``fw_cfg_port``: fw_cfg's base port (its 12-byte DMA range), or None.
     ``reset``: (port, value) of the FADT reset register.
+    ``mcfg``: (base, size) of the ECAM window, or None (no PCI Express).
+    ``prt``: (slot, pin 0-3 for INTA-INTD, GSI) of the root bridge's _PRT, or none.
     """
 
     ncpus: int
@@ -122,6 +135,8 @@ class AcpiConfig:
     pm_timer: bool = False  # minivmm has no PM timer at 0x608 yet
     s3: bool = True
     reset: tuple[int, int] = (layout.PORT_I8042_CMD, I8042_PULSE_RESET)
+    mcfg: tuple[int, int] | None = None
+    prt: tuple[tuple[int, int, int], ...] = ()
     rsdp_addr: int = layout.ACPI_RSDP_ADDR
     tables_addr: int = layout.ACPI_TABLES_ADDR
     tables_end: int = layout.ACPI_TABLES_END
@@ -143,6 +158,22 @@ class AcpiConfig:
                 f"tables_addr={self.tables_addr:#x}, tables_end={self.tables_end:#x}: "
                 "a 64-byte aligned window below 4 GiB"
             )
+        if self.mcfg is not None:
+            base, size = self.mcfg
+            if base % MCFG_BUS_SIZE or size % MCFG_BUS_SIZE or not 1 <= size // MCFG_BUS_SIZE <= 256:
+                raise ValueError(f"mcfg=({base:#x}, {size:#x}): a 1 MiB aligned window of 1 to 256 buses")
+            if base + size > 1 << 32:
+                raise ValueError(f"mcfg=({base:#x}, {size:#x}): the window must end below 4 GiB (DRAC's DWordMemory)")
+            if not self.pci:
+                raise ValueError("mcfg needs pci=True: ECAM belongs to the PCI root bridge")
+        for entry in self.prt:
+            slot, pin, gsi = entry
+            if not (0 <= slot < 32 and 0 <= pin < 4 and 0 <= gsi <= 0xFFFFFFFF):
+                raise ValueError(f"prt entry {entry!r}: (slot 0-31, pin 0-3, GSI)")
+        if len(self.prt) > 255:
+            raise ValueError(f"prt: {len(self.prt)} entries, a Package holds at most 255")
+        if self.prt and not self.pci:
+            raise ValueError("prt needs pci=True: it is the PCI root bridge's")
         if self.tables_addr < self.rsdp_addr + 36 and self.rsdp_addr < self.tables_end:
             raise ValueError(f"rsdp_addr={self.rsdp_addr:#x} overlaps the table window at {self.tables_addr:#x}")
 
@@ -292,6 +323,13 @@ def madt(ncpus: int) -> bytes:
     return sdt(b"APIC", MADT_REVISION, body)
 
 
+def mcfg(base: int, size: int) -> bytes:
+    """MCFG: 8 reserved bytes, then one allocation: base, PCI segment 0, first and last bus."""
+    last_bus = size // MCFG_BUS_SIZE - 1
+    body = bytes(8) + struct.pack("<QHBBI", base, 0, 0, last_bus, 0)
+    return sdt(b"MCFG", MCFG_REVISION, body)
+
+
 def _sta_present() -> bytes:
     return aml.method("_STA", 0, aml.return_(0x0F))  # present, enabled, shown, functioning
 
@@ -300,10 +338,17 @@ def dsdt_aml(cfg: AcpiConfig) -> bytes:
     """The DSDT's AML body (the definition block without its header)."""
     devices = []
     if cfg.pci:
+        ids = [aml.name("_HID", aml.eisa_id("PNP0A03"))]
+        if cfg.mcfg is not None:  # a PCI Express root: PCI Express aware OSes use ECAM, others still find PCI
+            ids = [aml.name("_HID", aml.eisa_id("PNP0A08")), aml.name("_CID", aml.eisa_id("PNP0A03"))]
+        prt = []
+        if cfg.prt:
+            entries = [aml.package(slot << 16 | 0xFFFF, pin, 0, gsi) for slot, pin, gsi in cfg.prt]
+            prt = [aml.name("_PRT", aml.package(*entries))]
         devices.append(
             aml.device(
                 "PCI0",
-                aml.name("_HID", aml.eisa_id("PNP0A03")),
+                *ids,
                 aml.name("_UID", 0),
                 aml.name("_BBN", 0),
                 aml.name(
@@ -313,6 +358,16 @@ def dsdt_aml(cfg: AcpiConfig) -> bytes:
                         aml.io(PCI_CONFIG_PORT, PCI_CONFIG_PORT, 1, PCI_CONFIG_PORTS),
                     ),
                 ),
+                *prt,
+            )
+        )
+    if cfg.mcfg is not None:
+        base, size = cfg.mcfg
+        devices.append(
+            aml.device(
+                "DRAC",
+                aml.name("_HID", aml.eisa_id("PNP0C01")),
+                aml.name("_CRS", aml.resource_template(aml.dword_memory(base, size))),
             )
         )
     for index in sorted(cfg.serial):
@@ -362,7 +417,8 @@ def _align(addr: int, to: int) -> int:
 
 
 def build_tables(cfg: AcpiConfig) -> AcpiTables:
-    """Lay the tables out in the window: FACS (64-byte aligned) first, then DSDT, FADT, MADT, RSDT, XSDT."""
+    """Lay the tables out in the window: FACS (64-byte aligned) first, then DSDT, FADT, MADT, MCFG (with
+    ECAM), RSDT, XSDT."""
     tables: dict[str, tuple[int, bytes]] = {}
     at = cfg.tables_addr
 
@@ -378,6 +434,8 @@ def build_tables(cfg: AcpiConfig) -> AcpiTables:
     fadt_addr = place("FACP", fadt(cfg, facs_addr, dsdt_addr))
     madt_addr = place("APIC", madt(cfg.ncpus))
     listed = [fadt_addr, madt_addr]
+    if cfg.mcfg is not None:
+        listed.append(place("MCFG", mcfg(*cfg.mcfg)))
     # The RSDT and XSDT sizes are known before they are built, so both can be placed now.
     rsdt_addr = place("RSDT", rsdt(listed))
     xsdt_addr = place("XSDT", xsdt(listed))

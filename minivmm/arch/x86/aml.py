@@ -198,6 +198,15 @@ def word_bus_number(minimum: int, maximum: int) -> bytes:
     return struct.pack("<BHBBBHHHHH", 0x88, 13, 2, 0x0C, 0, 0, minimum, maximum, 0, length)
 
 
+def dword_memory(minimum: int, length: int) -> bytes:
+    """DWordMemory(ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite, 0, min,
+    min + length - 1, 0, length): a fixed 32-bit memory range, as QEMU describes q35's ECAM window."""
+    if not (length >= 1 and minimum >= 0 and minimum + length <= 1 << 32):
+        raise ValueError(f"DWordMemory {minimum:#x}+{length:#x} is not a range below 4 GiB")
+    # tag, length 23, resource type 0 (memory), general flags (min, max fixed), read-write non-cacheable
+    return struct.pack("<BHBBBIIIII", 0x87, 23, 0, 0x0C, 0x01, 0, minimum, minimum + length - 1, 0, length)
+
+
 def resource_template(*descriptors: bytes) -> bytes:
     """ResourceTemplate(){...}: a Buffer of descriptors and the End Tag (checksum 0: not checked)."""
     return buffer(b"".join(descriptors) + bytes([0x79, 0x00]))

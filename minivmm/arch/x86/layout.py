@@ -68,6 +68,13 @@ FOUR_GIB = 4 * GiB
 RAM_SPLIT_THRESHOLD = 0xE0000000
 RAM_BELOW_4G_WHEN_SPLIT = 0xC0000000
 MMIO_HOLE_START = RAM_BELOW_4G_WHEN_SPLIT
+# q35: PCI Express enhanced configuration (ECAM, "MMCONFIG") where QEMU's MCH puts
+# it (PCIEXBAR's default), 1 MiB per bus for buses 0-255. RAM that would reach it
+# is split instead: 2 GiB below 4 GiB, the rest from 4 GiB up (QEMU's q35).
+PCIE_ECAM_BASE = 0xB0000000
+PCIE_ECAM_SIZE = 256 * MiB
+Q35_RAM_SPLIT_THRESHOLD = PCIE_ECAM_BASE
+Q35_RAM_BELOW_4G_WHEN_SPLIT = 0x80000000
 PCI_MMIO_BASE = 0xE0000000  # memory BARs, in the 32-bit hole below the IOAPIC
 PCI_MMIO_END = 0xFEC00000
 IOAPIC_ADDR = 0xFEC00000

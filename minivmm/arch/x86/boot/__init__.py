@@ -153,16 +153,19 @@ def load(
     cpu_signature: int,
     cpu_features: int,
     gib_pages: bool,
+    reserved: tuple[tuple[int, int], ...] = (),
 ) -> Entry:
-    """Write the image and its boot structures into RAM; return the entry state."""
+    """Write the image and its boot structures into RAM; return the entry state. ``reserved``:
+    the machine type's windows the memory map reserves (MachineType.reserved)."""
     if image.kind == "bios":
         return Entry("reset")  # the firmware block is mapped, not loaded
+    e820 = memory_map(ram_ranges, reserved)
     if image.kind == "linux":
-        entry = _load_linux(image, mem, ram_ranges, gib_pages)
+        entry = _load_linux(image, mem, ram_ranges, e820, gib_pages)
     elif image.kind == "pvh":
-        entry = _load_pvh(image, mem, ram_ranges)
+        entry = _load_pvh(image, mem, ram_ranges, e820)
     else:
-        entry = _load_multiboot(image, mem, ram_ranges, gib_pages)
+        entry = _load_multiboot(image, mem, ram_ranges, e820, gib_pages)
     try:
         for gpa, blob in mptable.build(ncpus, cpu_signature, cpu_features):
             mem.write(gpa, blob)
@@ -171,7 +174,9 @@ def load(
     return entry
 
 
-def _load_multiboot(image: BootImage, mem: GuestMemory, ram_ranges: list[tuple[int, int]], gib_pages: bool) -> Entry:
+def _load_multiboot(
+    image: BootImage, mem: GuestMemory, ram_ranges: list[tuple[int, int]], e820: list, gib_pages: bool
+) -> Entry:
     """Multiboot and ELF64: the kernel, its modules, then the multiboot information after them."""
     opt = f"-kernel {image.path}"
     try:
@@ -185,7 +190,7 @@ def _load_multiboot(image: BootImage, mem: GuestMemory, ram_ranges: list[tuple[i
             mem.write(end, mod.data)
             mods.append((end, end + len(mod.data), mod.cmdline.encode()))
             end = _page_up(end + len(mod.data))
-        info = multiboot.build_info(ram_ranges, mods, image.cmdline, end)
+        info = multiboot.build_info(ram_ranges, mods, image.cmdline, end, e820)
         if end + len(info) > 1 << 32:
             raise GuestMemoryError(f"kernel, modules and boot information end at {end + len(info):#x}, above 4 GiB")
         mem.write(end, info)
@@ -204,7 +209,9 @@ def _identity_map(mem: GuestMemory, ram_ranges: list[tuple[int, int]], gib_pages
         mem.write(gpa, blob)
 
 
-def _load_linux(image: BootImage, mem: GuestMemory, ram_ranges: list[tuple[int, int]], gib_pages: bool) -> Entry:
+def _load_linux(
+    image: BootImage, mem: GuestMemory, ram_ranges: list[tuple[int, int]], e820: list, gib_pages: bool
+) -> Entry:
     """A bzImage's protected-mode part, its initrd, command line and zero page; the entry state."""
     kernel = image.linux
     assert kernel is not None
@@ -225,7 +232,6 @@ def _load_linux(image: BootImage, mem: GuestMemory, ram_ranges: list[tuple[int, 
         if initrd is not None:
             mem.write(initrd[0], image.initrd)
         mem.write(layout.CMDLINE_ADDR, image.cmdline + b"\0")
-        e820 = memory_map(ram_ranges)
         mem.write(layout.BOOT_PARAMS_ADDR, linux.zero_page(kernel, load_addr, layout.CMDLINE_ADDR, initrd, e820))
         if not kernel.header.kernel_64:
             return Entry("protected", load_addr, rsi=layout.BOOT_PARAMS_ADDR)
@@ -243,7 +249,7 @@ def _overlaps(a: int, a_end: int, b: int, b_end: int) -> bool:
     return a < b_end and b < a_end
 
 
-def _load_pvh(image: BootImage, mem: GuestMemory, ram_ranges: list[tuple[int, int]]) -> Entry:
+def _load_pvh(image: BootImage, mem: GuestMemory, ram_ranges: list[tuple[int, int]], e820: list) -> Entry:
     """An ELF's segments, its initrd at the top of RAM below 4 GiB, the command line and hvm_start_info."""
     try:
         for seg in image.segments:
@@ -272,6 +278,6 @@ def _load_pvh(image: BootImage, mem: GuestMemory, ram_ranges: list[tuple[int, in
         mem.write(addr, image.initrd)
         modules.append(pvh.Module(addr, size))
     mem.write(layout.CMDLINE_ADDR, image.cmdline + b"\0")
-    info = pvh.start_info(layout.PVH_START_INFO_ADDR, layout.CMDLINE_ADDR, modules, memory_map(ram_ranges))
+    info = pvh.start_info(layout.PVH_START_INFO_ADDR, layout.CMDLINE_ADDR, modules, e820)
     mem.write(layout.PVH_START_INFO_ADDR, info)
     return Entry("pvh", image.entry, rbx=layout.PVH_START_INFO_ADDR)

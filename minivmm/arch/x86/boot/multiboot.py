@@ -91,14 +91,18 @@ INFO_SIZE = 72  # the multiboot v1 information structure up to the loader name (
 
 
 def build_info(
-    ram_ranges: list[tuple[int, int]], modules: list[tuple[int, int, bytes]], cmdline: bytes, base: int
+    ram_ranges: list[tuple[int, int]],
+    modules: list[tuple[int, int, bytes]],
+    cmdline: bytes,
+    base: int,
+    e820: list[tuple[int, int, int]] | None = None,
 ) -> bytes:
     """The info structure at ``base``, followed by what it points at: the memory map, the
     kernel command line, the module list and its strings, the loader name.
 
     As QEMU's loader does, all of it goes after the kernel and its modules (``base``),
     never over a loaded segment. ``modules`` are (start, end, command line) of modules
-    already in RAM.
+    already in RAM; ``e820`` the memory map (by default RAM's alone).
     """
     extra = bytearray()
 
@@ -108,7 +112,7 @@ def build_info(
         extra.extend(b"\0" * (-len(extra) % 8))
         return addr
 
-    mmap_blob = b"".join(struct.pack("<IQQI", 20, b, n, t) for b, n, t in memory_map(ram_ranges))
+    mmap_blob = b"".join(struct.pack("<IQQI", 20, b, n, t) for b, n, t in e820 or memory_map(ram_ranges))
     mmap_addr = put(mmap_blob)
     cmdline_addr = put(cmdline + b"\0")
     strings = [put(text + b"\0") for _s, _e, text in modules]
