@@ -12,9 +12,9 @@
  * Built twice: abwalk.elf for minivmm's ELF64 boot, and abwalk-mb.elf
  * (MULTIBOOT_ENTRY, converted to ELF32) for any multiboot loader, QEMU's
  * -kernel included, so that minivmm and QEMU can be measured on the very
- * same guest (tools/bench_cpr.py).  Its 32-bit entry builds an identity map
- * of the first 8 GiB with 2 MiB user pages, enters long mode, and joins
- * the ELF64 entry.
+ * same guest (tools/bench_cpr.py).  Its 32-bit entry enters long mode on
+ * long32.S's identity map of the first 8 GiB (RAM above 4 GiB included)
+ * and joins the ELF64 entry.
  *
  * Status block at the fixed physical address 0x1ff000 (symbol "status",
  * see abwalk.ld), all little endian, plain stores:
@@ -40,59 +40,12 @@
 	.equ MMAP_TYPE_RAM, 1
 
 #ifdef MULTIBOOT_ENTRY
-	.equ MAPPED_GIB, 8
-	.equ PTE_USER_RW, 0x07		/* present, writable, user */
-	.equ PDE_2M, 0x80
-	.equ CR4_PAE, 0x20
-	.equ CR0_PE_PG, 0x80000001
-	.equ MSR_EFER, 0xc0000080
-	.equ EFER_LME, 0x100
-
 	MULTIBOOT_HEADER
 	.code32
 	.text
 	.globl _start
 _start:					/* multiboot: paging off, ebx = information */
-	movl $pdpt + PTE_USER_RW, pml4
-	xor %ecx, %ecx
-1:	mov %ecx, %eax			/* pdpt[i] = pd + i pages */
-	shl $12, %eax
-	add $pd + PTE_USER_RW, %eax
-	mov %eax, pdpt(, %ecx, 8)
-	inc %ecx
-	cmp $MAPPED_GIB, %ecx
-	jb 1b
-	xor %ecx, %ecx
-2:	mov %ecx, %eax			/* pd[i] = i * 2 MiB, a large user page */
-	shl $21, %eax
-	or $PDE_2M + PTE_USER_RW, %eax
-	mov %eax, pd(, %ecx, 8)
-	mov %ecx, %eax
-	shr $11, %eax			/* the address's bits 63:32 */
-	mov %eax, pd + 4(, %ecx, 8)
-	inc %ecx
-	cmp $512 * MAPPED_GIB, %ecx
-	jb 2b
-	mov $pml4, %eax
-	mov %eax, %cr3
-	mov %cr4, %eax
-	or $CR4_PAE, %eax
-	mov %eax, %cr4
-	mov $MSR_EFER, %ecx
-	rdmsr
-	or $EFER_LME, %eax
-	wrmsr
-	mov %cr0, %eax
-	or $CR0_PE_PG, %eax
-	mov %eax, %cr0
-	lgdt gdt64_ptr			/* user64.S's, with a 64-bit code segment */
-	ljmp $SEL_CODE64, $start64
-
-	.bss
-	.balign PAGE_SIZE
-pml4:	.space PAGE_SIZE
-pdpt:	.space PAGE_SIZE
-pd:	.space PAGE_SIZE * MAPPED_GIB
+	jmp long_from_32		/* long32.S, mapping 8 GiB: on to long_entry */
 #endif
 
 	.code64
@@ -100,6 +53,8 @@ pd:	.space PAGE_SIZE * MAPPED_GIB
 #ifndef MULTIBOOT_ENTRY
 	.globl _start
 _start:					/* ELF64 boot: in long mode already */
+#else
+long_entry:
 #endif
 start64:				/* CPL0: straight to CPL3 */
 #ifdef MULTIBOOT_ENTRY
@@ -217,6 +172,10 @@ no_ram:
 	jmp guest_exit
 
 #include "user64.S"
+#ifdef MULTIBOOT_ENTRY
+#define LONG32_GIB 8
+#include "long32.S"
+#endif
 #include "serial.S"
 #include "cmdline.S"
 

@@ -1,8 +1,9 @@
 /*
  * long32.S - from a 32-bit entry (protected mode, paging off, flat
  * segments: a PVH entry, a bzImage's startup_32) to 64-bit long mode at
- * CPL0, on static identity page tables: 4 GiB in 2 MiB user pages, so that
- * CPL3 code (user64.S) reaches RAM and the PCI and ECAM windows below 4 GiB.
+ * CPL0, on static identity page tables: LONG32_GIB (default 4) GiB in 2 MiB
+ * user pages, so that CPL3 code (user64.S) reaches RAM and the PCI and ECAM
+ * windows below 4 GiB (and RAM above it, for a guest that maps more).
  *
  *   long_from_32   jump here in 32-bit code; it continues at long_entry
  *                  (the including guest's label) in 64-bit mode, with
@@ -18,6 +19,9 @@
 #endif
 #ifndef LONG32_DATA
 #define LONG32_DATA .data
+#endif
+#ifndef LONG32_GIB
+#define LONG32_GIB 4
 #endif
 
 	.equ CR0_PE, 1
@@ -52,13 +56,16 @@ long_from_32:
 boot_pml4:
 	.quad boot_pdpt + PTE_USER
 	.fill 511, 8, 0
-boot_pdpt:
-	.quad boot_pd + PTE_USER, boot_pd + 0x1000 + PTE_USER
-	.quad boot_pd + 0x2000 + PTE_USER, boot_pd + 0x3000 + PTE_USER
-	.fill 508, 8, 0
+boot_pdpt:				/* one page directory per GiB */
+	.set pd, 0
+	.rept LONG32_GIB
+	.quad boot_pd + (pd << 12) + PTE_USER
+	.set pd, pd + 1
+	.endr
+	.fill 512 - LONG32_GIB, 8, 0
 boot_pd:
 	.set pde, 0
-	.rept 2048
+	.rept 512 * LONG32_GIB
 	.quad (pde << 21) | PDE_USER_2M
 	.set pde, pde + 1
 	.endr
