@@ -46,12 +46,6 @@ class Chip:
     single: bool = False
     elcr: int = 0
 
-    def init_reset(self) -> None:
-        """ICW1: everything but the ELCR starts over; level-triggered requests stay."""
-        keep = self.elcr
-        irr = self.irr & keep
-        self.__init__(irr=irr, elcr=keep)
-
     def priority(self, mask: int) -> int:
         """The priority (0 highest) of the highest set bit of ``mask``, or 8 for none."""
         if not mask:
@@ -201,12 +195,18 @@ class Pic(LockedState):
                 if offset < OFFSET_ELCR + 2:
                     self.s.chips[offset & 1].elcr = value & ELCR_MASK[offset & 1]
                 return
-            chip = self.s.chips[offset >> 1]
+            index = offset >> 1
+            chip = self.s.chips[index]
             if offset & 1:
                 self._write_data(chip, value)
-            elif value & 0x10:  # ICW1
-                chip.init_reset()
-                chip.init_state, chip.init4, chip.single = 1, bool(value & 1), bool(value & 2)
+            elif value & 0x10:  # ICW1: all starts over but the ELCR (and level-triggered requests)
+                self.s.chips[index] = Chip(
+                    irr=chip.irr & chip.elcr,
+                    elcr=chip.elcr,
+                    init_state=1,
+                    init4=bool(value & 1),
+                    single=bool(value & 2),
+                )
             elif value & 0x08:  # OCW3
                 if value & 0x04:
                     chip.poll = True

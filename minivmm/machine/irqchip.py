@@ -103,7 +103,10 @@ class SplitIrqchip:
         pio.register(layout.PORT_ELCR, 2, self.pic, offset=i8259.OFFSET_ELCR)
         mmio.register(layout.IOAPIC_ADDR, layout.IOAPIC_SIZE, self.ioapic)
         if self.pit:
-            later = lambda delay, fn: loop.call_soon_threadsafe(loop.call_later, delay, fn)  # noqa: E731
+
+            def later(delay: float, fn: Callable[[], None]) -> None:  # from any thread
+                loop.call_soon_threadsafe(loop.call_later, delay, fn)
+
             pit = i8254.Pit(lambda level: self.set_irq(layout.IRQ_PIT, level), later)
             pio.register(layout.PORT_PIT, 4, pit)
             pio.register(layout.PORT_SPEAKER, 1, pit, offset=i8254.PORT_61)
