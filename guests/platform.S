@@ -358,16 +358,7 @@ pci_scan:
 	je 5f
 	mov %eax, %r13d			/* device << 16 | vendor */
 	PRINT("platform: pci 00:")
-	mov %r12d, %eax
-	mov $2, %ecx
-	call puthex
-	PRINT(".0 id=")
-	mov %r13d, %eax
-	mov $4, %ecx
-	call puthex
-	PUTC(':')
-	shr $16, %eax
-	call puthex
+	call put_slot_id
 	PRINT(" class=")
 	mov $8, %esi
 	call pci_config
@@ -618,16 +609,7 @@ ecam_scan:
 	cmp $0xffffffff, %r13d
 	je 9f
 	PRINT("platform: ecam 00:")
-	mov %r12d, %eax
-	mov $2, %ecx
-	call puthex
-	PRINT(".0 id=")
-	mov %r13d, %eax
-	mov $4, %ecx
-	call puthex
-	PUTC(':')
-	shr $16, %eax
-	call puthex
+	call put_slot_id
 	mov $acpi_word_yes, %r14	/* the header, dword by dword, as 0xcf8 reads it */
 	xor %esi, %esi
 2:	mov %r12d, %edi
@@ -696,6 +678,24 @@ ecam_scan:
 	mov $8, %ecx
 	call puthex
 	PUTC('\n')
+	ret
+
+/* put_slot_id: print "SS.0 id=VVVV:DDDD" for slot r12d, id (device << 16 | vendor) r13d. */
+put_slot_id:
+	push %rax
+	push %rcx
+	mov %r12d, %eax
+	mov $2, %ecx
+	call puthex
+	PRINT(".0 id=")
+	mov %r13d, %eax
+	mov $4, %ecx
+	call puthex
+	PUTC(':')
+	shr $16, %eax
+	call puthex
+	pop %rcx
+	pop %rax
 	ret
 
 #include "user64.S"
