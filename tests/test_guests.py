@@ -393,7 +393,22 @@ def test_qemu_options_minivmm_has_nothing_to_do_for(vmm):
     assert "mem_upper=64512" in r.stdout  # --m 64 took effect
 
 
-AOUT_KLUDGE_GUEST = r"""
+# The test guests' ending: msg to COM1, then debug-exit 0x10 (GUEST_EXIT_OK).
+PRINT_MSG_AND_EXIT = r"""
+    mov $msg, %esi
+1:  lodsb
+    test %al, %al
+    jz 2f
+    mov $0x3f8, %dx
+    out %al, %dx
+    jmp 1b
+2:  mov $0x10, %al
+    out %al, $0xf4
+    hlt
+"""
+
+AOUT_KLUDGE_GUEST = (
+    r"""
     .code32
     .text
 header:                             # multiboot header with the a.out kludge (flags bit 16)
@@ -406,23 +421,16 @@ header:                             # multiboot header with the a.out kludge (fl
 entry:
     cmpl $0, bss_word               # the bss must come zeroed
     jne 2f
-    mov $msg, %esi
-1:  lodsb
-    test %al, %al
-    jz 2f
-    mov $0x3f8, %dx
-    out %al, %dx
-    jmp 1b
-2:  mov $0x10, %al
-    out %al, $0xf4
-    hlt
-msg: .asciz "a.out kludge ok\n"
+"""
+    + PRINT_MSG_AND_EXIT
+    + r"""msg: .asciz "a.out kludge ok\n"
 load_end:
     .bss
 bss_word: .long 0
     .space 4096
 bss_end:
 """
+)
 
 
 def _flat_image(tmp_path, source: str, text_addr: int):
@@ -453,7 +461,8 @@ def test_multiboot_aout_kludge_image(vmm, tmp_path):
     assert (r.status, r.stdout) == (GUEST_EXIT_OK, "a.out kludge ok\n"), r
 
 
-LOW_MULTIBOOT_GUEST = r"""
+LOW_MULTIBOOT_GUEST = (
+    r"""
     .code32
     .text
 header:                             # loaded at 0x7000, as kvm-unit-tests' realmode.flat loads low
@@ -468,17 +477,9 @@ entry:
     jne bad
     cmpl $0xA5A5A5A5, marker_9000
     jne bad
-    mov $msg, %esi
-1:  lodsb
-    test %al, %al
-    jz 2f
-    mov $0x3f8, %dx
-    out %al, %dx
-    jmp 1b
-2:  mov $0x10, %al
-    out %al, $0xf4
-    hlt
-bad: mov $0x11, %al
+"""
+    + PRINT_MSG_AND_EXIT
+    + r"""bad: mov $0x11, %al
     out %al, $0xf4
     hlt
 msg: .asciz "low image intact\n"
@@ -491,6 +492,7 @@ load_end:
     .space 4096
 bss_end:
 """
+)
 
 
 def test_multiboot_information_goes_after_the_image_and_modules_as_qemu_places_it(vmm, tmp_path):

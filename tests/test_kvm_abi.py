@@ -13,7 +13,7 @@ import pytest
 
 from minivmm.kvm import constants, ioctls, structs
 
-cffi = pytest.importorskip("cffi")
+cffi = pytest.importorskip("cffi", reason="cffi is not installed (the C side of this check is built with it)")
 _CC = (sysconfig.get_config_var("CC") or "cc").split()[0]
 pytestmark = pytest.mark.skipif(shutil.which(_CC) is None, reason=f"no C compiler ({_CC})")
 

@@ -240,10 +240,6 @@ class FwCfg(LockedState):
 
     # --- the guest's side -------------------------------------------------------------------------------
 
-    def reset(self) -> None:
-        with self.lock:
-            self.s = FwCfgState()
-
     def _item(self) -> bytes | None:
         return self.items.get(self.s.selector & ~WRITE_CHANNEL)
 

@@ -65,10 +65,6 @@ class I8042(LockedState):
         self.s = I8042State()
         self.lock = threading.Lock()
 
-    def reset(self) -> None:
-        with self.lock:
-            self.s = I8042State()
-
     def _reply(self, byte: int) -> None:
         if len(self.s.queue) < QUEUE_SIZE:
             self.s.queue.append(byte)

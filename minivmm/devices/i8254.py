@@ -159,15 +159,8 @@ class Pit(LockedState):
         self.s = PitState()
         self.generation = 0  # a timer armed for an older programming of counter 0 does nothing
 
-    def reset(self) -> None:
-        with self.lock:
-            self.s = PitState()
-            self.generation += 1
-
-    def load_state(self, state: PitState) -> None:
-        with self.lock:
-            self.s = state
-            self._arm(time.monotonic_ns())
+    def _state_changed(self) -> None:
+        self._arm(time.monotonic_ns())  # after a reset: no edge to come, earlier timers void
 
     def save_state(self) -> PitState:
         with self.lock:

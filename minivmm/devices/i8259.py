@@ -126,21 +126,14 @@ class Pic(LockedState):
         self.s = PicState()
         self.output = False
 
-    def reset(self) -> None:
-        with self.lock:
-            self.s = PicState()
-            self._update()
-
-    def load_state(self, state: PicState) -> None:
-        with self.lock:
-            self.s = state
-            self._update()
-
     def set_irq(self, irq: int, level: int) -> None:
         """ISA IRQ 0-15 at ``level``."""
         with self.lock:
             self.s.chips[irq >> 3].set_input(irq & 7, level)
             self._update()
+
+    def _state_changed(self) -> None:
+        self._update()
 
     def _update(self) -> None:
         master, slave = self.s.chips

@@ -88,15 +88,8 @@ class IoApic(LockedState):
         self.routes: dict[int, tuple[int, int]] = {}
         self._update_routes()
 
-    def reset(self) -> None:
-        with self.lock:
-            self.s = IoApicState()
-            self._update_routes()
-
-    def load_state(self, state: IoApicState) -> None:
-        with self.lock:
-            self.s = state
-            self._update_routes()
+    def _state_changed(self) -> None:
+        self._update_routes()
 
     # --- the pins ---------------------------------------------------------------------------------
     def set_irq(self, pin: int, level: int) -> None:

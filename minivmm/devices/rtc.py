@@ -112,6 +112,9 @@ class Rtc(LockedState):
         self.flush_coalesced()
         return super().save_state()
 
+    def reset(self) -> None:
+        """Nothing: the CMOS is battery-backed, so its clock and RAM outlive a reset."""
+
     def load_state(self, state: RtcState) -> None:
         self.flush_coalesced()  # writes from before the load are history: replayed now, then replaced
         super().load_state(state)

@@ -108,10 +108,6 @@ class Serial(LockedState):
         self.s = SerialState()
         self.lock = threading.Lock()
 
-    def reset(self) -> None:
-        with self.lock:
-            self.s = SerialState()
-
     def load_state(self, state: SerialState) -> None:
         """Take saved registers; the irqchip holds the line level, so only our view is set."""
         super().load_state(state)

@@ -20,6 +20,12 @@ class LockedState(Device):
     s: Any
     lock: threading.Lock
 
+    def reset(self) -> None:
+        """Back to the power-on registers: a fresh ``s`` of its dataclass."""
+        with self.lock:
+            self.s = type(self.s)()
+            self._state_changed()
+
     def save_state(self) -> Any:
         with self.lock:
             return copy.deepcopy(self.s)
@@ -27,3 +33,8 @@ class LockedState(Device):
     def load_state(self, state: Any) -> None:
         with self.lock:
             self.s = state
+            self._state_changed()
+
+    def _state_changed(self) -> None:
+        """What follows from registers set all at once (a reset, a load), lock held: a device
+        with outputs, routes or timers derived from its registers brings them in line here."""
