@@ -78,6 +78,28 @@ def test_every_truncation_and_bit_flip_is_refused(saved):
     assert not loaded, f"{len(loaded)} damaged streams loaded: {loaded[:5]}"
 
 
+def test_damaged_files_are_refused_when_read_at_their_offsets(saved, tmp_path):
+    """A file is read by worker threads, each page record at its offset: a cut or a flipped
+    bit in or around any of them, whichever thread meets it, is refused."""
+    data, p, shape = saved
+    import random
+
+    records = p.pages()
+    assert len(records) >= 3  # the workers' path, with more than one record at a time
+    assert fz.load_in_process(data, shape, tmp_path / "whole") is None
+    rng = random.Random(11)
+    damaged = []
+    for r in records:
+        for at in (r.start, r.data - 1, r.data, r.end - 1, r.end, rng.randrange(r.data, r.end)):
+            damaged.append((f"cut at {at}", data[:at]))
+        for at in (rng.randrange(r.start, r.data), rng.randrange(r.data, r.end), r.end - 1):
+            d = bytearray(data)
+            d[at] ^= 1 << rng.randrange(8)
+            damaged.append((f"flip in byte {at}", bytes(d)))
+    loaded = [what for what, d in damaged if fz.load_in_process(d, shape, tmp_path / "damaged") is None]
+    assert not loaded, f"{len(loaded)} damaged files loaded: {loaded[:5]}"
+
+
 def test_random_field_values_are_refused_or_load_validly(saved):
     _, p, shape = saved
     import random

@@ -467,13 +467,17 @@ class Shape:
         return cls(blocks, got_layout, machine, devices)
 
 
-def load_in_process(data: bytes, shape: Shape) -> str | None:
+def load_in_process(data: bytes, shape: Shape, via: Path | None = None) -> str | None:
     """None when the stream loads into a valid machine; the refusal's text otherwise.
-    Anything else it raises is a bug."""
-    try:
-        loaded, _ = incoming.read_stream(stream.Reader(io.BytesIO(data)), shape.blocks, shape.layout, shape.machine)
-    except REFUSALS as e:
-        return str(e)
+    Anything else it raises is a bug. ``via``: a scratch file to read it from, as
+    ``-incoming file:`` does (large records read at their offsets by worker threads)."""
+    if via is not None:
+        via.write_bytes(data)
+    with open(via, "rb", buffering=0) if via is not None else io.BytesIO(data) as src:
+        try:
+            loaded, _ = incoming.read_stream(stream.Reader(src), shape.blocks, shape.layout, shape.machine)
+        except REFUSALS as e:
+            return str(e)
     assert loaded.runstate in machine_state.RESUMABLE, loaded.runstate
     for st in loaded.vcpus:  # what would go to KVM re-encodes under the strict description
         decode(vcpu_state.VMSTATE, encode(vcpu_state.VMSTATE, st), vcpu_state.VMSTATE.version_id)

@@ -6,11 +6,16 @@ other side, from the socket straight into the target's mmap: no copies in
 Python (but for pages sent while the guest runs, which are copied so that
 their checksum matches what is sent). Every record is bounds-checked against the receiving block.
 
-Checksumming large records runs on a second thread (``_Crcs``; zlib lets go
-of the GIL) while this one does the I/O: the source computes the next
-record's CRC while it writes the current one, and the target checks each
-record while it reads the next, every check done before the end mark is
-accepted (nothing runs the loaded RAM before that).
+Large records are checksummed off the I/O thread (``_Workers``; zlib and
+file I/O let go of the GIL). On a socket, one worker computes the next
+record's CRC while this thread sends the current one, and the target checks
+each record while it reads the next. In a file every record has a known
+place, so a stopped guest's RAM goes as QEMU's mapped-ram with multifd
+takes it: ``IO_THREADS`` workers each checksum and pwrite (or pread and
+check) records of their own at their offsets, using every core for the
+copies and page allocation that dominate a file migration. The bytes are
+the same either way. Every check is done before the end mark is accepted
+(nothing runs the loaded RAM before that).
 
 Version 2 (this one writes it; version 1 still loads) adds integrity: a
 CRC-32 of the header, of each page record's header (checked before a byte is
@@ -25,8 +30,11 @@ the target waiting forever.
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 import zlib
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -52,26 +60,62 @@ _STATE = struct.Struct("<BQ")  # type, length
 _END = struct.Struct("<BQQI")  # type, page records, page bytes, CRC-32 of the 17 bytes before
 
 
-PIPELINE_MIN = 1 << 20  # records at least this large are checksummed on the second thread
+PIPELINE_MIN = 1 << 20  # on a socket, records at least this large are checksummed by a worker
+IO_THREADS = min(4, os.cpu_count() or 1)  # a file's workers: the copies scale with cores, not beyond
 
 
 class StreamError(ValueError):
     pass
 
 
-class _Crcs:
-    """CRC-32s on one worker thread, in order, while the caller does I/O."""
+class _Workers:
+    """A pool for checksums and positioned file I/O, made at the first large record."""
 
-    def __init__(self) -> None:
+    def __init__(self, n: int) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="stream-crc")
+        self.n = n
+        self.pool = ThreadPoolExecutor(n, thread_name_prefix="stream-io")
 
-    def submit(self, data):
-        return self.pool.submit(zlib.crc32, data)
+    def submit(self, fn, *args):
+        return self.pool.submit(fn, *args)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _regular_fd(io) -> int | None:
+    """The fd of a regular file, whose records can be written and read at their offsets; else None."""
+    if hasattr(io, "sendall") or not hasattr(io, "fileno"):
+        return None
+    try:
+        fd = io.fileno()
+        return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    except (OSError, ValueError):  # an in-memory buffer has no fd
+        return None
+
+
+def _pwrite_all(fd: int, buffers: list, pos: int) -> None:
+    views = [memoryview(b).cast("B") for b in buffers]
+    while views:
+        n = os.pwritev(fd, views, pos)
+        pos += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views:
+            views[0] = views[0][n:]
+
+
+def _read_at(fd: int, view: memoryview, pos: int, what: str) -> int:
+    """pread all of ``view`` from ``pos``, then its CRC-32 (a worker's job)."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], pos + done)
+        if not n:
+            raise StreamError(f"truncated migration stream: {len(view) - done} more bytes expected in {what}")
+        done += n
+    return zlib.crc32(view)
 
 
 def timeout() -> float:
@@ -106,12 +150,13 @@ class Writer:
         self.bytes = 0
         self.page_records = 0
         self.page_bytes = 0
-        self._crcs: _Crcs | None = None
+        self._fd = _regular_fd(out)
+        self._workers: _Workers | None = None
 
     def close(self) -> None:
-        if self._crcs is not None:
-            self._crcs.close()
-            self._crcs = None
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
 
     def _write_all(self, data) -> None:
         view = memoryview(data)
@@ -142,26 +187,58 @@ class Writer:
         self._record(block_index, offset, data, zlib.crc32(data))
 
     def stopped_pages(self, records: Iterable[tuple[int, int, memoryview]]) -> None:
-        """(block index, offset, data) records of a stopped guest's RAM: each record's CRC is
-        computed on the second thread while the one before it is written."""
-        if self._crcs is None:
-            self._crcs = _Crcs()
+        """(block index, offset, data) records of a stopped guest's RAM: in a file, written at
+        their places by the workers; on a socket, each record's CRC is computed by a worker
+        while the one before it is sent."""
+        if self._fd is not None:
+            self._stopped_to_file(records)
+            return
+        if self._workers is None:
+            self._workers = _Workers(1)
         records = iter(records)
         current = next(records, None)
-        crc = self._crcs.submit(current[2]) if current is not None else None
+        crc = self._workers.submit(zlib.crc32, current[2]) if current is not None else None
         while current is not None:
             following = next(records, None)
             index, offset, data = current
             value = crc.result()
             if following is not None:
-                crc = self._crcs.submit(following[2])
+                crc = self._workers.submit(zlib.crc32, following[2])
             self._record(index, offset, data, value)
             current = following
 
+    def _stopped_to_file(self, records: Iterable[tuple[int, int, memoryview]]) -> None:
+        if self._workers is None:
+            self._workers = _Workers(IO_THREADS)
+        pos = self.out.tell()
+        pending: deque = deque()
+        try:
+            for index, offset, data in records:
+                pending.append(self._workers.submit(self._write_at, pos, index, offset, data))
+                pos += _PAGES.size + len(data)
+                self.bytes += _PAGES.size + len(data)
+                self._count(data)
+                if len(pending) > 2 * self._workers.n:  # a bounded queue: an error stops the rest soon
+                    pending.popleft().result()
+            while pending:
+                pending.popleft().result()
+        finally:  # a failure or a cancel: nothing may still write once this returns
+            for job in pending:
+                job.cancel()
+            for job in pending:
+                if not job.cancelled():
+                    job.exception()
+        self.out.seek(pos)
+
+    def _write_at(self, pos: int, index: int, offset: int, data) -> None:
+        _pwrite_all(self._fd, [_page_head(index, offset, data, zlib.crc32(data)), data], pos)
+
     def _record(self, block_index: int, offset: int, data, crc: int) -> None:
-        head = _PAGES.pack(REC_PAGES, block_index, offset, len(data), crc, 0)[:-4]
-        self._put(head + struct.pack("<I", zlib.crc32(head)))
+        self._put(_page_head(block_index, offset, data, crc))
         self._put(data)
+        self._count(data)
+
+    def _count(self, data) -> None:
         self.page_records += 1
         self.page_bytes += len(data)
 
@@ -180,6 +257,11 @@ class Writer:
         self._put(head + struct.pack("<I", zlib.crc32(head)))
 
 
+def _page_head(block_index: int, offset: int, data, crc: int) -> bytes:
+    head = _PAGES.pack(REC_PAGES, block_index, offset, len(data), crc, 0)[:-4]
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
 class Reader:
     def __init__(self, src, timeout_s: float | None = None) -> None:
         self.src = src
@@ -189,7 +271,8 @@ class Reader:
         self.infos: list[BlockInfo] = []
         self.page_records = 0
         self.page_bytes = 0
-        self._crcs: _Crcs | None = None
+        self._fd = _regular_fd(src)
+        self._workers: _Workers | None = None
         self._checks: list = []  # (CRC future, expected, block name, offset) of records read
         self.timeout = None
         if hasattr(src, "settimeout"):  # a socket; a file cannot stall
@@ -257,13 +340,21 @@ class Reader:
         if offset % PAGE_SIZE or length % PAGE_SIZE or not length or offset + length > block.size:
             raise StreamError(f"RAM page record {offset:#x}+{length:#x} is outside '{block.name}' ({block.size:#x})")
         where = memoryview(block.mem)[offset : offset + length]
-        self._fill(where, f"'{block.name}' at {offset:#x}")
-        if self.version >= 2:
-            if length >= PIPELINE_MIN:  # checked on the second thread while the next one is read
-                if self._crcs is None:
-                    self._crcs = _Crcs()
-                self._checks.append((self._crcs.submit(where), data_crc, block.name, offset))
-            elif zlib.crc32(where) != data_crc:
+        what = f"'{block.name}' at {offset:#x}"
+        if self.version >= 2 and (self._fd is not None or length >= PIPELINE_MIN):  # a worker checks it
+            if self._workers is None:
+                self._workers = _Workers(IO_THREADS if self._fd is not None else 1)
+            if self._fd is not None:  # a file: the worker reads it too, and this thread goes on
+                job = self._workers.submit(_read_at, self._fd, where, self.src.tell(), what)
+                self.src.seek(length, os.SEEK_CUR)
+                self.bytes += length
+            else:
+                self._fill(where, what)
+                job = self._workers.submit(zlib.crc32, where)
+            self._checks.append((job, data_crc, block.name, offset))
+        else:
+            self._fill(where, what)
+            if self.version >= 2 and zlib.crc32(where) != data_crc:
                 _corrupt(block.name, offset)
         self.page_records += 1
         self.page_bytes += length
@@ -291,9 +382,9 @@ class Reader:
 
     def close(self) -> None:
         """Stop checksumming (the stream is done with, loaded or not)."""
-        if self._crcs is not None:
-            self._crcs.close()
-            self._crcs = None
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
         self._checks.clear()
 
     def end(self) -> None:
