@@ -65,6 +65,15 @@ class DeviceConfig:
 
 
 @dataclass
+class IommufdConfig:
+    """-object iommufd,id=ID[,fd=N]: an iommufd context vfio-pci devices share (fd: one already open)."""
+
+    id: str
+    fd: int | None = None
+    option: str = ""
+
+
+@dataclass
 class MachineConfig:
     machine: MachineType = PC  # -machine type=: pc (i440FX) or q35
     ram_size: int = DEFAULT_RAM_SIZE
@@ -75,6 +84,7 @@ class MachineConfig:
     aux_ram_share: bool = False
     mem_prealloc: bool = False  # -mem-prealloc: fault in all of pc.ram at start
     backends: dict[str, MemoryBackendConfig] = field(default_factory=dict)
+    iommufds: dict[str, IommufdConfig] = field(default_factory=dict)
     kernel: str | None = None
     initrd: str | None = None
     append: str | None = None

@@ -15,10 +15,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "minivmm"
 # Lowest first; a module may import its own layer or lower ones, never higher.
 LAYERS = (
     # Building blocks with no policy; guest RAM is one (the boot loaders in arch write into it).
-    ("support", ("minivmm", "minivmm.kvm", "minivmm.vmstate", "minivmm.memory", "minivmm.log", "minivmm.options",
-                 "minivmm.files", "minivmm.sockets", "minivmm.runstate", "minivmm.guests", "minivmm.mainloop")),
+    # The VFIO and iommufd bindings sit beside KVM's.
+    ("support", ("minivmm", "minivmm.kvm", "minivmm.vfio", "minivmm.vmstate", "minivmm.memory", "minivmm.log",
+                 "minivmm.options", "minivmm.files", "minivmm.sockets", "minivmm.runstate", "minivmm.guests",
+                 "minivmm.mainloop")),
     ("arch", ("minivmm.arch",)),
-    ("devices", ("minivmm.devices",)),
+    # vfio-user: a device model served over a socket, its protocol, server and client.
+    ("devices", ("minivmm.devices", "minivmm.vfio_user")),
     ("core", ("minivmm.config", "minivmm.chardev", "minivmm.vcpu", "minivmm.machine",
               "minivmm.cpr.fdtable")),
     ("migration and CPR", ("minivmm.migration", "minivmm.cpr")),

@@ -48,6 +48,7 @@ from .control import RunControl
 from .errors import MachineError
 from .irqchip import KernelIrqchip, SplitIrqchip
 from .pci import PciBus
+from .vfio import check_vfio_pci, check_vfio_user_pci
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,7 @@ class DeviceManager:
         for board in BOARD:
             self.pio.register(board.port, board.size, board.make(self, cfg), board.offset)
         self.pci = PciBus(self.pio, self.mmio, self.irq_line, cfg.machine)
+        self.iommufds = cfg.iommufds
         for dev in cfg.devices:
             self._add_model(dev)
 
@@ -355,6 +357,10 @@ class DeviceManager:
 
     # --- -device ----------------------------------------------------------------------------------------
     def _add_model(self, dev: DeviceConfig) -> None:
+        if dev.driver == "vfio-pci":
+            check_vfio_pci(dev, self.iommufds)
+        if dev.driver == "vfio-user-pci":
+            check_vfio_user_pci(dev)
         model = MODELS.get(dev.driver)
         if dev.driver in NOT_YET:
             raise MachineError(dev.option, f"'{dev.driver}' is not supported: {NOT_YET[dev.driver]}")
