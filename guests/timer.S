@@ -39,6 +39,18 @@
  *                   status byte is printed, then port 0x61 bit 5 (OUT2)
  *                   must rise at the terminal count: "timer: pit2
  *                   down=1 status=XX out2=1".
+ *         vfiouser N  minivmm's sample vfio-user device (1234:4d56, served
+ *                   by minivmm-vfio-user behind -device vfio-user-pci):
+ *                   finds it through 0xcf8, prints its ID register
+ *                   ("timer: vfiouser id=4D565531"), enables memory, bus
+ *                   mastering and MSI (vector 0x52, to APIC 0), then runs N
+ *                   DMA transfers of VU_LEN bytes, each from a buffer
+ *                   filled with a pattern of its round to a cleared one,
+ *                   each ending in an MSI; checks every copy and prints
+ *                   "timer: vfiouser round=R" every 100 rounds, then
+ *                   "timer: vfiouser rounds=N irqs=N counter=C" (C: the
+ *                   device's count of transfers since its reset) or
+ *                   "timer: vfiouser bad round=R status=S".
  *         (N missing or 0 means 100.)
  * Exits:  debug-exit value 0x10 (status 33).
  *
@@ -95,6 +107,22 @@
 	.equ PIT_STATUS_OUT, 0x80
 	.equ PIT2_POLLS, 1000000	/* pc-testdev: line n follows port 0x2000 + n */
 	.equ MCR_DTR_RTS_OUT2, 0x0b	/* OUT2 gates the UART IRQ on a PC */
+	.equ VU_IDS, 0x4d561234		/* device 0x4d56, vendor 0x1234 */
+	.equ VU_ID, 0x00		/* BAR0 registers (minivmm/vfio_user/sample.py) */
+	.equ VU_COUNTER, 0x0c
+	.equ VU_DMA_SRC, 0x10
+	.equ VU_DMA_DST, 0x18
+	.equ VU_DMA_LEN, 0x20
+	.equ VU_DMA_CMD, 0x24
+	.equ VU_DMA_STATUS, 0x28
+	.equ VU_IRQ_ACK, 0x34
+	.equ VU_START_IRQ, 3		/* start, interrupt when done */
+	.equ VU_IRQ_DMA, 1
+	.equ VU_VECTOR, 0x52
+	.equ VU_LEN, 256
+	.equ VU_REPORT_EVERY, 100
+	.equ MSI_ADDRESS, 0xfee00000	/* fixed delivery to APIC 0 */
+	.equ PCI_CMD_MEM_MASTER, 0x6
 
 /* IRET_SAME_CPL: what iret does when the interrupted code ran at our own
  * privilege level (CPL0, so CS does not change).  The stack holds EIP, CS,
@@ -161,6 +189,10 @@ _start:
 	call cmd_find
 	test %eax, %eax
 	jnz pit2_test
+	mov $word_vfiouser, %edi
+	call cmd_find
+	test %eax, %eax
+	jnz vfiouser_test
 	mov $word_pit, %edi
 	call cmd_find			/* no "pit" either: rAX = 0, N = 100 */
 
@@ -477,6 +509,170 @@ pic_init:
 	out %al, $PORT_PIC_SLAVE + 1
 	ret
 
+/* ---- vfiouser N ---- */
+vfiouser_test:
+	call ticks_arg			/* target = N rounds; ticks counts MSIs */
+	xor %ebx, %ebx			/* find the device: slot in ebx */
+1:	mov %ebx, %ecx
+	shl $11, %ecx
+	call vu_cfg_read		/* register 0 of slot ebx */
+	cmp $VU_IDS, %eax
+	je 2f
+	inc %ebx
+	cmp $32, %ebx
+	jb 1b
+	PRINT("timer: vfiouser no device\n")
+	jmp done
+2:	shl $11, %ebx
+	mov %ebx, vu_slot
+	lea 0x10(%ebx), %ecx		/* BAR0 */
+	call vu_cfg_read
+	and $~0xf, %eax
+	mov %eax, %edi			/* edi = BAR0 from here on */
+	mov %eax, vu_bar0
+	lea 0x04(%ebx), %ecx		/* command: memory decoding, bus mastering */
+	call vu_cfg_read
+	or $PCI_CMD_MEM_MASTER, %eax
+	call vu_cfg_write
+	PRINT("timer: vfiouser id=")
+	mov VU_ID(%edi), %eax
+	mov $8, %ecx
+	call puthex
+	PUTC('\n')
+
+	lea 0x34(%ebx), %ecx		/* the MSI capability */
+	call vu_cfg_read
+	movzbl %al, %esi
+3:	test %esi, %esi
+	jz 9f
+	lea (%ebx, %esi), %ecx
+	call vu_cfg_read
+	cmp $0x05, %al
+	je 4f
+	movzbl %ah, %esi
+	jmp 3b
+4:	mov %eax, %edx			/* id, next, message control */
+	lea 4(%ecx), %ecx
+	mov $MSI_ADDRESS, %eax
+	call vu_cfg_write
+	add $4, %ecx
+	bt $23, %edx			/* 64-bit address capable: the upper half, then the data */
+	jnc 5f
+	xor %eax, %eax
+	call vu_cfg_write
+	add $4, %ecx
+5:	mov $VU_VECTOR, %eax		/* fixed, edge */
+	call vu_cfg_write
+	lea (%ebx, %esi), %ecx
+	mov %edx, %eax
+	or $1 << 16, %eax		/* MSI enable */
+	call vu_cfg_write
+
+	mov $VU_VECTOR, %eax
+	mov $vu_irq, %edx
+	call set_gate
+	movl $0x100 | SPURIOUS_VECTOR, LAPIC_SVR	/* software enable */
+	xor %esi, %esi			/* esi = round */
+6:	cmp target, %esi
+	jae 8f
+	push %edi			/* the source: VU_LEN bytes of (round << 16 | index) */
+	mov $vu_src, %edi
+	mov %esi, %eax
+	shl $16, %eax
+	mov $VU_LEN / 4, %ecx
+1:	stosl
+	inc %eax
+	loop 1b
+	mov $vu_dst, %edi		/* the destination: cleared */
+	xor %eax, %eax
+	mov $VU_LEN / 4, %ecx
+	rep stosl
+	pop %edi
+	movl $vu_src, VU_DMA_SRC(%edi)
+	movl $0, VU_DMA_SRC + 4(%edi)
+	movl $vu_dst, VU_DMA_DST(%edi)
+	movl $0, VU_DMA_DST + 4(%edi)
+	movl $VU_LEN, VU_DMA_LEN(%edi)
+	movl $VU_START_IRQ, VU_DMA_CMD(%edi)
+	lea 1(%esi), %eax		/* until this round's MSI */
+1:	cmp ticks, %eax
+	jbe 2f
+	sti
+	hlt
+	cli
+	jmp 1b
+2:	mov VU_DMA_STATUS(%edi), %edx
+	test %edx, %edx
+	jnz 7f
+	push %esi			/* the copy must match */
+	push %edi
+	mov $vu_src, %esi
+	mov $vu_dst, %edi
+	mov $VU_LEN / 4, %ecx
+	repe cmpsl
+	pop %edi
+	pop %esi
+	jne 7f
+	inc %esi
+	mov %esi, %eax
+	xor %edx, %edx
+	mov $VU_REPORT_EVERY, %ecx
+	div %ecx
+	test %edx, %edx
+	jnz 6b
+	PRINT("timer: vfiouser round=")
+	mov %esi, %eax
+	call putdec
+	PUTC('\n')
+	jmp 6b
+7:	PRINT("timer: vfiouser bad round=")
+	mov %esi, %eax
+	call putdec
+	PRINT(" status=")
+	mov VU_DMA_STATUS(%edi), %eax
+	call putdec
+	PUTC('\n')
+	jmp done
+8:	PRINT("timer: vfiouser rounds=")
+	mov %esi, %eax
+	call putdec
+	PRINT(" irqs=")
+	mov ticks, %eax
+	call putdec
+	PRINT(" counter=")
+	mov VU_COUNTER(%edi), %eax
+	call putdec
+	PUTC('\n')
+	jmp done
+9:	PRINT("timer: vfiouser no MSI\n")
+	jmp done
+
+/* vu_cfg_read: eax = the dword at configuration address ecx (slot << 11 | register). */
+vu_cfg_read:
+	push %edx
+	mov %ecx, %eax
+	or $0x80000000, %eax
+	mov $PORT_PCI_CONFIG, %dx
+	out %eax, %dx
+	add $4, %dx
+	in %dx, %eax
+	pop %edx
+	ret
+
+/* vu_cfg_write: the dword at configuration address ecx = eax. */
+vu_cfg_write:
+	push %edx
+	push %eax
+	mov %ecx, %eax
+	or $0x80000000, %eax
+	mov $PORT_PCI_CONFIG, %dx
+	out %eax, %dx
+	pop %eax
+	add $4, %dx
+	out %eax, %dx
+	pop %edx
+	ret
+
 /* set_gate: IDT entry eax -> handler edx (32-bit interrupt gate, DPL 0). */
 set_gate:
 	push %ecx
@@ -537,6 +733,15 @@ level_irq:				/* lower the line on the last one, then EOI */
 	pop %eax
 	IRET_SAME_CPL
 
+vu_irq:					/* count, acknowledge the device, EOI */
+	push %eax
+	incl ticks
+	mov vu_bar0, %eax
+	movl $VU_IRQ_DMA, VU_IRQ_ACK(%eax)
+	movl $0, LAPIC_EOI
+	pop %eax
+	IRET_SAME_CPL
+
 serial_irq:
 	pushal
 1:	mov $COM1_LSR, %dx		/* every byte that is there */
@@ -570,6 +775,7 @@ word_serial:	.asciz "serial"
 word_ioapic:	.asciz "ioapic"
 word_pit2:	.asciz "pit2"
 word_eoi:	.asciz "eoi"
+word_vfiouser:	.asciz "vfiouser"
 	.balign 8
 gdt:
 	.quad 0				/* 0x00 null */
@@ -592,8 +798,15 @@ target:		.long 0
 level_irqs:	.long 0
 directed_eoi:	.byte 0
 serial_done:	.byte 0
+	.balign 4
+vu_slot:	.long 0
+vu_bar0:	.long 0
 
 	.bss
+	.balign 16
+vu_src:	.space VU_LEN
+vu_dst:	.space VU_LEN
+
 	.balign 8
 idt:	.space 256 * 8
 	.balign 16

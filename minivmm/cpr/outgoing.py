@@ -43,6 +43,8 @@ def validate(
         raise ValidationError("a cpr channel is only valid in mode cpr-transfer")
     if mode in MODES and (found := blockers(machine)):
         raise ValidationError(found[0])
+    if mode not in MODES and (found := machine.devices.migration_blockers()):
+        raise ValidationError(found[0])  # a device whose state no stream can carry; CPR keeps its fds
     if mode in ("cpr-exec", "cpr-reboot") and main.addr.transport != "file":
         raise ValidationError(f"mode {mode} needs a file: migration URI (the next VMM reads the state from it)")
     if mode == "cpr-exec":

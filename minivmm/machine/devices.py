@@ -21,7 +21,7 @@ from minivmm.arch.x86.e820 import memory_map
 from minivmm.chardev import Chardev, ChardevError, FileChardev, SocketChardev, StdioChardev
 from minivmm.config import ChardevConfig, DeviceConfig, MachineConfig
 from minivmm.cpr.fdtable import FdTable
-from minivmm.devices import edu, fw_cfg, pc_testdev, pci_testdev, pvpanic
+from minivmm.devices import edu, fw_cfg, ioapic, pc_testdev, pci_testdev, pvpanic, vfio_user_pci
 from minivmm.devices.acpi_pm import (
     RESET_CONTROL_RST_CPU,
     RESET_CONTROL_SYS_RST,
@@ -48,7 +48,7 @@ from .control import RunControl
 from .errors import MachineError
 from .irqchip import KernelIrqchip, SplitIrqchip
 from .pci import PciBus
-from .vfio import check_vfio_pci, check_vfio_user_pci
+from .vfio import check_vfio_pci, vfio_user_options
 
 
 @dataclass(frozen=True)
@@ -204,9 +204,12 @@ class DeviceManager:
         self.pio = Bus("port I/O")
         self.mmio = Bus("MMIO")
         self.chardevs: list[Chardev] = []
-        self.irqfds: dict[int, int] = {}  # GSI -> eventfd for KVM_IRQFD
+        self.irqfds: dict[int, int] = {}  # GSI -> eventfd for KVM_IRQFD: the ISA lines'
+        self.device_irqfds: dict[int, int] = {}  # and the PCI devices' MSI (their devices own the eventfds)
+        self.next_msi_gsi = ioapic.PINS  # GSIs past the IOAPIC's pins carry device MSIs
         self.irqfds_bound = False  # an incoming CPR binds them once the source has let go
         self.ram_ranges: list[tuple[int, int]] = []
+        self.vfio_user: list[vfio_user_pci.VfioUserPci] = []
         self.coalesced: CoalescedRing | None = None
         self._flush_lock = threading.RLock()
         self._flushing = False
@@ -351,16 +354,28 @@ class DeviceManager:
         """Bind the irqfds to this VM, or let them go (a CPR source, stopped, before the new VM binds them)."""
         if bind == self.irqfds_bound:
             return
-        for gsi, fd in self.irqfds.items():
+        for gsi, fd in [*self.irqfds.items(), *self.device_irqfds.items()]:
             self.vm.irqfd(fd, gsi, assign=bind)
         self.irqfds_bound = bind
+
+    def add_irqfd(self, gsi: int, fd: int) -> None:
+        """A device's MSI eventfd on its GSI, bound now if this VM's irqfds are (else with them)."""
+        self.device_irqfds[gsi] = fd
+        if self.irqfds_bound:
+            self.vm.irqfd(fd, gsi)
+
+    def remove_irqfd(self, gsi: int) -> None:
+        fd = self.device_irqfds.pop(gsi, None)
+        if fd is not None and self.irqfds_bound:
+            self.vm.irqfd(fd, gsi, assign=False)
 
     # --- -device ----------------------------------------------------------------------------------------
     def _add_model(self, dev: DeviceConfig) -> None:
         if dev.driver == "vfio-pci":
             check_vfio_pci(dev, self.iommufds)
         if dev.driver == "vfio-user-pci":
-            check_vfio_user_pci(dev)
+            self._add_vfio_user(dev)
+            return
         model = MODELS.get(dev.driver)
         if dev.driver in NOT_YET:
             raise MachineError(dev.option, f"'{dev.driver}' is not supported: {NOT_YET[dev.driver]}")
@@ -383,7 +398,31 @@ class DeviceManager:
             except BusError as e:
                 raise MachineError(dev.option, str(e)) from None
 
+    def _add_vfio_user(self, dev: DeviceConfig) -> None:
+        dev_id, path = vfio_user_options(dev, len(self.pci.functions))
+        gsi, self.next_msi_gsi = self.next_msi_gsi, self.next_msi_gsi + 1
+        wiring = vfio_user_pci.Wiring(
+            self.fds, self.memory.mappings, gsi, self.irqchip.set_device_msi, self.add_irqfd, self.remove_irqfd
+        )
+        try:
+            function = vfio_user_pci.VfioUserPci(dev_id, path, wiring)
+        except vfio_user_pci.VfioUserError as e:
+            raise MachineError(dev.option, str(e)) from None
+        self.vfio_user.append(function)
+        try:
+            self.pci.add(function)
+        except BusError as e:
+            raise MachineError(dev.option, str(e)) from None
+
+    def migration_blockers(self) -> list[str]:
+        """Why this machine's state cannot go into a stream (QEMU's wording): the devices whose state
+        lives in another process. CPR keeps them, as their connection goes with the fds."""
+        return [f"{f.dev_id}: VFIO device doesn't support migration" for f in self.vfio_user]
+
     def close(self) -> None:
+        for function in self.vfio_user:
+            function.close()
+        self.vfio_user.clear()
         if self.coalesced is not None:
             self.coalesced.close()
             self.coalesced = None

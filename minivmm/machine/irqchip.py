@@ -48,6 +48,7 @@ class KernelIrqchip:
 
     def __init__(self, vm: Vm, pit: bool, pit_reinject: bool) -> None:
         self.vm = vm
+        self.device_msi: dict[int, tuple[int, int]] = {}  # GSI -> (address, data) of PCI devices' MSIs
         vm.create_irqchip()
         vm.set_gsi_routing(irqchip_routes=pc_routes())
         self.kvm_pit = pit  # KVM holds the PIT's state (the kvm-pit section)
@@ -58,6 +59,11 @@ class KernelIrqchip:
         self.initial_chips = [vm.get_irqchip(i) for i in range(3)]
         self.initial_pit = vm.get_pit2() if pit else None
         self.set_irq: Callable[[int, int], None] = vm.irq_line
+
+    def set_device_msi(self, gsi: int, route: tuple[int, int] | None) -> None:
+        """Route ``gsi`` (past the IOAPIC's pins) to a device's MSI (address, data), or nowhere."""
+        _update(self.device_msi, gsi, route)
+        self.vm.set_gsi_routing(irqchip_routes=pc_routes(), msi_routes=self.device_msi)
 
     def add_devices(self, pio: Bus, mmio: Bus, loop: MainLoop) -> None:
         """Nothing: KVM answers at their ports and addresses."""
@@ -83,13 +89,22 @@ class SplitIrqchip:
             raise MachineError("-machine kernel-irqchip=split", "this KVM lacks KVM_CAP_SPLIT_IRQCHIP")
         self.vm = vm
         vm.enable_split_irqchip(ioapic.PINS)
-        self.ioapic = ioapic.IoApic(
-            lambda gsi: vm.irq_line(gsi, 1), lambda routes: vm.set_gsi_routing(msi_routes=routes)
-        )
+        self.pin_routes: dict[int, tuple[int, int]] = {}  # the IOAPIC's, GSI = pin
+        self.device_msi: dict[int, tuple[int, int]] = {}  # PCI devices' MSIs, past the pins
+        self.ioapic = ioapic.IoApic(lambda gsi: vm.irq_line(gsi, 1), self._set_pin_routes)
         self.pic = i8259.Pic(self._pic_output)
         self.pit = pit
         self.boot: VcpuThread | None = None
         self.probed = False  # the boot vCPU's last KVM_RUN was a probe of its "ready" flags
+
+    def _set_pin_routes(self, routes: dict[int, tuple[int, int]]) -> None:
+        self.pin_routes = dict(routes)
+        self.vm.set_gsi_routing(msi_routes={**self.pin_routes, **self.device_msi})
+
+    def set_device_msi(self, gsi: int, route: tuple[int, int] | None) -> None:
+        """Route ``gsi`` (past the IOAPIC's pins) to a device's MSI (address, data), or nowhere."""
+        _update(self.device_msi, gsi, route)
+        self.vm.set_gsi_routing(msi_routes={**self.pin_routes, **self.device_msi})
 
     def set_irq(self, gsi: int, level: int) -> None:
         """An ISA or PCI line: ISA IRQs reach both the PIC and the IOAPIC."""
@@ -146,6 +161,13 @@ class SplitIrqchip:
         else:
             self.probed = False
         run.request_interrupt_window = 1 if self.pic.output else 0
+
+
+def _update(routes: dict[int, tuple[int, int]], gsi: int, route: tuple[int, int] | None) -> None:
+    if route is None:
+        routes.pop(gsi, None)
+    else:
+        routes[gsi] = route
 
 
 def create(vm: Vm, mode: str, pit: bool, pit_reinject: bool) -> KernelIrqchip | SplitIrqchip:

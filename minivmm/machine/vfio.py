@@ -1,8 +1,8 @@
 """-device vfio-pci and vfio-user-pci as QEMU spells them: their properties checked, and the
 host checked for what the kernel must offer, at machine build time.
 
-Neither device is assigned yet (the PCI side comes later): a command line that names one
-fails with one line, and the line names what this host's kernel lacks when it lacks it.
+vfio-pci is not assigned yet: a command line that names one fails with one line, and the line
+names what this host's kernel lacks when it lacks it. vfio-user-pci is devices/vfio_user_pci.py.
 """
 
 from __future__ import annotations
@@ -61,10 +61,12 @@ def check_vfio_pci(dev: DeviceConfig, iommufds: dict[str, IommufdConfig]) -> Non
     raise MachineError(dev.option, f"'vfio-pci' is not supported yet: {NOT_YET}")
 
 
-def vfio_user_socket(dev: DeviceConfig) -> str:
-    """The unix socket path of ``socket=PATH``, ``socket.type=unix,socket.path=PATH`` or QEMU's
-    JSON ``"socket": {"type": "unix", "path": PATH}``."""
+def vfio_user_options(dev: DeviceConfig, index: int) -> tuple[str, str]:
+    """(id, socket path) of ``-device vfio-user-pci``: the socket as ``socket=PATH``,
+    ``socket.type=unix,socket.path=PATH`` or QEMU's JSON ``"socket": {"type": "unix", "path": PATH}``;
+    the id names the device's fds in the CPR table (``id=``, else its place on the bus)."""
     props = dict(dev.props)
+    dev_id = props.pop("id", None) or f"vfio-user-pci.{index}"
     sock = props.pop("socket", None)
     spec: dict = {}
     if sock is not None and sock.lstrip().startswith("{"):
@@ -86,13 +88,4 @@ def vfio_user_socket(dev: DeviceConfig) -> str:
         raise MachineError(dev.option, f"Unsupported socket type {spec['type']}")
     if not isinstance(spec.get("path"), str) or not spec["path"]:
         raise MachineError(dev.option, "Parameter 'socket.path' is missing")
-    return spec["path"]
-
-
-def check_vfio_user_pci(dev: DeviceConfig) -> None:
-    vfio_user_socket(dev)
-    raise MachineError(
-        dev.option,
-        "'vfio-user-pci' is not supported yet: minivmm has the vfio-user protocol, a client and a sample "
-        "server (minivmm-vfio-user), not the PCI device yet",
-    )
+    return dev_id, spec["path"]

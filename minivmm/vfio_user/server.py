@@ -214,6 +214,7 @@ class Server:
         self._deferred: list[Callable[[], None]] = []
         self._pending: list[Message] = []  # client commands that came while the server awaited a reply
         self._next_id = 0
+        self.connections = 0  # clients served so far: a client kept across a live update is one
         self.running = True
         device.attach(self)
 
@@ -233,6 +234,8 @@ class Server:
     def serve(self, conn: socket.socket) -> None:
         """One client, until it goes; then its memory and interrupt fds go too (the device state stays)."""
         self.conn, self.negotiated = conn, False
+        self.connections += 1
+        self.say(f"client {self.connections} connected")
         sel = selectors.DefaultSelector()
         try:
             while self.running:
@@ -256,6 +259,7 @@ class Server:
         except (p.Disconnected, ConnectionError):
             pass
         finally:
+            self.say(f"client {self.connections} gone")
             sel.close()
             conn.close()
             self.conn = None
