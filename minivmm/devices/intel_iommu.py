@@ -51,7 +51,8 @@ CAP_SSLPS = (1 << 34) | (1 << 35)  # 2 MiB and 1 GiB second-level pages
 CAP_PSI = 1 << 39
 CAP_MAMV = 18 << 48
 CAP_DRAIN = (1 << 54) | (1 << 55)
-CAP = CAP_ND | CAP_SAGAW | CAP_MGAW | CAP_FRO | CAP_SSLPS | CAP_PSI | CAP_MAMV | CAP_DRAIN
+CAP_ESRTPS = 1 << 63  # SRTP also invalidates every cache (there is none to invalidate here)
+CAP = CAP_ND | CAP_SAGAW | CAP_MGAW | CAP_FRO | CAP_SSLPS | CAP_PSI | CAP_MAMV | CAP_DRAIN | CAP_ESRTPS
 IOTLB_OFFSET = 0xF0
 ECAP_QI, ECAP_IR, ECAP_EIM, ECAP_PT = 1 << 1, 1 << 3, 1 << 4, 1 << 6
 ECAP_IRO = (IOTLB_OFFSET >> 4) << 8
@@ -77,7 +78,8 @@ IQA_QS = 0x7
 FR_ROOT_NOT_PRESENT, FR_CONTEXT_NOT_PRESENT, FR_CONTEXT_INVALID = 0x1, 0x2, 0x3
 FR_ADDRESS_BEYOND_AW, FR_WRITE, FR_READ, FR_TABLE_ACCESS = 0x4, 0x5, 0x6, 0x7
 FR_ROOT_ACCESS, FR_CONTEXT_ACCESS, FR_PTE_RESERVED = 0x8, 0x9, 0xC
-FR_IR_INDEX, FR_IR_NOT_PRESENT, FR_IR_ACCESS, FR_IR_RESERVED = 0x20, 0x21, 0x22, 0x23
+FR_IR_FIRST = 0x20  # interrupt-remapping reasons from here: their record holds the index, not a page
+FR_IR_INDEX, FR_IR_NOT_PRESENT, FR_IR_ACCESS, FR_IR_RESERVED = 0x21, 0x22, 0x23, 0x24
 FR_IR_SID = 0x26
 
 # --- translation structures -------------------------------------------------------------------------------
@@ -165,10 +167,20 @@ class VtdState:
 _U64 = (1 << 64) - 1
 
 
+# Bits only the unit sets: the fault summary, pending events, the granularity an invalidation used.
+_DEVICE_BITS = {
+    "fsts": FSTS_PPF,
+    "fectl": EVENT_IP,
+    "iectl": EVENT_IP,
+    "ccmd": 3 << CCMD_CAIG_SHIFT,
+    "iotlb": 3 << IOTLB_IAIG_SHIFT,
+}
+
+
 def _state_fields() -> tuple[Field, ...]:
-    """Each register with the bits a guest can set in it (PPF is the device's, from the FRCD)."""
+    """Each register with the bits the guest or the unit can set in it."""
     regs = tuple(
-        Field(r.field, "u32" if r.size == 4 else "u64", mask=r.wmask | r.w1c | (FSTS_PPF if r.field == "fsts" else 0))
+        Field(r.field, "u32" if r.size == 4 else "u64", mask=r.wmask | r.w1c | _DEVICE_BITS.get(r.field, 0))
         for r in REGS
         if r.field not in ("frcd_lo", "frcd_hi")
     )
@@ -328,7 +340,7 @@ class IntelIommu(LockedState):
         if s.frcd_hi & FRCD_F:
             s.fsts |= FSTS_PFO
         else:
-            s.frcd_lo = info & _U64 & ~(PAGE - 1) if reason < FR_IR_INDEX else (info & 0xFFFF) << 48  # page; IR: index
+            s.frcd_lo = info & _U64 & ~(PAGE - 1) if reason < FR_IR_FIRST else (info & 0xFFFF) << 48  # page; IR: index
             s.frcd_hi = FRCD_F | (FRCD_T if read else 0) | reason << 32 | (sid & 0xFFFF)
             s.fsts = s.fsts & ~(0xFF << 8) | FSTS_PPF  # FRI: record 0
         self._event("fectl", "feaddr", "feuaddr", "fedata")
@@ -458,7 +470,7 @@ class IntelIommu(LockedState):
                 return self._irte(index, sid)
             except _Fault as f:
                 if not f.fpd:
-                    self._fault(f.reason, sid or 0, index, True)
+                    self._fault(f.reason, sid or 0, index, False)  # an interrupt is a write
                 return None
 
     def _irte(self, index: int, sid: int | None) -> tuple[int, int]:
