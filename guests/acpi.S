@@ -6,8 +6,8 @@
  *
  *   acpi_walk    %rsi = the RSDP.  Fills the counters below (and acpi_facs,
  *                acpi_pm1a_evt, acpi_pm1a_cnt, acpi_pm_tmr, and the
- *                addresses of the DSDT and the MCFG, acpi_dsdt and
- *                acpi_mcfg, 0 when absent); clobbers %rax, %rcx, %rdx,
+ *                addresses of the DSDT, the MCFG and the DMAR, acpi_dsdt,
+ *                acpi_mcfg and acpi_dmar, 0 when absent); clobbers %rax, %rcx, %rdx,
  *                %rsi, %r12-%r15.
  *   acpi_report  prints, each line starting with the string at acpi_prefix
  *                (the including guest defines it):
@@ -164,9 +164,14 @@ acpi_visit:
 	je acpi_madt
 	cmp $0x50434146, %eax		/* "FACP" */
 	je acpi_fadt
+	cmp $0x52414d44, %eax		/* "DMAR" */
+	je acpi_dmar_found
 	cmp $0x4746434d, %eax		/* "MCFG" */
 	jne acpi_visit_done
 	mov %rsi, acpi_mcfg
+	jmp acpi_visit_done
+acpi_dmar_found:
+	mov %rsi, acpi_dmar
 acpi_visit_done:
 	pop %rsi
 	pop %rcx
@@ -241,6 +246,7 @@ acpi_facs:	.long 0
 	.balign 8
 acpi_dsdt:	.quad 0
 acpi_mcfg:	.quad 0
+acpi_dmar:	.quad 0
 	.section .rodata
 acpi_word_yes:	.asciz "yes"
 acpi_word_no:	.asciz "no"

@@ -35,6 +35,23 @@
  *         platform: mch pciexbar=XXXXXXXXXXXXXXXX     (the q35 host bridge, through ECAM)
  *         platform: lpc pmbase=XXXXXXXX acpi-cntl=XX  (the ICH9 LPC bridge, through ECAM)
  *         platform: ecam bus1=XXXXXXXX                (bus 1's 00.0, which no machine has)
+ *         (with "pci iommu" and a DMAR table: the VT-d unit driven as kvm-unit-tests' intel_iommu test does)
+ *         platform: dmar haw=N flags=XX          (the DMAR header: host address width - 1, INTR_REMAP)
+ *         platform: dmar drhd flags=XX segment=N base=XXXXXXXXXXXXXXXX
+ *         platform: dmar scope type=N id=N path=BB:DD.F   (each device scope of the DRHD)
+ *         platform: vtd ver=XXXXXXXX cap=XXXXXXXXXXXXXXXX ecap=XXXXXXXXXXXXXXXX gsts=XXXXXXXX fsts=XXXXXXXX
+ *         platform: vtd enabled gsts=XXXXXXXX    (after QI, root table, IR table, translation, IR)
+ *         platform: vtd qi status=XXXXXXXX iqh=XXXXXXXXXXXXXXXX   (a wait descriptor's status write)
+ *         platform: vtd dma=ok|bad               (edu: IOVA 0 -> the device -> IOVA 8, through
+ *             root, context (39-bit, 3 levels) and second-level tables to one page)
+ *         platform: vtd fault fsts=XXXXXXXX frcd-hi=XXXXXXXXXXXXXXXX frcd-lo=XXXXXXXXXXXXXXXX cleared=XXXXXXXX
+ *             (edu writes to IOVA 0x1000, mapped read-only: the recorded fault, then FSTS once F is cleared)
+ *         platform: vtd ir ioapic=yes|no msi=yes|no   (edu's INTA through a remappable IOAPIC entry
+ *             (IRTE 1, vector 0xed), then its MSI in remappable format (IRTE 2, vector 0xee): seen in
+ *             the local APIC's IRR, IF staying 0)
+ *         platform: vtd ir-fault fsts=XXXXXXXX frcd-hi=XXXXXXXXXXXXXXXX frcd-lo=XXXXXXXXXXXXXXXX
+ *             (an MSI naming IRTE 3, not present)
+ *         platform: vtd qi-error fsts=XXXXXXXX iqh=XXXXXXXXXXXXXXXX   (a descriptor of type 0)
  *         platform: s3 suspending     (with "s3": as kvm-unit-tests' s3 test, suspend to
  *             RAM with the RTC alarm set to wake the machine; the resume code, run in real
  *             mode from the FACS waking vector, exits with the value it finds at address 0:
@@ -82,6 +99,34 @@
 	.equ LAPIC_SVR_ENABLE, 0x100
 	.equ SPURIOUS_VECTOR, 0xff
 	.equ EDU_DMA_BUF, 0x40000
+	.equ VTD_CAP, 0x08		/* VT-d registers, from the DRHD's base */
+	.equ VTD_ECAP, 0x10
+	.equ VTD_GCMD, 0x18
+	.equ VTD_GSTS, 0x1c
+	.equ VTD_RTADDR, 0x20
+	.equ VTD_FSTS, 0x34
+	.equ VTD_IQH, 0x80
+	.equ VTD_IQT, 0x88
+	.equ VTD_IQA, 0x90
+	.equ VTD_IRTA, 0xb8
+	.equ VTD_FRCD, 0x220
+	.equ GCMD_TE, 1 << 31
+	.equ GCMD_SRTP, 1 << 30
+	.equ GCMD_QIE, 1 << 26
+	.equ GCMD_IRE, 1 << 25
+	.equ GCMD_SIRTP, 1 << 24
+	.equ ECAP_IR, 1 << 3
+	.equ VTD_IOVA_RO, 0x1000	/* mapped read-only */
+	.equ IRTE_IOAPIC, 1
+	.equ IRTE_MSI, 2
+	.equ IRTE_ABSENT, 3
+	.equ IOAPIC_SOURCE_ID, 0xff00	/* the DMAR scope's 0xff:00.0 */
+	.equ VECTOR_IOAPIC, 0xed	/* kvm-unit-tests' vectors */
+	.equ VECTOR_MSI, 0xee
+	.equ LAPIC_IRR_EDEE, 0x270	/* the IRR word holding vectors 0xe0-0xff */
+	.equ MSI_REMAPPABLE, 1 << 4
+	.equ MSI_ENABLE, 1 << 16	/* in the dword at the MSI capability */
+	.equ EDU_MSI_CAP, 0x40
 	.equ S3_RESUME_VECTOR, 0x1000
 	.equ S3_SLEEP, 0x2400		/* SLP_EN | SLP_TYP 1 (the DSDT's _S3) */
 	.equ RTC_EN, 0x400
@@ -270,8 +315,14 @@ user_main:
 	jz 7f
 	call pci_scan
 	cmpq $0, ecam_base
-	je 7f
+	je 8f
 	call ecam_scan
+8:	mov cmdline, %rsi
+	mov $word_iommu, %edi
+	call cmd_find
+	test %rax, %rax
+	jz 7f
+	call iommu_check
 7:	mov cmdline, %rsi
 	mov $word_s3, %edi
 	call cmd_find
@@ -397,6 +448,8 @@ pci_scan:
 edu_check:
 	mov %r14d, %ebx
 	and $0xfffffff0, %ebx
+	mov %rbx, edu_bar
+	mov %r12d, edu_slot
 	PRINT("platform: edu id=")
 	mov (%rbx), %eax
 	mov $8, %ecx
@@ -458,6 +511,333 @@ edu_check:
 	PRINT(" rirr=")
 	mov %ecx, %eax
 	call putdec
+	PUTC('\n')
+	ret
+
+/* pci_config_write: write %edx to the dword at register %esi of slot %edi on bus 0. */
+pci_config_write:
+	push %rax
+	push %rdx
+	mov %edi, %eax
+	shl $11, %eax
+	or %esi, %eax
+	or $PCI_ENABLE, %eax
+	mov $PCI_ADDR_PORT, %dx
+	out %eax, %dx
+	mov (%rsp), %eax
+	mov $PCI_DATA_PORT, %dx
+	out %eax, %dx
+	pop %rdx
+	pop %rax
+	ret
+
+/* vtd_cmd: %rbx = the VT-d registers, %eax = a GCMD bit: set it with what GSTS has, wait for GSTS. */
+vtd_cmd:
+	push %rcx
+	mov VTD_GSTS(%rbx), %ecx
+	or %eax, %ecx
+	mov %ecx, VTD_GCMD(%rbx)
+1:	test %eax, VTD_GSTS(%rbx)
+	jz 1b
+	pop %rcx
+	ret
+
+/* edu_dma: 8 bytes from %rsi to %rdx, command %ecx (1: to the device, 3: from it), waited for. */
+edu_dma:
+	mov edu_bar, %rdi
+	mov %rsi, 0x80(%rdi)
+	mov %rdx, 0x88(%rdi)
+	movq $8, 0x90(%rdi)
+	mov %rcx, 0x98(%rdi)
+1:	testq $1, 0x98(%rdi)
+	jnz 1b
+	ret
+
+/* vtd_fault_report: " fsts=X frcd-hi=X frcd-lo=X" of the unit at %rbx. */
+vtd_fault_report:
+	PRINT(" fsts=")
+	mov VTD_FSTS(%rbx), %eax
+	mov $8, %ecx
+	call puthex
+	PRINT(" frcd-hi=")
+	mov VTD_FRCD + 8(%rbx), %rax
+	mov $16, %ecx
+	call puthex
+	PRINT(" frcd-lo=")
+	mov VTD_FRCD(%rbx), %rax
+	call puthex
+	ret
+
+/* edu_raise_seen: raise edu's interrupt, report whether vector %edx is now pending in the IRR
+   (%eax = 1 if so), and acknowledge it at the device. */
+edu_raise_seen:
+	push %rdi
+	push %rcx
+	mov edu_bar, %rdi
+	movl $1, 0x60(%rdi)
+	mov $LAPIC_ADDR, %ecx
+	mov LAPIC_IRR_EDEE(%rcx), %eax
+	mov %edx, %ecx
+	and $31, %ecx
+	shr %cl, %eax
+	and $1, %eax
+	movl $1, 0x64(%rdi)
+	pop %rcx
+	pop %rdi
+	ret
+
+/* iommu_check: the DMAR table, then the VT-d unit it names, programmed as kvm-unit-tests' intel_iommu
+   test does (QI, root table, IR table, translation, IR), DMA and interrupts of edu through it. */
+iommu_check:
+	mov acpi_dmar, %rsi
+	test %rsi, %rsi
+	jz 9f
+	cmpq $0, edu_bar
+	jnz 1f
+9:	PRINT("platform: dmar none\n")
+	ret
+1:	PRINT("platform: dmar haw=")
+	movzbl 36(%rsi), %eax
+	call putdec
+	PRINT(" flags=")
+	movzbl 37(%rsi), %eax
+	mov $2, %ecx
+	call puthex
+	PUTC('\n')
+	lea 48(%rsi), %r13		/* the first remapping structure: the DRHD */
+	PRINT("platform: dmar drhd flags=")
+	movzbl 4(%r13), %eax
+	mov $2, %ecx
+	call puthex
+	PRINT(" segment=")
+	movzwl 6(%r13), %eax
+	call putdec
+	PRINT(" base=")
+	mov 8(%r13), %rax
+	mov %rax, vtd_base
+	mov $16, %ecx
+	call puthex
+	PUTC('\n')
+	movzwl 2(%r13), %r14d		/* its device scopes, to its end */
+	add %r13, %r14
+	lea 16(%r13), %r15
+2:	cmp %r14, %r15
+	jae 3f
+	PRINT("platform: dmar scope type=")
+	movzbl (%r15), %eax
+	call putdec
+	PRINT(" id=")
+	movzbl 4(%r15), %eax
+	call putdec
+	PRINT(" path=")
+	movzbl 5(%r15), %eax
+	mov $2, %ecx
+	call puthex
+	PUTC(':')
+	movzbl 6(%r15), %eax
+	call puthex
+	PUTC('.')
+	movzbl 7(%r15), %eax
+	call putdec
+	PUTC('\n')
+	movzbl 1(%r15), %eax
+	test %eax, %eax
+	jz 3f
+	add %rax, %r15
+	jmp 2b
+3:	mov vtd_base, %rbx
+	PRINT("platform: vtd ver=")
+	mov (%rbx), %eax
+	mov $8, %ecx
+	call puthex
+	PRINT(" cap=")
+	mov VTD_CAP(%rbx), %rax
+	mov $16, %ecx
+	call puthex
+	PRINT(" ecap=")
+	mov VTD_ECAP(%rbx), %rax
+	call puthex
+	PRINT(" gsts=")
+	mov VTD_GSTS(%rbx), %eax
+	mov $8, %ecx
+	call puthex
+	PRINT(" fsts=")
+	mov VTD_FSTS(%rbx), %eax
+	call puthex
+	PUTC('\n')
+	mov edu_slot, %edi		/* bus master on, as kvm-unit-tests' pci_enable_defaults (firmware may leave it off) */
+	mov $4, %esi
+	call pci_config
+	or $6, %eax			/* memory decoding, bus master */
+	mov %eax, %edx
+	and $0xffff, %edx		/* and no write-1-to-clear status bits */
+	call pci_config_write
+	/* the tables: bus 0's root entry -> a context table; edu's context entry -> 3 levels to vtd_page */
+	movq $vtd_ctx + 1, vtd_root
+	mov edu_slot, %eax
+	shl $7, %eax			/* devfn * 16 */
+	movq $vtd_l3 + 1, vtd_ctx(%rax)	/* present, multi-level, faults reported */
+	movq $1 | 1 << 8, vtd_ctx + 8(%rax)	/* AW 39 bits, domain 1 */
+	movq $vtd_l2 + 3, vtd_l3
+	movq $vtd_l1 + 3, vtd_l2
+	movq $vtd_page + 3, vtd_l1	/* IOVA 0: read and write */
+	movq $vtd_page + 0x1001, vtd_l1 + 8	/* IOVA 0x1000: read only */
+	movq $vtd_iq, VTD_IQA(%rbx)	/* one page: 256 descriptors */
+	movq $0, VTD_IQT(%rbx)
+	mov $GCMD_QIE, %eax
+	call vtd_cmd
+	movq $vtd_root, VTD_RTADDR(%rbx)
+	mov $GCMD_SRTP, %eax
+	call vtd_cmd
+	mov VTD_ECAP(%rbx), %rax
+	test $ECAP_IR, %eax
+	jz 4f
+	movq $vtd_irt + 7, VTD_IRTA(%rbx)	/* 2^(7+1) = 256 entries */
+	mov $GCMD_SIRTP, %eax
+	call vtd_cmd
+4:	mov $GCMD_TE, %eax
+	call vtd_cmd
+	mov VTD_ECAP(%rbx), %rax
+	test $ECAP_IR, %eax
+	jz 5f
+	mov $GCMD_IRE, %eax
+	call vtd_cmd
+5:	PRINT("platform: vtd enabled gsts=")
+	mov VTD_GSTS(%rbx), %eax
+	mov $8, %ecx
+	call puthex
+	PUTC('\n')
+	/* queued invalidation: a wait descriptor with a status write */
+	movabs $0xcafe000100000025, %rax	/* status data, SW, type 5 */
+	mov %rax, vtd_iq
+	movq $vtd_status, vtd_iq + 8
+	movq $0x10, VTD_IQT(%rbx)
+	mov $1000000, %ecx
+6:	cmpl $0, vtd_status
+	jne 7f
+	dec %ecx
+	jnz 6b
+7:	PRINT("platform: vtd qi status=")
+	mov vtd_status, %eax
+	mov $8, %ecx
+	call puthex
+	PRINT(" iqh=")
+	mov VTD_IQH(%rbx), %rax
+	mov $16, %ecx
+	call puthex
+	PUTC('\n')
+	/* DMA through the tables: IOVA 0 -> the device's buffer -> IOVA 8 */
+	movabs $0x1122334455667788, %rax
+	mov %rax, vtd_page
+	xor %esi, %esi
+	mov $EDU_DMA_BUF + 0x100, %edx
+	mov $1, %ecx
+	call edu_dma
+	mov $EDU_DMA_BUF + 0x100, %esi
+	mov $8, %edx
+	mov $3, %ecx
+	call edu_dma
+	mov $word_bad, %esi
+	mov vtd_page, %rax
+	cmp vtd_page + 8, %rax
+	jne 8f
+	mov $word_ok, %esi
+8:	PRINT("platform: vtd dma=")
+	call puts
+	PUTC('\n')
+	/* a write to the read-only IOVA: a recorded fault, the page untouched */
+	mov $EDU_DMA_BUF + 0x100, %esi
+	mov $VTD_IOVA_RO, %edx
+	mov $3, %ecx
+	call edu_dma
+	PRINT("platform: vtd fault")
+	call vtd_fault_report
+	movl $0x80000000, VTD_FRCD + 12(%rbx)	/* F is write-1-to-clear */
+	PRINT(" cleared=")
+	mov VTD_FSTS(%rbx), %eax
+	mov $8, %ecx
+	call puthex
+	PUTC('\n')
+	mov VTD_ECAP(%rbx), %rax
+	test $ECAP_IR, %eax
+	jnz 10f
+	PRINT("platform: vtd ir none\n")
+	jmp 20f
+10:	/* interrupt remapping: IRTE 1 for the IOAPIC pin, IRTE 2 for edu's MSI; 3 stays absent */
+	movq $1 | VECTOR_IOAPIC << 16, vtd_irt + 16 * IRTE_IOAPIC	/* present, fixed, edge, physical APIC 0 */
+	movq $IOAPIC_SOURCE_ID | 1 << 18, vtd_irt + 16 * IRTE_IOAPIC + 8	/* full source-id check */
+	movq $1 | VECTOR_MSI << 16, vtd_irt + 16 * IRTE_MSI
+	mov edu_slot, %eax
+	shl $3, %eax
+	or $1 << 18, %eax
+	mov %rax, vtd_irt + 16 * IRTE_MSI + 8
+	mov edu_slot, %edi		/* the IOAPIC pin edu's INTA reaches: remappable, handle 1 */
+	mov $0x3c, %esi
+	call pci_config
+	movzbl %al, %ecx
+	mov $IOAPIC_ADDR, %edi
+	lea IOAPIC_REG_TABLE + 1(, %rcx, 2), %eax
+	mov %eax, (%rdi)
+	movl $(1 | IRTE_IOAPIC << 1) << 16, IOAPIC_IOWIN(%rdi)	/* format (bit 48), index (49-63) */
+	lea IOAPIC_REG_TABLE(, %rcx, 2), %eax
+	mov %eax, (%rdi)
+	movl $VECTOR_IOAPIC, IOAPIC_IOWIN(%rdi)	/* edge, unmasked */
+	mov $VECTOR_IOAPIC, %edx
+	call edu_raise_seen
+	mov %eax, %r13d
+	movl $VECTOR_IOAPIC | IOAPIC_MASKED, IOAPIC_IOWIN(%rdi)
+	mov edu_slot, %edi		/* edu's MSI: remappable, handle 2 */
+	mov $EDU_MSI_CAP + 4, %esi
+	mov $LAPIC_ADDR | MSI_REMAPPABLE | IRTE_MSI << 5, %edx
+	call pci_config_write
+	mov $EDU_MSI_CAP + 8, %esi
+	xor %edx, %edx
+	call pci_config_write
+	mov $EDU_MSI_CAP + 12, %esi
+	call pci_config_write
+	mov $EDU_MSI_CAP, %esi
+	call pci_config
+	or $MSI_ENABLE, %eax
+	mov %eax, %edx
+	call pci_config_write
+	mov $VECTOR_MSI, %edx
+	call edu_raise_seen
+	mov %eax, %r14d
+	PRINT("platform: vtd ir ioapic=")
+	mov $acpi_word_no, %esi
+	test %r13d, %r13d
+	jz 11f
+	mov $acpi_word_yes, %esi
+11:	call puts
+	PRINT(" msi=")
+	mov $acpi_word_no, %esi
+	test %r14d, %r14d
+	jz 12f
+	mov $acpi_word_yes, %esi
+12:	call puts
+	PUTC('\n')
+	mov edu_slot, %edi		/* an MSI naming the absent IRTE 3: blocked, a recorded fault */
+	mov $EDU_MSI_CAP + 4, %esi
+	mov $LAPIC_ADDR | MSI_REMAPPABLE | IRTE_ABSENT << 5, %edx
+	call pci_config_write
+	mov $VECTOR_MSI, %edx
+	call edu_raise_seen
+	PRINT("platform: vtd ir-fault")
+	call vtd_fault_report
+	PUTC('\n')
+	movl $0x80000000, VTD_FRCD + 12(%rbx)
+20:	/* an invalid descriptor (type 0): the queue stops at it with IQE */
+	movq $0, vtd_iq + 16
+	movq $0, vtd_iq + 24
+	movq $0x20, VTD_IQT(%rbx)
+	PRINT("platform: vtd qi-error fsts=")
+	mov VTD_FSTS(%rbx), %eax
+	mov $8, %ecx
+	call puthex
+	PRINT(" iqh=")
+	mov VTD_IQH(%rbx), %rax
+	mov $16, %ecx
+	call puthex
 	PUTC('\n')
 	ret
 
@@ -721,6 +1101,7 @@ resume_end:
 	.section .rodata
 word_testdev:	.asciz "testdev"
 word_pci:	.asciz "pci"
+word_iommu:	.asciz "iommu"
 word_s3:	.asciz "s3"
 word_noalarm:	.asciz "noalarm"
 acpi_prefix:	.asciz "platform"
@@ -756,8 +1137,23 @@ ecam_base:	.quad 0			/* from the MCFG: segment 0, bus 0 */
 dma_out:	.quad 0x0123456789abcdef
 dma_in:		.quad 0
 name_buf:	.space 64
+	.balign 8
+edu_bar:	.quad 0
+edu_slot:	.long 0
+	.balign 8
+vtd_base:	.quad 0
+vtd_status:	.long 0
 
 	.bss
+	.balign 4096			/* VT-d structures, one page each */
+vtd_root:	.space 4096
+vtd_ctx:	.space 4096
+vtd_l3:	.space 4096
+vtd_l2:	.space 4096
+vtd_l1:	.space 4096
+vtd_irt:	.space 4096
+vtd_iq:	.space 4096
+vtd_page:	.space 8192
 	.balign 16
 	.space 1024
 kstack_top:

@@ -19,7 +19,10 @@
  * floor) one device-port draw in four goes to the PIT's ports 0x40-0x43 and
  * 0x61 instead; with "ioapic", half the MMIO draws go to the IOAPIC's
  * registers, every value written with the redirection entry's mask bit
- * (16) set, so no random vector, NMI or INIT is ever delivered.  Nor does it touch ports
+ * (16) set, so no random vector, NMI or INIT is ever delivered; with
+ * "iommu" (q35 with -device intel-iommu), half the MMIO draws go to the VT-d
+ * unit's register page, every value with bit 31 set (FECTL's and IECTL's
+ * interrupt mask, so no fault or completion event becomes an MSI).  Nor does it touch ports
  * 0xfffd-0xffff: a wide access there runs past the end of the TSS I/O
  * bitmap (#GP, and with no IDT a triple fault and a reset that replays the
  * same seed forever; under PVM the bitmap, not IOPL, decides at CPL3).  Interrupts stay disabled,
@@ -98,6 +101,11 @@ user_main:
 	call cmd_find
 	test %rax, %rax
 	setnz fuzz_ioapic
+	mov cmdline, %rsi
+	mov $word_iommu, %edi
+	call cmd_find
+	test %rax, %rax
+	setnz fuzz_iommu
 	xor %r13d, %r13d		/* steps done */
 	test %r14, %r14
 	jz report
@@ -184,7 +192,15 @@ in16:	in %dx, %ax
 	jmp done
 mmio:	mov %r12, %rdi			/* a 4-aligned address in the unassigned megabyte */
 	shr $40, %rdi
-	cmpb $0, fuzz_ioapic
+	cmpb $0, fuzz_iommu
+	je 3f
+	bt $38, %r12			/* "iommu": every other draw */
+	jnc 3f
+	and $0xffc, %edi		/* the VT-d unit's register page */
+	or $IOMMU_ADDR, %edi
+	or $1 << 31, %r12d		/* FECTL and IECTL stay masked: no fault or completion MSI */
+	jmp 2f
+3:	cmpb $0, fuzz_ioapic
 	je 1f
 	bt $39, %r12			/* "ioapic": every other draw */
 	jnc 1f
@@ -267,6 +283,7 @@ word_seed:	.asciz "seed="
 word_ops:	.asciz "ops="
 word_pit:	.asciz "pit"
 word_ioapic:	.asciz "ioapic"
+word_iommu:	.asciz "iommu"
 	.balign 2
 ports:					/* every port the machine emulates */
 	.word PORT_COM1, PORT_COM1 + 1, PORT_COM1 + 2, PORT_COM1 + 3
@@ -293,6 +310,7 @@ cmdline:	.quad 0
 seed:		.quad 0
 fuzz_pit:	.byte 0
 fuzz_ioapic:	.byte 0
+fuzz_iommu:	.byte 0
 
 	.bss
 	.balign 16

@@ -56,6 +56,16 @@ def test_portfuzz_survives_on_q35(vmm, tmp_path, split):
     _check(r.status, log.read_text(errors="replace"), r.stderr, 0x1F)
 
 
+@pytest.mark.parametrize("seed", [0x1F, 0x10D0])
+def test_portfuzz_survives_the_intel_iommu_registers(vmm, tmp_path, seed):
+    """Random RTADDR, IQA, IQT and IRTA values and GCMD commands: translation, queued invalidation
+    and interrupt remapping switched on over whatever memory (or none) they name, with the IOAPIC's
+    routes translated through random tables; every bad address a recorded fault or an IQE."""
+    log = tmp_path / "log"
+    r = vmm.run(*fz.portfuzz_args(seed, OPS, log, split=True, machine="q35", iommu=True), timeout=60)
+    _check(r.status, log.read_text(errors="replace"), r.stderr, seed)
+
+
 def test_portfuzz_with_a_monitor_stays_running(qmp_vm, tmp_path):
     seed, ops = 0x7BBF, 150000
     log = tmp_path / "log"

@@ -1053,14 +1053,17 @@ class GuestRun:
         return None
 
 
-def portfuzz_args(seed: int, ops: int, log: Path, smp: int = 1, split: bool = False, machine: str = "pc") -> list[str]:
+def portfuzz_args(
+    seed: int, ops: int, log: Path, smp: int = 1, split: bool = False, machine: str = "pc", iommu: bool = False
+) -> list[str]:
     """``split``: kernel-irqchip=split, the guest also fuzzing minivmm's own PIT and IOAPIC.
-    ``machine``: the machine type (q35: the MCH's PCIEXBAR is among what 0xcf8/0xcfc reach)."""
+    ``machine``: the machine type (q35: the MCH's PCIEXBAR is among what 0xcf8/0xcfc reach).
+    ``iommu`` (q35): -device intel-iommu, its register page among the MMIO targets."""
     return [
         "-kernel",
         guests.path("portfuzz.elf"),
         "-append",
-        f"seed={seed:x} ops={ops}" + (" pit ioapic" if split else ""),
+        f"seed={seed:x} ops={ops}" + (" pit ioapic" if split else "") + (" iommu" if iommu else ""),
         "-m",
         "16",
         "-serial",
@@ -1073,6 +1076,7 @@ def portfuzz_args(seed: int, ops: int, log: Path, smp: int = 1, split: bool = Fa
         *(["-smp", str(smp)] if smp > 1 else []),
         *(["-machine", "kernel-irqchip=split"] if split else []),
         *(["-machine", machine] if machine != "pc" else []),
+        *(["-device", "intel-iommu"] if iommu else []),
     ]
 
 

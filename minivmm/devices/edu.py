@@ -12,7 +12,11 @@ direction: 0 RAM to the buffer, 1 the buffer to RAM, bit 2 interrupt 0x100
 when done). The factorial and DMA complete at once (QEMU does them in a
 thread; a guest polls the same bits either way). DMA addresses are checked:
 the buffer side must lie in 0x40000-0x40fff, the RAM side in guest RAM;
-anything else is not done.
+anything else is not done. The RAM side is a bus address: ``memory`` is the
+function's DMA view (guest RAM, or the IOMMU's translation of it).
+
+Interrupts are INTA, or, once the guest enables the MSI capability (at 0x40,
+as QEMU's edu has it), one MSI per raise, through ``send_msi``.
 """
 
 from __future__ import annotations
@@ -120,8 +124,18 @@ class Edu(PciFunction):
 
     def __init__(self, memory) -> None:
         super().__init__(0x1234, 0x11E8, 0x00FF00, revision=0x10, interrupt_pin=1)
-        self.registers = EduRegisters(memory, lambda level: self.set_irq(level))
+        self.registers = EduRegisters(memory, self._interrupt)
         self.add_bar(0, Bar("mmio", MMIO_SIZE, self.registers))
+        self.add_msi()
+        self.send_msi: Callable[[int, int], None] = lambda address, data: None  # set by the machine
+
+    def _interrupt(self, level: int) -> None:
+        """QEMU's edu_raise_irq/edu_lower_irq: an MSI per raise when enabled, else INTA's level."""
+        message = self.msi_message()
+        if message is None:
+            self.set_irq(level)
+        elif level:
+            self.send_msi(*message)
 
     def reset(self) -> None:
         super().reset()

@@ -12,6 +12,13 @@ Registers, at IOAPIC_ADDR: IOREGSEL (0x00), IOWIN (0x10) and the EOI register
 (0x40). Behind IOWIN: ID (0), version (1), arbitration (2), and the
 redirection table from 0x10, two 32-bit halves per pin. Polarity is kept but
 not applied: a source's level 1 is "asserted", as in KVM's and QEMU's IOAPICs.
+
+With an IOMMU's interrupt remapping (``remap``), bits 48-63 of an entry are
+the remappable format's handle (bit 48 the format, 49-63 the index, bit 11
+its bit 15): they go to MSI address bits 4-19 as QEMU's IOAPIC puts them, and
+each unmasked entry's MSI is translated before it becomes a KVM route; a
+blocked one gets no route. The IOMMU asks for ``refresh_routes`` when its
+table or enables change (an interrupt-entry-cache invalidation).
 """
 
 from __future__ import annotations
@@ -37,17 +44,17 @@ POLARITY_LOW = 1 << 13
 REMOTE_IRR = 1 << 14  # read-only
 TRIGGER_LEVEL = 1 << 15
 MASKED = 1 << 16
-WRITABLE = VECTOR | DELIVERY_MODE | DEST_MODE_LOGICAL | POLARITY_LOW | TRIGGER_LEVEL | MASKED | (0xFF << 56)
+WRITABLE = VECTOR | DELIVERY_MODE | DEST_MODE_LOGICAL | POLARITY_LOW | TRIGGER_LEVEL | MASKED | (0xFFFF << 48)
 ENTRY_BITS = WRITABLE | REMOTE_IRR
 
 MSI_ADDRESS_BASE = layout.LAPIC_ADDR
 
 
 def msi_of(entry: int) -> tuple[int, int]:
-    """The MSI (address, data) an IOAPIC sends for a redirection entry."""
-    dest = (entry >> 56) & 0xFF
+    """The MSI (address, data) an IOAPIC sends for a redirection entry: bits 48-63 (destination,
+    or a remappable handle) become address bits 4-19, the destination mode bit 2."""
     logical = 1 if entry & DEST_MODE_LOGICAL else 0
-    address = MSI_ADDRESS_BASE | (dest << 12) | (logical << 2)
+    address = MSI_ADDRESS_BASE | (((entry >> 48) & 0xFFFF) << 4) | (logical << 2)
     data = (entry & (VECTOR | DELIVERY_MODE)) | ((1 << 15) if entry & TRIGGER_LEVEL else 0)
     return address, data
 
@@ -83,6 +90,7 @@ class IoApic(LockedState):
 
     def __init__(self, inject: Callable[[int], None], set_routes: Callable[[dict[int, tuple[int, int]]], None]) -> None:
         self.inject, self.set_routes = inject, set_routes
+        self.remap: Callable[[int, int], tuple[int, int] | None] | None = None  # an IOMMU's interrupt remapping
         self.lock = threading.Lock()
         self.s = IoApicState()
         self.routes: dict[int, tuple[int, int]] = {}
@@ -122,8 +130,19 @@ class IoApic(LockedState):
             self.s.entries[pin] = entry | REMOTE_IRR
         self.inject(pin)
 
+    def refresh_routes(self) -> None:
+        """Translate the routes again (the IOMMU's interrupt remapping table or enables changed)."""
+        with self.lock:
+            self._update_routes()
+
     def _update_routes(self) -> None:
-        routes = {pin: msi_of(entry) for pin, entry in enumerate(self.s.entries)}
+        routes = {}
+        for pin, entry in enumerate(self.s.entries):
+            msi = msi_of(entry)
+            if self.remap is not None and not entry & MASKED:
+                msi = self.remap(*msi)
+            if msi is not None:
+                routes[pin] = msi
         if routes != self.routes:
             self.set_routes(routes)
             self.routes = routes

@@ -24,7 +24,15 @@ CONFIG_SIZE = 256  # a conventional function's configuration space
 EXT_CONFIG_SIZE = 4096  # a PCI Express function's, as ECAM addresses it
 VENDOR, DEVICE, COMMAND, STATUS, REVISION, CLASS_PROG = 0x00, 0x02, 0x04, 0x06, 0x08, 0x09
 HEADER_TYPE, BAR0, SUBSYS_VENDOR, SUBSYS_ID, INTERRUPT_LINE, INTERRUPT_PIN = 0x0E, 0x10, 0x2C, 0x2E, 0x3C, 0x3D
+CAPABILITIES = 0x34
 CMD_IO, CMD_MEMORY, CMD_MASTER, CMD_INTX_DISABLE = 0x1, 0x2, 0x4, 0x400
+STATUS_CAP_LIST = 0x10
+# The MSI capability as QEMU's msi_init makes it for one vector, 64-bit, no per-vector masking:
+# id, next, message control (bit 0 enable, bit 7 64-bit), address (low, high), data.
+CAP_ID_MSI = 0x05
+MSI_CONTROL, MSI_ADDRESS_LO, MSI_ADDRESS_HI, MSI_DATA = 2, 4, 8, 12
+MSI_ENABLE, MSI_64BIT = 0x01, 0x80
+MSI_SIZE = 14
 BAR_IO = 0x1
 NUM_BARS = 6
 SUBSYSTEM = (0x1AF4, 0x1100)  # what QEMU puts in every device's subsystem ids
@@ -56,6 +64,8 @@ class PciFunction:
         struct.pack_into("<HH", self.config, SUBSYS_VENDOR, *SUBSYSTEM)
         self.config[INTERRUPT_PIN] = interrupt_pin
         self.bars: list[Bar | None] = [None] * NUM_BARS
+        self.wmask = bytearray(CONFIG_SIZE)  # writable bits of capability registers, by byte
+        self.msi_cap = 0  # offset of the MSI capability, 0 without one
         self.initial = bytes(self.config)
         self.remap: Callable[[PciFunction], None] = lambda fn: None  # set by the bus: ranges follow the BARs
         self.set_irq: Callable[[int], None] = lambda level: None  # set by the bus: its INTx line's level
@@ -71,6 +81,26 @@ class PciFunction:
 
     def add_bar(self, index: int, bar: Bar) -> None:
         self.bars[index] = bar
+
+    def add_msi(self, offset: int = 0x40) -> None:
+        """The MSI capability, first in the list (QEMU puts a device's first capability at 0x40)."""
+        self.msi_cap = offset
+        self.config[STATUS] |= STATUS_CAP_LIST
+        self.config[CAPABILITIES] = offset
+        self.config[offset : offset + 2] = bytes((CAP_ID_MSI, 0))
+        struct.pack_into("<H", self.config, offset + MSI_CONTROL, MSI_64BIT)
+        self.wmask[offset + MSI_CONTROL] = MSI_ENABLE
+        self.wmask[offset + MSI_ADDRESS_LO : offset + MSI_ADDRESS_LO + 4] = b"\xfc\xff\xff\xff"
+        self.wmask[offset + MSI_ADDRESS_HI : offset + MSI_DATA + 2] = b"\xff" * 6
+        self.initial = bytes(self.config)
+
+    def msi_message(self) -> tuple[int, int] | None:
+        """(address, data) of the MSI the function sends when the guest enabled MSI, else None."""
+        at = self.msi_cap
+        if not at or not self.config[at + MSI_CONTROL] & MSI_ENABLE:
+            return None
+        lo, hi, data = struct.unpack_from("<IIH", self.config, at + MSI_ADDRESS_LO)
+        return lo | hi << 32, data
 
     def set_bar_address(self, index: int, address: int) -> None:
         bar = self.bars[index]
@@ -104,6 +134,8 @@ class PciFunction:
                 moved = True
             elif at in (INTERRUPT_LINE, 0x0C, 0x0D):  # interrupt line, cache line size, latency timer
                 self.config[at] = byte
+            elif self.wmask[at]:
+                self.config[at] = (self.config[at] & ~self.wmask[at]) | (byte & self.wmask[at])
         if moved:
             for index, bar in enumerate(self.bars):
                 if bar is not None:

@@ -63,6 +63,7 @@ KVM_GET_CLOCK = _IOR(0x7C, s.kvm_clock_data)
 KVM_GET_PIT2 = _IOR(0x9F, s.kvm_pit_state2)
 KVM_SET_PIT2 = _IOW(0xA0, s.kvm_pit_state2)
 KVM_ENABLE_CAP = _IOW(0xA3, s.kvm_enable_cap)
+KVM_SIGNAL_MSI = _IOW(0xA5, s.kvm_msi)
 
 # vCPU
 KVM_RUN = _IO(0x80)

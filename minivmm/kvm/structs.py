@@ -348,6 +348,17 @@ class kvm_irqfd(Structure):
     _fields_ = [("fd", u32), ("gsi", u32), ("flags", u32), ("resamplefd", u32), ("pad", u8 * 16)]
 
 
+class kvm_msi(Structure):
+    _fields_ = [
+        ("address_lo", u32),
+        ("address_hi", u32),
+        ("data", u32),
+        ("flags", u32),
+        ("devid", u32),
+        ("pad", u8 * 12),
+    ]
+
+
 class kvm_coalesced_mmio_zone(Structure):
     _fields_ = [("addr", u64), ("size", u32), ("pio", u32)]  # pio shares its slot with pad
 

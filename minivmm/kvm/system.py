@@ -168,6 +168,11 @@ class Vm:
     def irq_line(self, irq: int, level: int) -> None:
         ioctl(self.fd, io.KVM_IRQ_LINE, byref(s.kvm_irq_level(irq, level)))
 
+    def signal_msi(self, address: int, data: int) -> int:
+        """Deliver one MSI (a device's or the IOMMU's own); >0 delivered, 0 blocked by the guest."""
+        msi = s.kvm_msi(address_lo=address & 0xFFFFFFFF, address_hi=address >> 32, data=data & 0xFFFFFFFF)
+        return ioctl(self.fd, io.KVM_SIGNAL_MSI, byref(msi))
+
     def irqfd(self, fd: int, gsi: int, assign: bool = True) -> None:
         """Each write to eventfd ``fd`` becomes an edge on ``gsi``, injected by the kernel.
 

@@ -21,7 +21,7 @@ from minivmm.arch.x86.e820 import memory_map
 from minivmm.chardev import Chardev, ChardevError, FileChardev, SocketChardev, StdioChardev
 from minivmm.config import ChardevConfig, DeviceConfig, MachineConfig
 from minivmm.cpr.fdtable import FdTable
-from minivmm.devices import edu, fw_cfg, ioapic, pc_testdev, pci_testdev, pvpanic, vfio_user_pci
+from minivmm.devices import edu, fw_cfg, intel_iommu, ioapic, pc_testdev, pci_testdev, pvpanic, vfio_user_pci
 from minivmm.devices.acpi_pm import (
     RESET_CONTROL_RST_CPU,
     RESET_CONTROL_SYS_RST,
@@ -40,7 +40,7 @@ from minivmm.devices.postcode import PostCode
 from minivmm.devices.rtc import Rtc
 from minivmm.devices.serial import Serial
 from minivmm.kvm import constants as c
-from minivmm.kvm.system import CoalescedRing, Kvm, Vcpu, Vm
+from minivmm.kvm.system import CoalescedRing, Kvm, KvmError, Vcpu, Vm
 from minivmm.mainloop import MainLoop
 from minivmm.memory import GuestMemory
 
@@ -89,14 +89,24 @@ BOARD = (
 class Model:
     """A device model ``-device`` adds: QEMU's name, its properties with their defaults, how to make it.
 
-    ``make`` returns where the device answers: (bus, base, size, device) for each range.
+    ``make`` returns where the device answers: (bus, base, size, device) for each range, or raises
+    ModelError naming what in the machine or the properties it cannot work with. ``switches``:
+    the properties that take QEMU's on/off/auto (as strings) rather than numbers.
     """
 
     name: str
     bus: str
     description: str
-    props: dict[str, int]
-    make: Callable[[DeviceManager, dict[str, int]], list[tuple[str, int, int, Device]]]
+    props: dict[str, int | str]
+    make: Callable[[DeviceManager, dict[str, int | str]], list[tuple[str, int, int, Device]]]
+    switches: tuple[str, ...] = ()
+
+
+class ModelError(ValueError):
+    """A device model refuses this machine or these properties (the message says why)."""
+
+
+SWITCH_VALUES = ("on", "off", "auto")
 
 
 def _pc_testdev(dm: DeviceManager, props: dict[str, int]) -> list[tuple[str, int, int, Device]]:
@@ -106,6 +116,37 @@ def _pc_testdev(dm: DeviceManager, props: dict[str, int]) -> list[tuple[str, int
         ("pio", pc_testdev.PORT_IRQ, pc_testdev.IRQ_LINES, pc_testdev.TestDevIrq(dm.irq_line)),
         ("mmio", pc_testdev.IOMEM_BASE, pc_testdev.IOMEM_SIZE, pc_testdev.TestDevMemory(ports)),
     ]
+
+
+def _edu(dm: DeviceManager) -> edu.Edu:
+    """edu, its DMA and MSIs going through the IOMMU when there is one (bus 0: requester id = devfn)."""
+    function = edu.Edu(dm.memory)
+    function.registers.memory = intel_iommu.DmaSpace(dm.memory, lambda: function.slot << 3, lambda: dm.iommu)
+    function.send_msi = lambda address, data: dm.send_msi(address, data, function.slot << 3)
+    return function
+
+
+def _intel_iommu(dm: DeviceManager, props: dict[str, int | str]) -> list[tuple[str, int, int, Device]]:
+    """q35's VT-d unit; interrupt remapping needs minivmm's IOAPIC (split irqchip), as QEMU's does."""
+    if dm.machine.ecam is None:  # the pc machine has no place for it, as QEMU says it
+        raise ModelError("Parameter 'driver' expects a dynamic sysbus device type for the machine")
+    if dm.iommu is not None:
+        raise ModelError("minivmm does not support multiple vIOMMUs for x86 yet.")
+    intremap = props["intremap"] == "on" or (props["intremap"] == "auto" and dm.irqchip.split)
+    if intremap and not dm.irqchip.split:
+        raise ModelError("Interrupt Remapping cannot work with kernel-irqchip=on, please use 'split|off'.")
+    if props["eim"] == "on":
+        if not intremap:
+            raise ModelError("eim=on cannot be selected without intremap=on")
+        raise ModelError("eim=on is not supported: minivmm has no x2APIC interrupt remapping (Extended Interrupt Mode)")
+    ioapic = dm.irqchip.ioapic if dm.irqchip.split else None
+    iommu = intel_iommu.IntelIommu(
+        dm.memory, dm.signal_msi, intremap, ioapic.refresh_routes if ioapic is not None else lambda: None
+    )
+    if intremap:
+        ioapic.remap = lambda address, data: iommu.remap_msi(address, data, None)
+    dm.iommu = iommu
+    return [("mmio", layout.IOMMU_ADDR, layout.IOMMU_SIZE, iommu)]
 
 
 def _pci(make):
@@ -140,7 +181,15 @@ MODELS = {
             "PCI",
             "QEMU's educational PCI device: identification, liveness, factorial, interrupts, DMA",
             {},
-            _pci(lambda dm: edu.Edu(dm.memory)),
+            _pci(_edu),
+        ),
+        Model(
+            "intel-iommu",
+            "System",
+            "Intel IOMMU (VT-d) DMA Remapping device",
+            {"intremap": "auto", "eim": "auto"},
+            _intel_iommu,
+            switches=("intremap", "eim"),
         ),
         Model(
             "pci-testdev",
@@ -175,9 +224,7 @@ MODELS = {
 
 
 # QEMU devices minivmm knows by name and does not have yet: refused saying so, not as unknown names.
-NOT_YET = {
-    "intel-iommu": "minivmm has no Intel IOMMU (VT-d DMA and interrupt remapping) yet",
-}
+NOT_YET: dict[str, str] = {}
 
 
 def device_help() -> str:
@@ -210,6 +257,7 @@ class DeviceManager:
         self.irqfds_bound = False  # an incoming CPR binds them once the source has let go
         self.ram_ranges: list[tuple[int, int]] = []
         self.vfio_user: list[vfio_user_pci.VfioUserPci] = []
+        self.iommu: intel_iommu.IntelIommu | None = None
         self.coalesced: CoalescedRing | None = None
         self._flush_lock = threading.RLock()
         self._flushing = False
@@ -235,6 +283,11 @@ class DeviceManager:
         self.iommufds = cfg.iommufds
         for dev in cfg.devices:
             self._add_model(dev)
+        if self.iommu is not None and self.vfio_user:
+            raise MachineError(  # its DMA and MSIs would bypass the unit's translation
+                next(d.option for d in cfg.devices if d.driver == "vfio-user-pci"),
+                "minivmm does not put vfio-user devices behind intel-iommu",
+            )
 
     def coalesce(self, vcpu: Vcpu) -> None:
         """Writes to the CMOS index port wait in KVM's coalesced ring instead of exiting, as QEMU
@@ -283,6 +336,7 @@ class DeviceManager:
             reset=(layout.PORT_RESET_CONTROL, RESET_CONTROL_SYS_RST | RESET_CONTROL_RST_CPU),
             mcfg=self.machine.ecam,
             prt=self.pci.routing_table(),
+            dmar=None if self.iommu is None else (layout.IOMMU_ADDR, self.iommu.intremap),
         )
 
     def wake_delay(self) -> float | None:
@@ -327,6 +381,22 @@ class DeviceManager:
             raise MachineError(cc.option, str(e)) from None
 
     # --- interrupts -----------------------------------------------------------------------------------
+    def signal_msi(self, address: int, data: int) -> None:
+        """One MSI to the local APICs; one that no APIC takes is lost, as on a real bus."""
+        try:
+            self.vm.signal_msi(address, data)
+        except KvmError:
+            pass
+
+    def send_msi(self, address: int, data: int, requester_id: int) -> None:
+        """A PCI function's MSI, remapped by the IOMMU when it has interrupt remapping on."""
+        if self.iommu is not None:
+            message = self.iommu.remap_msi(address, data, requester_id)
+            if message is None:
+                return  # blocked: the IOMMU recorded the fault
+            address, data = message
+        self.signal_msi(address, data)
+
     def _isa_irq(self, gsi: int) -> Callable[[int], None]:
         """An edge-triggered ISA interrupt line, as Firecracker wires its devices: through
         an irqfd (an eventfd KVM listens on) when KVM has them and emulates the PIC and
@@ -385,11 +455,20 @@ class DeviceManager:
         for key, value in dev.props.items():
             if key not in props:
                 raise MachineError(dev.option, f"Property '{dev.driver}.{key}' not found")
+            if key in model.switches:
+                if value not in SWITCH_VALUES:
+                    raise MachineError(dev.option, f"Parameter '{key}' does not accept value '{value}'")
+                props[key] = value
+                continue
             try:
                 props[key] = int(value, 0)
             except ValueError:
                 raise MachineError(dev.option, f"Property '{dev.driver}.{key}' takes a number, not '{value}'") from None
-        for bus, base, size, device in model.make(self, props):
+        try:
+            ranges = model.make(self, props)
+        except ModelError as e:
+            raise MachineError(dev.option, str(e)) from None
+        for bus, base, size, device in ranges:
             limit = 1 << 16 if bus == "pio" else 1 << 64
             if not (base >= 0 and size >= 1 and base + size <= limit):
                 raise MachineError(dev.option, f"{bus} range {base:#x}+{size:#x} is outside 0-{limit - 1:#x}")

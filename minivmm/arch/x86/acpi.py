@@ -38,6 +38,13 @@ What is described, after QEMU's pc machine (PIIX4 power management):
   (one allocation: the ECAM base, segment 0, buses 0-255), the root bridge
   as PNP0A08 with _CID PNP0A03, and QEMU's DRAM controller device (DRAC,
   PNP0C01) whose _CRS reserves the ECAM window for the OS.
+- ``dmar`` (q35 with ``-device intel-iommu``): the DMAR table as QEMU's q35
+  builds it: host address width 48 bits (the field holds 47), the
+  INTR_REMAP flag with interrupt remapping, and one DRHD for PCI segment 0
+  with INCLUDE_PCI_ALL at the unit's register base; with interrupt
+  remapping its device scope names the IOAPIC (enumeration id: the MADT's
+  IOAPIC id) at QEMU's pseudo source id 0xff:00.0, the id interrupt
+  remapping tables name it by.
 - ``prt``: the root bridge's _PRT, one static entry per slot and pin with
   the GSI its INTx reaches (q35: GSIs 16-23; such entries are level-triggered,
   active low, which KVM's and minivmm's IOAPICs take as they take any line).
@@ -110,6 +117,14 @@ ALL_PROCESSORS = 0xFF
 MCFG_REVISION = 1
 MCFG_BUS_SIZE = 1 << 20  # each bus's share of the ECAM window
 
+# DMAR (Intel VT-d 8.1)
+DMAR_REVISION = 1
+DMAR_HOST_ADDRESS_WIDTH = 48  # the IOMMU's MGAW
+DMAR_INTR_REMAP = 0x1
+DMAR_DRHD, DRHD_INCLUDE_PCI_ALL = 0, 0x1
+SCOPE_IOAPIC = 3
+IOAPIC_SOURCE_BUS, IOAPIC_SOURCE_DEVFN = 0xFF, 0x00  # QEMU's Q35_PSEUDO_BUS_PLATFORM, Q35_PSEUDO_DEVFN_IOAPIC
+
 PVPANIC_HID = "QEMU0001"
 FW_CFG_HID = "QEMU0002"
 PCI_CONFIG_PORT, PCI_CONFIG_PORTS = 0xCF8, 8
@@ -125,6 +140,7 @@ class AcpiConfig:
     ``reset``: (port, value) of the FADT reset register.
     ``mcfg``: (base, size) of the ECAM window, or None (no PCI Express).
     ``prt``: (slot, pin 0-3 for INTA-INTD, GSI) of the root bridge's _PRT, or none.
+    ``dmar``: (register base, interrupt remapping) of the VT-d unit, or None (no DMAR table).
     """
 
     ncpus: int
@@ -137,6 +153,7 @@ class AcpiConfig:
     reset: tuple[int, int] = (layout.PORT_I8042_CMD, I8042_PULSE_RESET)
     mcfg: tuple[int, int] | None = None
     prt: tuple[tuple[int, int, int], ...] = ()
+    dmar: tuple[int, bool] | None = None
     rsdp_addr: int = layout.ACPI_RSDP_ADDR
     tables_addr: int = layout.ACPI_TABLES_ADDR
     tables_end: int = layout.ACPI_TABLES_END
@@ -174,6 +191,8 @@ class AcpiConfig:
             raise ValueError(f"prt: {len(self.prt)} entries, a Package holds at most 255")
         if self.prt and not self.pci:
             raise ValueError("prt needs pci=True: it is the PCI root bridge's")
+        if self.dmar is not None and (self.mcfg is None or self.dmar[0] % 4096 or not 0 < self.dmar[0] < 1 << 64):
+            raise ValueError(f"dmar={self.dmar!r}: a page-aligned register base, on a PCI Express machine (mcfg)")
         if self.tables_addr < self.rsdp_addr + 36 and self.rsdp_addr < self.tables_end:
             raise ValueError(f"rsdp_addr={self.rsdp_addr:#x} overlaps the table window at {self.tables_addr:#x}")
 
@@ -330,6 +349,17 @@ def mcfg(base: int, size: int) -> bytes:
     return sdt(b"MCFG", MCFG_REVISION, body)
 
 
+def dmar(base: int, intremap: bool, ioapic_id: int) -> bytes:
+    """DMAR: host address width, flags, 10 reserved bytes, then the one DRHD (with the IOAPIC's
+    scope when interrupts are remapped: type, length, 2 reserved, enumeration id, bus, path)."""
+    scope = b""
+    if intremap:
+        scope = struct.pack("<BBHBBBB", SCOPE_IOAPIC, 8, 0, ioapic_id, IOAPIC_SOURCE_BUS, IOAPIC_SOURCE_DEVFN >> 3, 0)
+    drhd = struct.pack("<HHBBHQ", DMAR_DRHD, 16 + len(scope), DRHD_INCLUDE_PCI_ALL, 0, 0, base) + scope
+    flags = DMAR_INTR_REMAP if intremap else 0
+    return sdt(b"DMAR", DMAR_REVISION, struct.pack("<BB", DMAR_HOST_ADDRESS_WIDTH - 1, flags) + bytes(10) + drhd)
+
+
 def _sta_present() -> bytes:
     return aml.method("_STA", 0, aml.return_(0x0F))  # present, enabled, shown, functioning
 
@@ -418,7 +448,7 @@ def _align(addr: int, to: int) -> int:
 
 def build_tables(cfg: AcpiConfig) -> AcpiTables:
     """Lay the tables out in the window: FACS (64-byte aligned) first, then DSDT, FADT, MADT, MCFG (with
-    ECAM), RSDT, XSDT."""
+    ECAM), DMAR (with an IOMMU), RSDT, XSDT."""
     tables: dict[str, tuple[int, bytes]] = {}
     at = cfg.tables_addr
 
@@ -436,6 +466,8 @@ def build_tables(cfg: AcpiConfig) -> AcpiTables:
     listed = [fadt_addr, madt_addr]
     if cfg.mcfg is not None:
         listed.append(place("MCFG", mcfg(*cfg.mcfg)))
+    if cfg.dmar is not None:
+        listed.append(place("DMAR", dmar(*cfg.dmar, ioapic_id=cfg.ncpus)))  # the MADT's IOAPIC id
     # The RSDT and XSDT sizes are known before they are built, so both can be placed now.
     rsdt_addr = place("RSDT", rsdt(listed))
     xsdt_addr = place("XSDT", xsdt(listed))
