@@ -32,10 +32,10 @@ class CprTransfer(CprOutgoing):
 
     def _migrate(self) -> None:
         m, loop = self.machine, self.machine.loop
-        with channels.connect(self.cpr_addr, self.manager.named_fd) as cpr_sock:
+        with channels.connect(self.cpr_addr, self.manager.named_fd) as cpr_sock, m.devices.lend_connections():
             send_state(cpr_sock, CprState("cpr-transfer", m.fds.for_transfer()))
             loop.call_and_wait(lambda: self.manager.set_status(self, "active"))
-            self._wait_hangup(cpr_sock)
+            self._wait_hangup(cpr_sock)  # built: the target has asked device servers what it needed
         out = channels.connect(self.addr, self.manager.named_fd)
         out.settimeout(stream.timeout())  # a target that stops reading fails the migration: the guest resumes here
         return_path = self.manager.capabilities["return-path"]
@@ -51,6 +51,7 @@ class CprTransfer(CprOutgoing):
                 self._wait_verdict(out)
         finally:
             out.close()
+        m.devices.hand_over_connections()
         loop.call_and_wait(lambda: self._finish("completed", None))
 
     def _wait_hangup(self, sock: socket.socket) -> None:

@@ -20,7 +20,10 @@ Across cpr-exec and cpr-transfer the socket and the MSI eventfd are in the
 CPR fd table ("vfio-user" and "vfio-user-msi", by device id): the new image
 takes the very same connection (no new negotiation, no DMA_MAP: the server
 still maps the same memfds) and binds the same eventfd to its VM. The
-server never sees the update. A normal migration is refused (the device's
+server never sees the update. A cpr-transfer target builds its VM while the
+guest still runs in the source and asks the server about the device then:
+the source lends it the connection for that time (``_Link.lend``), and
+once the guest is handed over it never uses the connection again. A normal migration is refused (the device's
 state is in the server, which does not migrate it).
 
 If the server goes away or stops answering, the function reads all ones and
@@ -36,8 +39,8 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from minivmm.cpr.fdtable import FdTable
 from minivmm.devices.device import Device
 from minivmm.vfio import constants as vc
 from minivmm.vfio_user import protocol as p
@@ -52,6 +55,14 @@ MSI_ENABLE, MSI_64BIT = 0x0001, 0x0080
 
 class VfioUserError(Exception):
     """The device cannot be set up (the socket, the server's answers); the text says which."""
+
+
+class FdTable(Protocol):
+    """The CPR fd table (cpr/fdtable.py), as the device uses it."""
+
+    def open(self, name: str, id_: str, opener: Callable[[], int], matches: Callable[[int], bool] | None = None): ...
+    def claim(self, name: str, id_: str) -> int: ...
+    def close(self, name: str, id_: str) -> bool: ...
 
 
 @dataclass
@@ -73,6 +84,14 @@ class _Link:
         self.name, self.client = name, client
         self.lock = threading.Lock()
         self.dead = False
+
+    def lend(self) -> None:
+        """cpr-transfer: the target asks the server about the device while it builds its VM, on
+        this same connection; nothing here may use it meanwhile (a vCPU touching the device waits)."""
+        self.lock.acquire()
+
+    def give_back(self) -> None:
+        self.lock.release()
 
     def call(self, fn: Callable[[Client], object], default: object = None) -> object:
         with self.lock:
@@ -117,6 +136,7 @@ class VfioUserPci(PciFunction):
         try:
             if not kept:  # a connection kept across CPR was negotiated and mapped by the previous image
                 client.negotiate()
+                client.reset()  # as QEMU's machine reset at start-up: the device begins afresh
                 self._map_ram(client)
             info = client.device_info()
             if info.num_regions <= vc.VFIO_PCI_CONFIG_REGION_INDEX:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from minivmm.arch.x86 import layout
@@ -492,6 +493,23 @@ class DeviceManager:
             self.pci.add(function)
         except BusError as e:
             raise MachineError(dev.option, str(e)) from None
+
+    @contextmanager
+    def lend_connections(self) -> Iterator[None]:
+        """cpr-transfer's source, until the target has built its VM: the device servers' connections
+        are the target's to ask about the devices (a vCPU touching one here waits)."""
+        for function in self.vfio_user:
+            function.link.lend()
+        try:
+            yield
+        finally:
+            for function in self.vfio_user:
+                function.link.give_back()
+
+    def hand_over_connections(self) -> None:
+        """cpr-transfer's source, the guest handed over: the connections are the target's for good."""
+        for function in self.vfio_user:
+            function.link.dead = True
 
     def migration_blockers(self) -> list[str]:
         """Why this machine's state cannot go into a stream (QEMU's wording): the devices whose state

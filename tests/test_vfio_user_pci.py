@@ -1,0 +1,197 @@
+"""-device vfio-user-pci against the sample server (minivmm-vfio-user), with a real guest:
+timer.elf's vfiouser mode finds the device on the PCI bus, enables MSI and runs DMA rounds
+through it, each ending in an interrupt. Across cpr-exec and cpr-transfer the server keeps its
+one connection and the guest loses no interrupt; the device is never reset. QEMU 11's own
+vfio-user-pci client runs the same guest against the same server when a QEMU is at hand."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import argv_of, guest, wait_exec, wait_for
+from minivmm.vmprocess import qmp_connect
+
+QEMU = os.environ.get("MINIVMM_QEMU") or shutil.which("qemu-system-x86_64") or "/tmp/qemu-peer/qemu-system-x86_64"
+HAVE_QEMU = os.access(QEMU, os.X_OK)
+RAM = ["-object", "memory-backend-memfd,id=ram0,size=64M,share=on", "-machine", "memory-backend=ram0", "-m", "64M"]
+EXIT = ["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]
+
+
+class Server:
+    """minivmm-vfio-user on a socket in the test's directory, killed (its process group) at the end."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.socket, self.log = str(tmp / "dev.sock"), tmp / "server.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "minivmm.vfio_user.sample", self.socket],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        wait_for(lambda: os.path.exists(self.socket) or self.proc.poll() is not None, what="the server's socket")
+        assert self.proc.poll() is None, self.log.read_text()
+
+    def clients(self) -> list[str]:
+        return re.findall(r"client (\d+) (connected|gone)", self.log.read_text())
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = Server(tmp_path)
+    try:
+        yield s
+    finally:
+        s.kill()
+
+
+def guest_args(server: Server, rounds: int, serial: Path | None = None) -> list[str]:
+    return [
+        "-kernel",
+        guest("timer.elf"),
+        "-append",
+        f"vfiouser {rounds}",
+        *RAM,
+        "-device",
+        f"vfio-user-pci,id=vu0,socket={server.socket}",
+        *EXIT,
+        *(["-serial", f"file:{serial}"] if serial else []),
+    ]
+
+
+def rounds_done(serial: Path) -> int:
+    found = re.findall(r"timer: vfiouser round=(\d+)", serial.read_text(errors="replace"))
+    return int(found[-1]) if found else 0
+
+
+def test_the_guest_runs_dma_and_msis_through_the_device(vmm, server):
+    r = vmm.run(*guest_args(server, 300), timeout=120)
+    assert "timer: vfiouser id=4d565531" in r.stdout, r.stderr
+    assert "timer: vfiouser rounds=300 irqs=300 counter=300" in r.stdout, r.stdout + r.stderr
+    assert r.status == 33
+    assert server.clients() == [("1", "connected"), ("1", "gone")]
+
+
+@pytest.mark.parametrize("mode", ["cpr-exec", "cpr-transfer"])
+def test_the_device_keeps_its_connection_through_a_live_update(qmp_vm, vmm, server, tmp_path, mode):
+    """The update comes while the guest runs DMA: the rounds go on in the new VMM, every round's
+    MSI arrives (irqs == rounds), the device's count of transfers was never reset, and the
+    server saw one client only."""
+    serial, rounds = tmp_path / "serial.log", 15000  # about 10 s here: the update comes early on
+    args = guest_args(server, rounds, serial)
+    vm = qmp_vm(*args)
+    pci = vm.cmd("query-pci")["return"][0]["devices"]
+    dev = next(d for d in pci if d["id"]["vendor"] == 0x1234 and d["id"]["device"] == 0x4D56)
+    assert dev["regions"][0]["size"] == 0x1000
+    wait_for(lambda: rounds_done(serial) >= 100, timeout=120, what="the guest's first 100 rounds")
+    if mode == "cpr-exec":
+        state = tmp_path / "vm.state"
+        new = [*argv_of(vm, *args), "-incoming", f"file:{state}"]
+        vm.cmd("migrate-set-parameters", mode="cpr-exec", **{"cpr-exec-command": new})
+        assert vm.cmd("migrate", uri=f"file:{state}") == {"return": {}}
+        wait_exec(vm.qmp)
+        target, pid = qmp_connect(vm.socket), vm.proc.pid
+    else:
+        main, cpr, dst_qmp = tmp_path / "main.sock", tmp_path / "cpr.sock", tmp_path / "dst.qmp"
+        cpr_channel = f'{{"channel-type": "cpr", "addr": {{"transport": "socket", "type": "unix", "path": "{cpr}"}}}}'
+        dst = vmm.start(
+            *args, "-qmp", f"unix:{dst_qmp},server=on,wait=off", "-incoming", f"unix:{main}", "-incoming", cpr_channel
+        )
+        wait_for(cpr.exists, what="the target's cpr channel")
+        vm.cmd("migrate-set-parameters", mode="cpr-transfer")
+        channels = [
+            {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": str(main)}},
+            {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": str(cpr)}},
+        ]
+        assert vm.cmd("migrate", channels=channels) == {"return": {}}
+        wait_for(dst_qmp.exists, what="the target's monitor")
+        target, pid = qmp_connect(str(dst_qmp)), dst.pid
+    try:
+        wait_for(lambda: target.cmd("query-status")["status"] == "running", timeout=30, what="the guest running")
+        at_update = rounds_done(serial)
+        wait_for(lambda: rounds_done(serial) >= at_update + 500, timeout=120, what="rounds after the update")
+        assert pid and target.cmd("query-pci")[0]["devices"][-1]["id"]["device"] == 0x4D56
+    finally:
+        target.close()
+    last = re.compile(r"timer: vfiouser rounds=(\d+) irqs=(\d+) counter=(\d+)\n")
+    done = wait_for(lambda: last.search(serial.read_text(errors="replace")), timeout=120, what="the last round")
+    assert done.groups() == (str(rounds),) * 3  # no MSI lost, and the device never reset
+    assert server.clients() == [("1", "connected")]  # one connection, kept: never a second client
+
+
+def test_a_normal_migration_is_refused_with_qemus_words(qmp_vm, server, tmp_path):
+    vm = qmp_vm(*guest_args(server, 1000000, tmp_path / "serial.log"))
+    err = vm.cmd("migrate", uri=f"file:{tmp_path / 'vm.state'}")["error"]["desc"]
+    assert err == "vu0: VFIO device doesn't support migration"
+    assert vm.status() == "running"
+
+
+def test_a_server_that_goes_away_leaves_the_guest_and_the_vmm_running(qmp_vm, server, tmp_path):
+    """The device is detached (it reads all ones) and says so once; the guest carries on: after a
+    system_reset it boots again and finds the function, whose BAR now answers all ones."""
+    serial = tmp_path / "serial.log"
+    vm = qmp_vm(*guest_args(server, 1000000, serial))
+    wait_for(lambda: rounds_done(serial) >= 100, timeout=120, what="the guest's first 100 rounds")
+    server.kill()
+    vm.cmd("system_reset")
+    wait_for(lambda: "id=ffffffff" in serial.read_text(errors="replace"), timeout=60, what="the detached device")
+    assert vm.status() == "running"
+    assert vm.cmd("query-pci")["return"][0]["devices"][-1]["id"]["device"] == 0x4D56  # the shadow answers
+    vm.cmd("quit")
+    vm.proc.wait(timeout=20)
+    assert vm.proc.stderr.read().decode().count("vfio-user-pci 'vu0': the vfio-user server is gone") == 1
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["-device", "vfio-user-pci,socket=/nonexistent/dev.sock"],
+            "-device vfio-user-pci,socket=/nonexistent/dev.sock: Failed to connect to '/nonexistent/dev.sock': "
+            "No such file or directory",
+        ),
+    ],
+)
+def test_a_socket_nobody_serves_is_one_line(vmm, args, line):
+    r = vmm.run("-kernel", guest("timer.elf"), *RAM, *args)
+    assert r.status == 1 and r.stderr.strip() == f"minivmm: {line}", r.stderr
+
+
+def test_guest_ram_the_server_cannot_map_is_refused(vmm, server):
+    r = vmm.run("-kernel", guest("timer.elf"), "-m", "64M", "-device", f"vfio-user-pci,socket={server.socket}")
+    assert r.status == 1
+    assert "RAM block 'pc.ram' has no shared memfd for the server to map" in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not HAVE_QEMU, reason="no QEMU to compare with (set MINIVMM_QEMU)")
+def test_qemus_vfio_user_client_runs_the_same_guest_on_the_same_server(vmm, server, tmp_path):
+    device = f'{{"driver": "vfio-user-pci", "socket": {{"type": "unix", "path": "{server.socket}"}}}}'
+    proc = subprocess.run(
+        [QEMU, "-accel", "kvm", "-nodefaults", "-display", "none", "-serial", "stdio", "-kernel", guest("timer.elf")]
+        + ["-append", "vfiouser 300", *RAM, "-device", device, *EXIT],
+        capture_output=True,
+        timeout=120,
+        start_new_session=True,
+    )
+    out = proc.stdout.decode()
+    assert "timer: vfiouser id=4d565531" in out, proc.stderr.decode()
+    assert "timer: vfiouser rounds=300 irqs=300 counter=300" in out
+    ours = vmm.run(*guest_args(server, 300), timeout=120)
+    assert [line for line in ours.stdout.splitlines() if "vfiouser" in line] == [
+        line for line in out.splitlines() if "vfiouser" in line
+    ]
