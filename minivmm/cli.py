@@ -36,6 +36,7 @@ USAGE = f"""\
 {VERSION_LINE}
 usage: minivmm [options]
        minivmm demo [--ram SIZE] [--updates N]   a live update under a running guest, checked and timed
+       minivmm demo --device [--rounds N] ...    the same with a guest doing DMA with a vfio-user device
 
 Boots a guest on KVM with QEMU's command-line conventions.
 
