@@ -65,8 +65,9 @@ Devices:
   -chardev stdio|null|file|socket,id=ID[,path=PATH][,server=on][,wait=off][,append=on]
   -device isa-debug-exit[,iobase=0x501][,iosize=2]
   -device pc-testdev | pci-testdev | edu | pvpanic   (-device help lists the models)
+  -device vfio-user-pci,socket=PATH[,id=ID]   a PCI device served over vfio-user (minivmm-vfio-user SOCKET)
   -object iommufd,id=ID[,fd=N]  -device vfio-pci,host=BDF|sysfsdev=PATH[,fd=N][,iommufd=ID]
-  -device vfio-user-pci,socket=PATH   parsed and checked against the host; not assigned yet (docs/devices.md)
+                           parsed and checked against the host; not assigned yet (docs/devices.md)
 Control:
   -qmp unix:PATH[,server=on][,wait=off] | tcp:HOST:PORT,server=on[,wait=off]   a QMP monitor
   -mon chardev=ID,mode=control[,pretty=on]   a QMP monitor on a -chardev socket

@@ -232,6 +232,7 @@ def device_help() -> str:
     """``-device help``, in QEMU's format (test runners grep it for device names)."""
     lines = ["Misc devices:"]
     lines += [f'name "{m.name}", bus {m.bus}, desc "{m.description}"' for m in MODELS.values()]
+    lines.append('name "vfio-user-pci", bus PCI, desc "a PCI device served by another process over vfio-user"')
     return "\n".join(lines) + "\n"
 
 
