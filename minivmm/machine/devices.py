@@ -16,13 +16,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from minivmm.arch.x86 import layout
 from minivmm.arch.x86.e820 import memory_map
 from minivmm.chardev import Chardev, ChardevError, FileChardev, SocketChardev, StdioChardev
 from minivmm.config import ChardevConfig, DeviceConfig, MachineConfig
 from minivmm.cpr.fdtable import FdTable
-from minivmm.devices import edu, fw_cfg, intel_iommu, ioapic, pc_testdev, pci_testdev, pvpanic, vfio_user_pci
+from minivmm.devices import edu, fw_cfg, ioapic, pc_testdev, pci_testdev, pvpanic
 from minivmm.devices.acpi_pm import (
     RESET_CONTROL_RST_CPU,
     RESET_CONTROL_SYS_RST,
@@ -50,6 +51,9 @@ from .errors import MachineError
 from .irqchip import KernelIrqchip, SplitIrqchip
 from .pci import PciBus
 from .vfio import check_vfio_pci, vfio_user_options
+
+if TYPE_CHECKING:  # imported where they are made: a machine without them (a cpr-exec image) pays nothing
+    from minivmm.devices import intel_iommu, vfio_user_pci
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,8 @@ def _pc_testdev(dm: DeviceManager, props: dict[str, int]) -> list[tuple[str, int
 
 def _edu(dm: DeviceManager) -> edu.Edu:
     """edu, its DMA and MSIs going through the IOMMU when there is one (bus 0: requester id = devfn)."""
+    from minivmm.devices import intel_iommu
+
     function = edu.Edu(dm.memory)
     function.registers.memory = intel_iommu.DmaSpace(dm.memory, lambda: function.slot << 3, lambda: dm.iommu)
     function.send_msi = lambda address, data: dm.send_msi(address, data, function.slot << 3)
@@ -140,6 +146,8 @@ def _intel_iommu(dm: DeviceManager, props: dict[str, int | str]) -> list[tuple[s
         if not intremap:
             raise ModelError("eim=on cannot be selected without intremap=on")
         raise ModelError("eim=on is not supported: minivmm has no x2APIC interrupt remapping (Extended Interrupt Mode)")
+    from minivmm.devices import intel_iommu
+
     ioapic = dm.irqchip.ioapic if dm.irqchip.split else None
     iommu = intel_iommu.IntelIommu(
         dm.memory, dm.signal_msi, intremap, ioapic.refresh_routes if ioapic is not None else lambda: None
@@ -480,6 +488,8 @@ class DeviceManager:
                 raise MachineError(dev.option, str(e)) from None
 
     def _add_vfio_user(self, dev: DeviceConfig) -> None:
+        from minivmm.devices import vfio_user_pci
+
         dev_id, path = vfio_user_options(dev, len(self.pci.functions))
         gsi, self.next_msi_gsi = self.next_msi_gsi, self.next_msi_gsi + 1
         wiring = vfio_user_pci.Wiring(
