@@ -28,7 +28,7 @@ from collections.abc import Callable
 from . import guests
 from .guests.abwalk import check_invariant
 from .options import OptionError, parse_size
-from .vmprocess import VmProcess
+from .vmprocess import VmProcess, kill_group
 
 ROUNDS_BASE, ROUNDS_PER_UPDATE = 5000, 2500  # DMA rounds: ~2 per ms on a nested host; an update ~1 s
 REPORT_EVERY = 100  # the vfiouser guest prints its round every 100 (VU_REPORT_EVERY in guests/timer.S)
@@ -206,7 +206,7 @@ def _start_server(workdir: str) -> tuple[subprocess.Popen, str, str]:
     deadline = time.monotonic() + 30
     while not os.path.exists(sock):
         if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
+            kill_group(proc)
             with open(log) as f:
                 raise RuntimeError(f"the vfio-user server did not start: {f.read().strip()}")
         time.sleep(0.01)
@@ -218,15 +218,6 @@ def _die_with_parent() -> Callable[[], None]:
     SIGKILL, when no finally runs (it is in a process group of its own, out of a killpg's reach)."""
     libc = ctypes.CDLL(None, use_errno=True)
     return lambda: libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Kill a process and its group (the server's group is its own)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def _device_demo(ram: int, updates: int, rounds: int) -> int:
@@ -273,7 +264,7 @@ def _device_demo(ram: int, updates: int, rounds: int) -> int:
             finally:
                 vm.close()
         finally:
-            _stop(server)
+            kill_group(server)
 
 
 def _device_run(

@@ -40,6 +40,17 @@ def qmp_connect(
 MINIVMM = [sys.executable, "-m", "minivmm"]
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill a process started in a session of its own, and everything in its process group
+    (holders, watchdogs and a restarted VMM stay in the group of the minivmm that started
+    them), even when the leader is gone; then reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 class VmProcess:
     """``program``: the VMM's argv before ``args`` (minivmm by default; QEMU in the
     side-by-side benchmarks, which find its RAM by ``ram_bytes``, the memfd's size)."""
@@ -131,11 +142,7 @@ class VmProcess:
             pass
         os.close(self.fd)
         self.fd = -1
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
+        kill_group(self.proc)
         self.proc.stderr.close()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from minivmm import guests
+from minivmm.vmprocess import kill_group
 
 REPO = Path(__file__).resolve().parent.parent
 DEBUG_EXIT = ["-device", "isa-debug-exit,iobase=0xf4,iosize=0x4"]
@@ -73,11 +73,7 @@ class Vmm:
     def kill(proc: subprocess.Popen) -> None:
         """The whole process group, even when its leader is gone: holders, watchdogs and a
         restarted VMM stay in the group of the minivmm that started them."""
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        kill_group(proc)
 
     def cleanup(self) -> None:
         for proc in self.procs:

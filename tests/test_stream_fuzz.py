@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from conftest import REPO, MiB, Vmm, still_walking, wait_for
 from minivmm.guests.abwalk import check_invariant
+from minivmm.memory import RamBlock
 from minivmm.migration import stream
 
 sys.path.insert(0, str(REPO / "tools"))
@@ -263,3 +264,29 @@ def test_fuzz_cli_runs_and_finds_nothing():
     """The longer harness, briefly: a real save, in-process mutations, two real loads."""
     rc = fz.main(["--seconds", "3", "--real", "2"])
     assert rc == 0
+
+
+def test_a_file_read_by_workers_keeps_the_later_copy_of_a_page(tmp_path):
+    """A stream may carry a page twice (a precopy pass, then the final one): read from a file by
+    worker threads, the later copy still wins, even when the earlier one is the larger, slower read."""
+    size = 8 << 20
+    path = tmp_path / "twice.stream"
+    first, later = bytes([1]) * (4 << 20), bytes([2]) * 4096
+    with open(path, "wb", buffering=0) as f:
+        w = stream.Writer(f)
+        w.header([stream.BlockInfo("pc.ram", size, True)], [stream.Placement(0, size, 0, 0)])
+        for _ in range(8):
+            w.pages(0, 0, memoryview(first))
+            w.pages(0, 4096, memoryview(later))
+        w.end()
+        w.close()
+    block = RamBlock("pc.ram", size, -1, False, "ram", mem=bytearray(size))
+    with open(path, "rb", buffering=0) as f:
+        r = stream.Reader(f)
+        r.header()
+        while (kind := r.next_record()) == stream.REC_PAGES:
+            r.pages_into([block])
+        assert kind == stream.REC_END
+        r.end()
+        r.close()
+    assert block.mem[4096:8192] == later and block.mem[:4096] == first[:4096]

@@ -9,7 +9,6 @@ import errno
 import os
 import random
 import select
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from minivmm.vfio_user import protocol as p
 from minivmm.vfio_user import sample
 from minivmm.vfio_user.client import Client, ClientError
 from minivmm.vfio_user.protocol import Command
+from minivmm.vmprocess import kill_group
 
 BAR0, CONFIG = vc.VFIO_PCI_BAR0_REGION_INDEX, vc.VFIO_PCI_CONFIG_REGION_INDEX
 INTX, MSI = vc.VFIO_PCI_INTX_IRQ_INDEX, vc.VFIO_PCI_MSI_IRQ_INDEX
@@ -97,11 +97,7 @@ def server(tmp_path):
         yield path, proc
         assert proc.poll() is None, f"the server ended: {(tmp_path / 'server.log').read_text()}"
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        kill_group(proc)
         log.close()
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import argv_of, guest, wait_exec, wait_for
-from minivmm.vmprocess import qmp_connect
+from minivmm.vmprocess import kill_group, qmp_connect
 
 QEMU = os.environ.get("MINIVMM_QEMU") or shutil.which("qemu-system-x86_64") or "/tmp/qemu-peer/qemu-system-x86_64"
 HAVE_QEMU = os.access(QEMU, os.X_OK)
@@ -44,11 +43,7 @@ class Server:
         return re.findall(r"client (\d+) (connected|gone)", self.log.read_text())
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
+        kill_group(self.proc)
 
 
 @pytest.fixture
@@ -195,3 +190,34 @@ def test_qemus_vfio_user_client_runs_the_same_guest_on_the_same_server(vmm, serv
     assert [line for line in ours.stdout.splitlines() if "vfiouser" in line] == [
         line for line in out.splitlines() if "vfiouser" in line
     ]
+
+
+def test_odd_guest_accesses_neither_raise_nor_detach_the_device(server):
+    """The function in-process, on the real server: a configuration write cut short at the end of
+    the space (a 32-bit value in 2 bytes), an access that runs past BAR0's end, and one the server
+    refuses each fail alone; the device still answers after them."""
+    from minivmm.cpr.fdtable import FdTable
+    from minivmm.devices.vfio_user_pci import VfioUserPci, Wiring
+    from minivmm.memory import Mapping, RamBlock
+
+    block = RamBlock.memfd("pc.ram", 1 << 20, shared=True)
+    routes, irqfds = {}, {}
+    wiring = Wiring(FdTable(), [Mapping(0, 1 << 20, block, 0)], 24, routes.__setitem__, irqfds.__setitem__, irqfds.pop)
+    fn = VfioUserPci("vu0", server.socket, wiring)
+    try:
+        bar = fn.bars[0].device
+        assert bar.read(0, 4) == 0x4D565531
+        fn.write_config(0xFE, 2, 0xFFFFFFFF)  # what a 4-byte ECAM write at 0xfe becomes
+        assert bar.read(0xFFE, 4) == 0xFFFFFFFF and not fn.link.dead  # past the end: all ones
+        assert fn.link.call(lambda c: c.region_read(9, 0, 4), b"refused") == b"refused"  # an error reply
+        assert not fn.link.dead and bar.read(0, 4) == 0x4D565531
+        msi = fn.msi_cap
+        fn.write_config(msi + 4, 4, 0xFEE00000)
+        fn.write_config(msi + 12, 2, 0x52)
+        fn.write_config(msi + 2, 2, 1)  # enable: routed and bound, the eventfd given to the server
+        assert routes[24] == (0xFEE00000, 0x52) and irqfds == {24: fn.msi_fd}
+        fn.write_config(msi + 2, 2, 0)
+        assert routes[24] is None and irqfds == {}
+    finally:
+        fn.close()
+        block.close()

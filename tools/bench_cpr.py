@@ -13,7 +13,7 @@ first, the target's start-up included). Runs alternate between the two VMMs,
 so load on the machine falls on both; medians of --runs runs per cell, and
 the ratio minivmm / QEMU.
 
-QEMU is the peer of ``sh ../shared/tools/qemu-peer.sh`` (--qemu, default
+QEMU is a QEMU 11 qemu-system-x86_64 with KVM (--qemu, default
 /tmp/qemu-peer/qemu-system-x86_64); without it only minivmm is measured.
 minivmm runs as a user installs it (``--minivmm installed``, the default):
 this tool makes a scratch venv with ``pip install`` of this checkout and runs
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minivmm import guests  # noqa: E402
-from minivmm.vmprocess import MINIVMM, VmProcess, Watch  # noqa: E402
+from minivmm.vmprocess import MINIVMM, VmProcess, Watch, kill_group  # noqa: E402
 
 SIZES = {"256M": 256, "1G": 1024, "4G": 4096}
 MiB = 1 << 20
@@ -122,7 +121,7 @@ def bench_transfer(vmm: Vmm, workdir: str, ram: int) -> float:
     finally:
         src.close()
         if dst is not None:
-            _kill(dst)
+            kill_group(dst)
 
 
 def bench_file(vmm: Vmm, workdir: str, ram: int) -> float:
@@ -158,14 +157,6 @@ def bench_file(vmm: Vmm, workdir: str, ram: int) -> float:
         src.close()
         if os.path.exists(path):
             os.unlink(path)
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 MODES = {"cpr-exec": bench_exec, "cpr-transfer": bench_transfer, "file": bench_file}
@@ -209,7 +200,7 @@ def main() -> None:
         if args.qemu and os.access(args.qemu, os.X_OK):
             vmms.append(Vmm("QEMU", [args.qemu]))
         elif args.qemu:
-            print(f"no QEMU at {args.qemu} (sh ../shared/tools/qemu-peer.sh): minivmm only", file=sys.stderr)
+            print(f"no QEMU at {args.qemu} (give one with --qemu): minivmm only", file=sys.stderr)
         for size in sizes:
             for mode in modes:
                 for _ in range(args.runs):

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +40,7 @@ sys.path.insert(0, str(REPO))
 from minivmm import guests  # noqa: E402
 from minivmm.monitor.commands import COMMANDS, INT64, MAX_ITEMS, MAX_STR, Arg  # noqa: E402
 from minivmm.options import OptionError  # noqa: E402
+from minivmm.vmprocess import kill_group  # noqa: E402
 
 # --- processes ------------------------------------------------------------------------------------
 
@@ -63,14 +63,7 @@ class Processes:
         self.procs.append(proc)
         return proc
 
-    @staticmethod
-    def kill(proc: subprocess.Popen) -> None:
-        """The whole process group, even when its leader is gone (holders and watchdogs stay in it)."""
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+    kill = staticmethod(kill_group)
 
     def close(self) -> None:
         for proc in self.procs:

@@ -41,7 +41,7 @@ def validate(
     cpr = [c for c in others if c.channel_type == "cpr"]
     if mode != "cpr-transfer" and cpr:
         raise ValidationError("a cpr channel is only valid in mode cpr-transfer")
-    if mode in MODES and (found := blockers(machine)):
+    if mode in MODES and (found := blockers(machine) + machine.devices.cpr_blockers()):
         raise ValidationError(found[0])
     if mode not in MODES and (found := machine.devices.migration_blockers()):
         raise ValidationError(found[0])  # a device whose state no stream can carry; CPR keeps its fds

@@ -32,9 +32,11 @@ class CprTransfer(CprOutgoing):
 
     def _migrate(self) -> None:
         m, loop = self.machine, self.machine.loop
+        loop.call_and_wait(lambda: self.manager.set_status(self, "active"))
+        # While lent, nothing here may wait for the main loop: it may itself wait for a vCPU
+        # that waits for a lent connection.
         with channels.connect(self.cpr_addr, self.manager.named_fd) as cpr_sock, m.devices.lend_connections():
             send_state(cpr_sock, CprState("cpr-transfer", m.fds.for_transfer()))
-            loop.call_and_wait(lambda: self.manager.set_status(self, "active"))
             self._wait_hangup(cpr_sock)  # built: the target has asked device servers what it needed
         out = channels.connect(self.addr, self.manager.named_fd)
         out.settimeout(stream.timeout())  # a target that stops reading fails the migration: the guest resumes here

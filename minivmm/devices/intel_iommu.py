@@ -502,32 +502,3 @@ class IntelIommu(LockedState):
 class _Fault(Exception):
     def __init__(self, reason: int, fpd: bool = False) -> None:
         self.reason, self.fpd = reason, fpd
-
-
-@dataclass
-class DmaSpace:
-    """A PCI function's view of memory for DMA: guest RAM, through the IOMMU when one translates.
-
-    ``requester_id`` and ``iommu`` are asked at each transfer: the slot is given when the function
-    goes on the bus, and ``-device intel-iommu`` may come after the device on the command line.
-    """
-
-    memory: object  # GuestMemory
-    requester_id: Callable[[], int]
-    iommu: Callable[[], IntelIommu | None]
-
-    def _chunks(self, address: int, length: int, write: bool):
-        iommu = self.iommu()
-        while length > 0:
-            step = min(length, PAGE - (address & (PAGE - 1)))
-            yield (address if iommu is None else iommu.translate(self.requester_id(), address, write)), step
-            address, length = address + step, length - step
-
-    def read(self, address: int, length: int) -> bytes:
-        return b"".join(self.memory.read(gpa, n) for gpa, n in self._chunks(address, length, False))
-
-    def write(self, address: int, data: bytes) -> None:
-        done = 0
-        for gpa, n in list(self._chunks(address, len(data), True)):
-            self.memory.write(gpa, data[done : done + n])
-            done += n

@@ -17,6 +17,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from minivmm.arch.x86.layout import PAGE_SIZE
 from minivmm.devices.device import Device
 from minivmm.vmstate import VMSD, Field
 
@@ -84,23 +85,47 @@ class PciFunction:
 
     def add_msi(self, offset: int = 0x40) -> None:
         """The MSI capability, first in the list (QEMU puts a device's first capability at 0x40)."""
-        self.msi_cap = offset
         self.config[STATUS] |= STATUS_CAP_LIST
         self.config[CAPABILITIES] = offset
         self.config[offset : offset + 2] = bytes((CAP_ID_MSI, 0))
         struct.pack_into("<H", self.config, offset + MSI_CONTROL, MSI_64BIT)
+        self.use_msi(offset)
+        self.initial = bytes(self.config)
+
+    def use_msi(self, offset: int) -> None:
+        """The MSI capability at ``offset`` (32- or 64-bit): the guest may write its enable bit,
+        its address and its data."""
+        self.msi_cap = offset
+        wide = self.config[offset + MSI_CONTROL] & MSI_64BIT
         self.wmask[offset + MSI_CONTROL] = MSI_ENABLE
         self.wmask[offset + MSI_ADDRESS_LO : offset + MSI_ADDRESS_LO + 4] = b"\xfc\xff\xff\xff"
-        self.wmask[offset + MSI_ADDRESS_HI : offset + MSI_DATA + 2] = b"\xff" * 6
-        self.initial = bytes(self.config)
+        data = offset + (MSI_DATA if wide else MSI_ADDRESS_HI)  # a 32-bit capability has its data at 8
+        self.wmask[offset + MSI_ADDRESS_HI : data] = b"\xff" * (data - offset - MSI_ADDRESS_HI)
+        self.wmask[data : data + 2] = b"\xff\xff"
+
+    def find_msi(self) -> int:
+        """The offset of the MSI capability in the capability list (0: none). The list may come
+        from elsewhere (a vfio-user server), so the walk is bounded and checked."""
+        if not self.config[STATUS] & STATUS_CAP_LIST:
+            return 0
+        at, seen = self.config[CAPABILITIES] & 0xFC, set()
+        while 0x40 <= at <= CONFIG_SIZE - MSI_SIZE and at not in seen:
+            seen.add(at)
+            if self.config[at] == CAP_ID_MSI:
+                return at
+            at = self.config[at + 1] & 0xFC
+        return 0
 
     def msi_message(self) -> tuple[int, int] | None:
         """(address, data) of the MSI the function sends when the guest enabled MSI, else None."""
         at = self.msi_cap
         if not at or not self.config[at + MSI_CONTROL] & MSI_ENABLE:
             return None
-        lo, hi, data = struct.unpack_from("<IIH", self.config, at + MSI_ADDRESS_LO)
-        return lo | hi << 32, data
+        if self.config[at + MSI_CONTROL] & MSI_64BIT:
+            lo, hi, data = struct.unpack_from("<IIH", self.config, at + MSI_ADDRESS_LO)
+            return lo | hi << 32, data
+        lo, data = struct.unpack_from("<IH", self.config, at + MSI_ADDRESS_LO)
+        return lo, data
 
     def set_bar_address(self, index: int, address: int) -> None:
         bar = self.bars[index]
@@ -270,3 +295,32 @@ class PciHostPort(Device):
 
     def write(self, offset: int, size: int, value: int) -> None:
         self.host.write(self.at + offset, size, value)
+
+
+@dataclass
+class DmaSpace:
+    """A PCI function's view of memory for DMA: guest RAM, through the IOMMU when one translates.
+
+    ``requester_id`` and ``iommu`` are asked at each transfer: the slot is given when the function
+    goes on the bus, and ``-device intel-iommu`` may come after the device on the command line.
+    """
+
+    memory: object  # GuestMemory
+    requester_id: Callable[[], int]
+    iommu: Callable[[], object | None]  # the intel_iommu.IntelIommu, if any: translate(requester, address, write)
+
+    def _chunks(self, address: int, length: int, write: bool):
+        iommu = self.iommu()
+        while length > 0:
+            step = min(length, PAGE_SIZE - (address & (PAGE_SIZE - 1)))
+            yield (address if iommu is None else iommu.translate(self.requester_id(), address, write)), step
+            address, length = address + step, length - step
+
+    def read(self, address: int, length: int) -> bytes:
+        return b"".join(self.memory.read(gpa, n) for gpa, n in self._chunks(address, length, False))
+
+    def write(self, address: int, data: bytes) -> None:
+        done = 0
+        for gpa, n in list(self._chunks(address, len(data), True)):
+            self.memory.write(gpa, data[done : done + n])
+            done += n

@@ -14,7 +14,8 @@ minivmm is the client:
 - MSI: when the guest enables it, an eventfd goes to the server (SET_IRQS)
   and is bound as a KVM irqfd on a GSI routed to the guest's MSI address and
   data: the server's interrupts reach the guest without passing through
-  minivmm. INTx is not wired (the guest must use MSI).
+  minivmm. The eventfd is made once, with the device. INTx is not wired
+  (the guest must use MSI).
 
 Across cpr-exec and cpr-transfer the socket and the MSI eventfd are in the
 CPR fd table ("vfio-user" and "vfio-user-msi", by device id): the new image
@@ -22,12 +23,15 @@ takes the very same connection (no new negotiation, no DMA_MAP: the server
 still maps the same memfds) and binds the same eventfd to its VM. The
 server never sees the update. A cpr-transfer target builds its VM while the
 guest still runs in the source and asks the server about the device then:
-the source lends it the connection for that time (``_Link.lend``), and
-once the guest is handed over it never uses the connection again. A normal migration is refused (the device's
-state is in the server, which does not migrate it).
+the source lends it the connection for that time (``_Link.lend``; a vCPU
+touching the device there waits, and nothing that holds it waits for the
+main loop), and once the guest is handed over it never uses the connection
+again. A normal migration is refused (the device's state is in the server,
+which does not migrate it), and so is a CPR once the server has gone.
 
 If the server goes away or stops answering, the function reads all ones and
-drops writes, and one line says so: the guest and its RAM carry on.
+drops writes, and one line says so: the guest and its RAM carry on. An
+access the server refuses (an error reply) fails alone.
 """
 
 from __future__ import annotations
@@ -46,11 +50,9 @@ from minivmm.vfio import constants as vc
 from minivmm.vfio_user import protocol as p
 from minivmm.vfio_user.client import Client, ClientError
 
-from .pci import BAR0, CONFIG_SIZE, INTERRUPT_PIN, NUM_BARS, STATUS, Bar, PciFunction
+from .pci import BAR0, CONFIG_SIZE, INTERRUPT_PIN, NUM_BARS, Bar, PciFunction
 
 REPLY_TIMEOUT = 30.0  # seconds a server may take to answer before the device is given up
-CAP_LIST_BIT, CAP_POINTER, CAP_ID_MSI = 0x10, 0x34, 0x05
-MSI_ENABLE, MSI_64BIT = 0x0001, 0x0080
 
 
 class VfioUserError(Exception):
@@ -78,7 +80,8 @@ class Wiring:
 
 
 class _Link:
-    """The client, serialised (vCPU threads share it), and given up on the first failure."""
+    """The client, serialised (vCPU threads share it). A broken connection detaches the device for
+    good; an error the server answers with fails that access only."""
 
     def __init__(self, name: str, client: Client) -> None:
         self.name, self.client = name, client
@@ -99,7 +102,9 @@ class _Link:
                 return default
             try:
                 return fn(self.client)
-            except (OSError, p.ProtocolError, p.Disconnected, ClientError, ValueError) as e:
+            except ClientError:
+                return default
+            except (OSError, p.ProtocolError, p.Disconnected, ValueError) as e:
                 self.dead = True
                 print(f"minivmm: {self.name}: the vfio-user server is gone ({e}): detached", file=sys.stderr)
                 return default
@@ -110,18 +115,20 @@ class BarWindow(Device):
 
     name = "vfio-user-bar"
 
-    def __init__(self, link: _Link, region: int) -> None:
-        self.link, self.region = link, region
+    def __init__(self, link: _Link, region: int, size: int) -> None:
+        self.link, self.region, self.size = link, region, size
 
     def read(self, offset: int, size: int) -> int:
+        ones = (1 << (8 * size)) - 1
+        if offset + size > self.size:  # past the BAR's end: nothing answers there
+            return ones
         data = self.link.call(lambda c: c.region_read(self.region, offset, size), b"")
-        if len(data) != size:
-            return (1 << (8 * size)) - 1
-        return int.from_bytes(data, "little")
+        return int.from_bytes(data, "little") if len(data) == size else ones
 
     def write(self, offset: int, size: int, value: int) -> None:
-        data = value.to_bytes(size, "little")
-        self.link.call(lambda c: c.region_write(self.region, offset, data, posted=True))
+        if offset + size <= self.size:
+            data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            self.link.call(lambda c: c.region_write(self.region, offset, data, posted=True))
 
 
 class VfioUserPci(PciFunction):
@@ -129,41 +136,53 @@ class VfioUserPci(PciFunction):
 
     def __init__(self, dev_id: str, path: str, wiring: Wiring) -> None:
         self.dev_id, self.path, self.wiring = dev_id, path, wiring
-        fd, kept = wiring.fds.open("vfio-user", dev_id, lambda: _connect(path), lambda fd: _peer(fd) == path)
+        # A connection in the CPR table is taken as it is: the previous image negotiated it and mapped RAM.
+        fd, kept = wiring.fds.open("vfio-user", dev_id, lambda: _connect(path))
         sock = socket.socket(fileno=os.dup(fd))  # the table keeps its own fd for the next update
-        sock.settimeout(REPLY_TIMEOUT)
-        client = Client(sock)
         try:
-            if not kept:  # a connection kept across CPR was negotiated and mapped by the previous image
+            sock.settimeout(REPLY_TIMEOUT)
+            client = Client(sock)
+            config, sizes = self._probe(client, kept)
+        except BaseException:
+            sock.close()
+            raise
+        super().__init__(0, 0, 0)
+        self.config[:] = config[:CONFIG_SIZE].ljust(CONFIG_SIZE, b"\xff")
+        self.link = _Link(f"vfio-user-pci '{dev_id}'", client)
+        for index, size in enumerate(sizes):
+            if size:
+                raw = struct.unpack_from("<I", self.config, BAR0 + 4 * index)[0]
+                self.add_bar(index, Bar("pio" if raw & 1 else "mmio", size, BarWindow(self.link, index, size)))
+        self.config[INTERRUPT_PIN] = 0  # INTx is not wired: the guest sees a function without it
+        if msi := self.find_msi():
+            self.use_msi(msi)
+        # The MSI eventfd: made (or found, across CPR) once and kept, so the table never changes later.
+        self.msi_fd, _ = wiring.fds.open("vfio-user-msi", dev_id, lambda: os.eventfd(0, os.EFD_CLOEXEC))
+        self.msi_route: tuple[int, int] | None = None
+        self.initial = bytes(self.config)
+
+    def _probe(self, client: Client, kept: bool) -> tuple[bytes, list[int]]:
+        """The configuration space and the BAR sizes (a new connection is set up first)."""
+        path = self.path
+        try:
+            if not kept:
                 client.negotiate()
                 client.reset()  # as QEMU's machine reset at start-up: the device begins afresh
                 self._map_ram(client)
             info = client.device_info()
             if info.num_regions <= vc.VFIO_PCI_CONFIG_REGION_INDEX:
-                raise VfioUserError(f"the server has {info.num_regions} regions, no PCI configuration space")
+                raise VfioUserError(f"vfio-user server at '{path}': {info.num_regions} regions, no configuration space")
             config = client.region_read(vc.VFIO_PCI_CONFIG_REGION_INDEX, 0, CONFIG_SIZE)
             sizes = [client.region_info(i).size for i in range(NUM_BARS)]
         except (OSError, p.ProtocolError, p.Disconnected, ClientError) as e:
-            sock.close()
             raise VfioUserError(f"vfio-user server at '{path}': {e}") from None
-        super().__init__(0, 0, 0)
-        self.config[:] = config.ljust(CONFIG_SIZE, b"\xff")
-        self.link = _Link(f"vfio-user-pci '{dev_id}'", client)
         for index, size in enumerate(sizes):
-            if size:
-                if size & (size - 1):
-                    raise VfioUserError(f"vfio-user server at '{path}': BAR{index} of {size:#x} bytes")
-                raw = struct.unpack_from("<I", self.config, BAR0 + 4 * index)[0]
-                if raw & 0x7 == 0x4:
-                    raise VfioUserError(f"vfio-user server at '{path}': BAR{index} is 64-bit (minivmm maps 32-bit)")
-                self.add_bar(index, Bar("pio" if raw & 1 else "mmio", size, BarWindow(self.link, index)))
-        self.config[INTERRUPT_PIN] = 0  # INTx is not wired: the guest sees a function without it
-        self.msi = _find_msi(self.config)
-        self.msi_route: tuple[int, int] | None = None
-        # The server holds the MSI eventfd while the guest has MSI enabled: across CPR the table has it
-        # (claimed now, so that nothing closes it before the state load re-enables it).
-        self.server_has_msi = kept and wiring.fds.claim("vfio-user-msi", dev_id) >= 0
-        self.initial = bytes(self.config)
+            raw = int.from_bytes(config[BAR0 + 4 * index : BAR0 + 4 * index + 4], "little")
+            if size and (size & (size - 1) or size > 1 << 31):
+                raise VfioUserError(f"vfio-user server at '{path}': BAR{index} of {size:#x} bytes")
+            if size and raw & 0x7 == 0x4:
+                raise VfioUserError(f"vfio-user server at '{path}': BAR{index} is 64-bit (minivmm maps 32-bit)")
+        return config, sizes
 
     def _map_ram(self, client: Client) -> None:
         for m in self.wiring.mappings:
@@ -178,52 +197,28 @@ class VfioUserPci(PciFunction):
 
     # --- configuration space ---------------------------------------------------------------------
     def write_config(self, offset: int, size: int, value: int) -> None:
+        """The shadow (the MSI capability's writable bits among it), then the server's copy."""
+        value &= (1 << (8 * size)) - 1
         super().write_config(offset, size, value)
-        if not size:  # a load re-reads the shadow: MSI as the guest left it, the same eventfd
-            self._msi_changed()
-            return
-        if self.msi is not None and self.msi < offset + size and offset < self.msi + _msi_size(self.config, self.msi):
-            self._write_msi(offset, size, value)
-        data = value.to_bytes(size, "little")
-        self.link.call(lambda c: c.region_write(vc.VFIO_PCI_CONFIG_REGION_INDEX, offset, data))
-
-    def _write_msi(self, offset: int, size: int, value: int) -> None:
-        """The MSI capability's writable part: the enable bit, the address and the data."""
-        cap = self.msi
-        for i in range(size):
-            at, byte = offset + i, (value >> (8 * i)) & 0xFF
-            if at == cap + 2:
-                self.config[at] = (self.config[at] & ~MSI_ENABLE) | (byte & MSI_ENABLE)
-            elif cap + 4 <= at < cap + _msi_size(self.config, cap):
-                self.config[at] = byte
         self._msi_changed()
+        if size:
+            data = value.to_bytes(size, "little")
+            self.link.call(lambda c: c.region_write(vc.VFIO_PCI_CONFIG_REGION_INDEX, offset, data))
 
     def _msi_changed(self) -> None:
-        """Route the MSI GSI to what the guest wrote; the eventfd goes to the server when MSI is enabled
-        and is taken back when it is disabled."""
-        cap = self.msi
-        if cap is None:
-            return
-        control = struct.unpack_from("<H", self.config, cap + 2)[0]
-        route = _msi_message(self.config, cap) if control & MSI_ENABLE else None
+        """Route the MSI GSI to what the guest wrote and give the server the eventfd when MSI comes
+        on; take both away when it goes off. A load (and a kept connection) runs the same steps."""
+        route = self.msi_message()
         if route == self.msi_route:
             return
         w = self.wiring
-        if route is not None:
-            fd, _ = w.fds.open("vfio-user-msi", self.dev_id, lambda: os.eventfd(0, os.EFD_CLOEXEC))
-            w.set_route(w.gsi, route)
-            if self.msi_route is None:
-                w.add_irqfd(w.gsi, fd)
-            if not self.server_has_msi:
-                self.link.call(lambda c: c.set_eventfd(vc.VFIO_PCI_MSI_IRQ_INDEX, fd))
-                self.server_has_msi = True
-        else:
+        w.set_route(w.gsi, route)
+        if route is not None and self.msi_route is None:
+            w.add_irqfd(w.gsi, self.msi_fd)
+            self.link.call(lambda c: c.set_eventfd(vc.VFIO_PCI_MSI_IRQ_INDEX, self.msi_fd))
+        elif route is None:
             w.remove_irqfd(w.gsi)
-            w.set_route(w.gsi, None)
-            if self.server_has_msi:
-                self.link.call(lambda c: c.set_irqs(vc.VFIO_PCI_MSI_IRQ_INDEX, _DISABLE, count=0))
-                self.server_has_msi = False
-            w.fds.close("vfio-user-msi", self.dev_id)
+            self.link.call(lambda c: c.set_irqs(vc.VFIO_PCI_MSI_IRQ_INDEX, _DISABLE, count=0))
         self.msi_route = route
 
     def reset(self) -> None:
@@ -246,38 +241,3 @@ def _connect(path: str) -> int:
         sock.close()
         raise VfioUserError(f"Failed to connect to '{path}': {e.strerror}") from None
     return sock.detach()
-
-
-def _peer(fd: int) -> str | None:
-    """The path a kept connection leads to (a changed socket= on the new command line reconnects)."""
-    try:
-        with socket.socket(fileno=os.dup(fd)) as s:
-            return s.getpeername()
-    except OSError:
-        return None
-
-
-def _find_msi(config: bytearray) -> int | None:
-    """The offset of the MSI capability, walking the list the server made (bounded, as it is input)."""
-    if not struct.unpack_from("<H", config, STATUS)[0] & CAP_LIST_BIT:
-        return None
-    at, seen = config[CAP_POINTER] & 0xFC, set()
-    while 0x40 <= at <= CONFIG_SIZE - 4 and at not in seen:
-        seen.add(at)
-        if config[at] == CAP_ID_MSI and at + _msi_size(config, at) <= CONFIG_SIZE:
-            return at
-        at = config[at + 1] & 0xFC
-    return None
-
-
-def _msi_size(config: bytearray, cap: int) -> int:
-    return 14 if struct.unpack_from("<H", config, cap + 2)[0] & MSI_64BIT else 10
-
-
-def _msi_message(config: bytearray, cap: int) -> tuple[int, int]:
-    """(address, data) as the guest programmed them."""
-    if struct.unpack_from("<H", config, cap + 2)[0] & MSI_64BIT:
-        lo, hi, data = struct.unpack_from("<IIH", config, cap + 4)
-        return hi << 32 | lo, data
-    lo, data = struct.unpack_from("<IH", config, cap + 4)
-    return lo, data

@@ -38,6 +38,7 @@ from minivmm.devices.debug_exit import DebugExit
 from minivmm.devices.device import Device
 from minivmm.devices.i8042 import COMMAND as I8042_COMMAND
 from minivmm.devices.i8042 import I8042
+from minivmm.devices.pci import DmaSpace
 from minivmm.devices.postcode import PostCode
 from minivmm.devices.rtc import Rtc
 from minivmm.devices.serial import Serial
@@ -125,10 +126,8 @@ def _pc_testdev(dm: DeviceManager, props: dict[str, int]) -> list[tuple[str, int
 
 def _edu(dm: DeviceManager) -> edu.Edu:
     """edu, its DMA and MSIs going through the IOMMU when there is one (bus 0: requester id = devfn)."""
-    from minivmm.devices import intel_iommu
-
     function = edu.Edu(dm.memory)
-    function.registers.memory = intel_iommu.DmaSpace(dm.memory, lambda: function.slot << 3, lambda: dm.iommu)
+    function.registers.memory = DmaSpace(dm.memory, lambda: function.slot << 3, lambda: dm.iommu)
     function.send_msi = lambda address, data: dm.send_msi(address, data, function.slot << 3)
     return function
 
@@ -230,10 +229,6 @@ MODELS = {
         ),
     )
 }
-
-
-# QEMU devices minivmm knows by name and does not have yet: refused saying so, not as unknown names.
-NOT_YET: dict[str, str] = {}
 
 
 def device_help() -> str:
@@ -457,8 +452,6 @@ class DeviceManager:
             self._add_vfio_user(dev)
             return
         model = MODELS.get(dev.driver)
-        if dev.driver in NOT_YET:
-            raise MachineError(dev.option, f"'{dev.driver}' is not supported: {NOT_YET[dev.driver]}")
         if model is None:
             raise MachineError(dev.option, f"'{dev.driver}' is not a valid device model name")
         props = dict(model.props)
@@ -490,7 +483,7 @@ class DeviceManager:
     def _add_vfio_user(self, dev: DeviceConfig) -> None:
         from minivmm.devices import vfio_user_pci
 
-        dev_id, path = vfio_user_options(dev, len(self.pci.functions))
+        dev_id, path = vfio_user_options(dev, len(self.vfio_user))
         gsi, self.next_msi_gsi = self.next_msi_gsi, self.next_msi_gsi + 1
         wiring = vfio_user_pci.Wiring(
             self.fds, self.memory.mappings, gsi, self.irqchip.set_device_msi, self.add_irqfd, self.remove_irqfd
@@ -526,6 +519,10 @@ class DeviceManager:
         """Why this machine's state cannot go into a stream (QEMU's wording): the devices whose state
         lives in another process. CPR keeps them, as their connection goes with the fds."""
         return [f"{f.dev_id}: VFIO device doesn't support migration" for f in self.vfio_user]
+
+    def cpr_blockers(self) -> list[str]:
+        """Why a CPR would lose a device: a connection already broken cannot be handed on."""
+        return [f"{f.dev_id}: its vfio-user server is gone" for f in self.vfio_user if f.link.dead]
 
     def close(self) -> None:
         for function in self.vfio_user:

@@ -15,6 +15,7 @@ cannot yet.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 from minivmm.arch.x86 import layout
@@ -49,6 +50,7 @@ class KernelIrqchip:
     def __init__(self, vm: Vm, pit: bool, pit_reinject: bool) -> None:
         self.vm = vm
         self.device_msi: dict[int, tuple[int, int]] = {}  # GSI -> (address, data) of PCI devices' MSIs
+        self.routes_lock = threading.Lock()
         vm.create_irqchip()
         vm.set_gsi_routing(irqchip_routes=pc_routes())
         self.kvm_pit = pit  # KVM holds the PIT's state (the kvm-pit section)
@@ -62,8 +64,9 @@ class KernelIrqchip:
 
     def set_device_msi(self, gsi: int, route: tuple[int, int] | None) -> None:
         """Route ``gsi`` (past the IOAPIC's pins) to a device's MSI (address, data), or nowhere."""
-        _update(self.device_msi, gsi, route)
-        self.vm.set_gsi_routing(irqchip_routes=pc_routes(), msi_routes=self.device_msi)
+        with self.routes_lock:  # the table goes to KVM whole: one writer at a time
+            _update(self.device_msi, gsi, route)
+            self.vm.set_gsi_routing(irqchip_routes=pc_routes(), msi_routes=self.device_msi)
 
     def add_devices(self, pio: Bus, mmio: Bus, loop: MainLoop) -> None:
         """Nothing: KVM answers at their ports and addresses."""
@@ -90,6 +93,7 @@ class SplitIrqchip:
         self.vm = vm
         vm.enable_split_irqchip(ioapic.PINS)
         self.pin_routes: dict[int, tuple[int, int]] = {}  # the IOAPIC's, GSI = pin
+        self.routes_lock = threading.Lock()
         self.device_msi: dict[int, tuple[int, int]] = {}  # PCI devices' MSIs, past the pins
         self.ioapic = ioapic.IoApic(lambda gsi: vm.irq_line(gsi, 1), self._set_pin_routes)
         self.pic = i8259.Pic(self._pic_output)
@@ -98,13 +102,15 @@ class SplitIrqchip:
         self.probed = False  # the boot vCPU's last KVM_RUN was a probe of its "ready" flags
 
     def _set_pin_routes(self, routes: dict[int, tuple[int, int]]) -> None:
-        self.pin_routes = dict(routes)
-        self.vm.set_gsi_routing(msi_routes={**self.pin_routes, **self.device_msi})
+        with self.routes_lock:  # the table goes to KVM whole: one writer at a time
+            self.pin_routes = dict(routes)
+            self.vm.set_gsi_routing(msi_routes={**self.pin_routes, **self.device_msi})
 
     def set_device_msi(self, gsi: int, route: tuple[int, int] | None) -> None:
         """Route ``gsi`` (past the IOAPIC's pins) to a device's MSI (address, data), or nowhere."""
-        _update(self.device_msi, gsi, route)
-        self.vm.set_gsi_routing(msi_routes={**self.pin_routes, **self.device_msi})
+        with self.routes_lock:
+            _update(self.device_msi, gsi, route)
+            self.vm.set_gsi_routing(msi_routes={**self.pin_routes, **self.device_msi})
 
     def set_irq(self, gsi: int, level: int) -> None:
         """An ISA or PCI line: ISA IRQs reach both the PIC and the IOAPIC."""

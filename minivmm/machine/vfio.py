@@ -64,7 +64,7 @@ def check_vfio_pci(dev: DeviceConfig, iommufds: dict[str, IommufdConfig]) -> Non
 def vfio_user_options(dev: DeviceConfig, index: int) -> tuple[str, str]:
     """(id, socket path) of ``-device vfio-user-pci``: the socket as ``socket=PATH``,
     ``socket.type=unix,socket.path=PATH`` or QEMU's JSON ``"socket": {"type": "unix", "path": PATH}``;
-    the id names the device's fds in the CPR table (``id=``, else its place on the bus)."""
+    the id names the device's fds in the CPR table (``id=``, else its place among vfio-user-pci devices)."""
     props = dict(dev.props)
     dev_id = props.pop("id", None) or f"vfio-user-pci.{index}"
     sock = props.pop("socket", None)
@@ -72,10 +72,10 @@ def vfio_user_options(dev: DeviceConfig, index: int) -> tuple[str, str]:
     if sock is not None and sock.lstrip().startswith("{"):
         try:
             spec = json.loads(sock)
-        except ValueError:
-            spec = {}
+        except ValueError as e:
+            raise MachineError(dev.option, f"Property 'vfio-user-pci.socket': not a JSON object: {e}") from None
         if not isinstance(spec, dict):
-            spec = {}
+            raise MachineError(dev.option, "Property 'vfio-user-pci.socket': not a JSON object")
     elif sock is not None:
         spec = {"type": "unix", "path": sock}
     for key in [k for k in props if k.startswith("socket.")]:

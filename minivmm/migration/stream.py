@@ -274,6 +274,7 @@ class Reader:
         self._fd = _regular_fd(src)
         self._workers: _Workers | None = None
         self._checks: list = []  # (CRC future, expected, block name, offset) of records read
+        self._reading: deque = deque()  # a file's reads in flight: (block index, start, end, future)
         self.timeout = None
         if hasattr(src, "settimeout"):  # a socket; a file cannot stall
             self.timeout = timeout() if timeout_s is None else timeout_s
@@ -345,7 +346,9 @@ class Reader:
             if self._workers is None:
                 self._workers = _Workers(IO_THREADS if self._fd is not None else 1)
             if self._fd is not None:  # a file: the worker reads it too, and this thread goes on
+                self._settle(index, offset, offset + length)
                 job = self._workers.submit(_read_at, self._fd, where, self.src.tell(), what)
+                self._reading.append((index, offset, offset + length, job))
                 self.src.seek(length, os.SEEK_CUR)
                 self.bytes += length
             else:
@@ -359,6 +362,15 @@ class Reader:
         self.page_records += 1
         self.page_bytes += length
         return length
+
+    def _settle(self, index: int, start: int, end: int) -> None:
+        """Before a read goes to a worker: the reads of the same pages in flight finish first (a
+        stream may send a page twice, the later copy winning), and at most a few are in flight."""
+        while len(self._reading) >= 2 * self._workers.n:
+            self._reading.popleft()[3].exception()
+        for other, lo, hi, job in self._reading:
+            if other == index and lo < end and start < hi:
+                job.exception()  # waits; a failed read is reported with the checks, at the end mark
 
     def times(self) -> dict[str, int]:
         (count,) = struct.unpack("<H", self._take(2, "the timestamps"))
@@ -386,6 +398,7 @@ class Reader:
             self._workers.close()
             self._workers = None
         self._checks.clear()
+        self._reading.clear()
 
     def end(self) -> None:
         """The end mark (its type byte already read): version 2 counts what was sent, and

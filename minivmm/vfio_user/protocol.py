@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -322,6 +323,9 @@ def _recv_exact(sock: socket.socket, n: int, fds: list[int], max_fds: int) -> by
         data, new_fds, _flags, _addr = socket.recv_fds(sock, n - got, max(max_fds, 1))
         fds.extend(new_fds)
         if not data:
+            for fd in fds:  # a frame cut short: what came with it goes
+                os.close(fd)
+            fds.clear()
             raise Disconnected("the peer closed the connection")
         chunks.append(data)
         got += len(data)

@@ -286,10 +286,17 @@ class Server:
             self._close_fds(msg.fds)
             self.say(f"command {msg.header.command} (id {msg.header.id}): internal error: {e!r}")
             reply = msg.error_reply(errno.EIO)
+        self._close_fds(msg.fds)  # what a command came with and did not keep
         if not msg.header.no_reply:
             p.send(self.conn, reply)
         while self._deferred:
-            self._deferred.pop(0)()
+            work = self._deferred.pop(0)
+            try:
+                work()
+            except (p.Disconnected, ConnectionError):
+                raise
+            except Exception as e:  # e.g. the client's bad answer to the device's DMA request
+                self.say(f"device work after command {msg.header.command}: {e}")
 
     @staticmethod
     def _close_fds(fds: list[int]) -> None:
@@ -469,7 +476,7 @@ def _is_eventfd(fd: int) -> bool:
 def listen(path: str) -> socket.socket:
     """A listening unix socket at ``path`` (a stale socket file there is replaced)."""
     try:
-        if os.path.exists(path) and not os.path.isdir(path):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):  # only a socket is taken for a stale one
             os.unlink(path)
     except OSError:
         pass
