@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -302,3 +303,37 @@ def wait_exec(client) -> None:
         client.close()
     except Exception:
         pass
+
+
+# --- a vfio-user device server (the vfio-user-pci and fuzz tests) ----------------------------
+
+
+class VfioUserServer:
+    """minivmm-vfio-user on a socket in the test's directory, killed (its process group) at the end."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.socket, self.log = str(tmp / "dev.sock"), tmp / "server.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "minivmm.vfio_user.sample", self.socket],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        wait_for(lambda: os.path.exists(self.socket) or self.proc.poll() is not None, what="the server's socket")
+        assert self.proc.poll() is None, self.log.read_text()
+
+    def clients(self) -> list[str]:
+        return re.findall(r"client (\d+) (connected|gone)", self.log.read_text())
+
+    def kill(self) -> None:
+        kill_group(self.proc)
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = VfioUserServer(tmp_path)
+    try:
+        yield s
+    finally:
+        s.kill()

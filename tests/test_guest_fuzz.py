@@ -85,3 +85,13 @@ def test_portfuzz_with_a_monitor_stays_running(qmp_vm, tmp_path):
 
 def test_the_longer_harness_briefly():
     assert fz.main(["guest", "--seeds", "2", "--ops", "5000"]) == 0
+
+
+def test_portfuzz_survives_a_vfio_user_device(vmm, tmp_path, server):
+    """The function's configuration space through 0xcf8/0xcfc (BARs moved, MSI switched on and
+    off with any address and data): every write also goes to the server, which stays up."""
+    log = tmp_path / "log"
+    device = ["-machine", "aux-ram-share=on", "-device", f"vfio-user-pci,socket={server.socket}"]
+    r = vmm.run(*fz.portfuzz_args(0x1F, OPS, log), *device, timeout=60)
+    _check(r.status, log.read_text(errors="replace"), r.stderr, 0x1F)
+    assert server.proc.poll() is None and server.clients() == [("1", "connected"), ("1", "gone")]

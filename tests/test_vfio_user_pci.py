@@ -10,13 +10,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import argv_of, guest, wait_exec, wait_for
-from minivmm.vmprocess import kill_group, qmp_connect
+from conftest import VfioUserServer, argv_of, guest, wait_exec, wait_for
+from minivmm.vmprocess import qmp_connect
 
 QEMU = os.environ.get("MINIVMM_QEMU") or shutil.which("qemu-system-x86_64") or "/tmp/qemu-peer/qemu-system-x86_64"
 HAVE_QEMU = os.access(QEMU, os.X_OK)
@@ -24,38 +23,7 @@ RAM = ["-object", "memory-backend-memfd,id=ram0,size=64M,share=on", "-machine", 
 EXIT = ["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]
 
 
-class Server:
-    """minivmm-vfio-user on a socket in the test's directory, killed (its process group) at the end."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.socket, self.log = str(tmp / "dev.sock"), tmp / "server.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "minivmm.vfio_user.sample", self.socket],
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
-        wait_for(lambda: os.path.exists(self.socket) or self.proc.poll() is not None, what="the server's socket")
-        assert self.proc.poll() is None, self.log.read_text()
-
-    def clients(self) -> list[str]:
-        return re.findall(r"client (\d+) (connected|gone)", self.log.read_text())
-
-    def kill(self) -> None:
-        kill_group(self.proc)
-
-
-@pytest.fixture
-def server(tmp_path):
-    s = Server(tmp_path)
-    try:
-        yield s
-    finally:
-        s.kill()
-
-
-def guest_args(server: Server, rounds: int, serial: Path | None = None) -> list[str]:
+def guest_args(server: VfioUserServer, rounds: int, serial: Path | None = None) -> list[str]:
     return [
         "-kernel",
         guest("timer.elf"),
