@@ -94,4 +94,5 @@ def test_portfuzz_survives_a_vfio_user_device(vmm, tmp_path, server):
     device = ["-machine", "aux-ram-share=on", "-device", f"vfio-user-pci,socket={server.socket}"]
     r = vmm.run(*fz.portfuzz_args(0x1F, OPS, log), *device, timeout=60)
     _check(r.status, log.read_text(errors="replace"), r.stderr, 0x1F)
+    wait_for(lambda: ("1", "gone") in server.clients(), what="the server to see minivmm go")
     assert server.proc.poll() is None and server.clients() == [("1", "connected"), ("1", "gone")]

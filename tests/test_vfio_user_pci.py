@@ -47,6 +47,7 @@ def test_the_guest_runs_dma_and_msis_through_the_device(vmm, server):
     assert "timer: vfiouser id=4d565531" in r.stdout, r.stderr
     assert "timer: vfiouser rounds=300 irqs=300 counter=300" in r.stdout, r.stdout + r.stderr
     assert r.status == 33
+    wait_for(lambda: ("1", "gone") in server.clients(), what="the server to see minivmm go")
     assert server.clients() == [("1", "connected"), ("1", "gone")]
 
 
