@@ -132,7 +132,13 @@ REGS = (
     Reg(FRCD_OFFSET, 8, "frcd_lo", 0),
     Reg(FRCD_OFFSET + 8, 8, "frcd_hi", 0, FRCD_F),
 )
-READ_ONLY = {0x00: (4, "ver"), 0x08: (8, "cap"), 0x10: (8, "ecap"), 0x1C: (4, "gsts"), 0x80: (8, "iqh")}
+READ_ONLY: dict[int, tuple[int, Callable[[IntelIommu], int]]] = {  # offset -> (size, its value)
+    0x00: (4, lambda u: VERSION),
+    0x08: (8, lambda u: CAP),
+    0x10: (8, lambda u: u.ecap),
+    0x1C: (4, lambda u: u.s.gsts),
+    0x80: (8, lambda u: u.s.iqh),
+}
 GCMD = 0x18
 _BYTES: dict[int, tuple[Reg, int]] = {r.offset + i: (r, i) for r in REGS for i in range(r.size)}
 
@@ -241,10 +247,9 @@ class IntelIommu(LockedState):
         if hit is not None:
             reg, i = hit
             return (getattr(self.s, reg.field) >> (8 * i)) & 0xFF
-        for base, (size, name) in READ_ONLY.items():
+        for base, (size, value) in READ_ONLY.items():
             if base <= at < base + size:
-                value = {"ver": VERSION, "cap": CAP, "ecap": self.ecap, "gsts": self.s.gsts, "iqh": self.s.iqh}[name]
-                return (value >> (8 * (at - base))) & 0xFF
+                return (value(self) >> (8 * (at - base))) & 0xFF
         return 0  # GCMD is write-only; reserved space reads 0
 
     def write(self, offset: int, size: int, value: int) -> None:

@@ -94,10 +94,11 @@ class IoApic(LockedState):
         self.lock = threading.Lock()
         self.s = IoApicState()
         self.routes: dict[int, tuple[int, int]] = {}
-        self._update_routes()
+        self._translated: dict[int, tuple[int, tuple[int, int] | None]] = {}  # pin -> (entry, its MSI)
+        self._update_routes(retranslate=True)
 
     def _state_changed(self) -> None:
-        self._update_routes()
+        self._update_routes(retranslate=True)
 
     # --- the pins ---------------------------------------------------------------------------------
     def set_irq(self, pin: int, level: int) -> None:
@@ -133,16 +134,23 @@ class IoApic(LockedState):
     def refresh_routes(self) -> None:
         """Translate the routes again (the IOMMU's interrupt remapping table or enables changed)."""
         with self.lock:
-            self._update_routes()
+            self._update_routes(retranslate=True)
 
-    def _update_routes(self) -> None:
+    def _update_routes(self, retranslate: bool = False) -> None:
+        """Each entry's MSI, through the IOMMU's remapping when it has one: translated again only for
+        an entry the guest changed, unless the IOMMU's tables did (so a bad entry faults once, not on
+        every write to another pin)."""
         routes = {}
         for pin, entry in enumerate(self.s.entries):
-            msi = msi_of(entry)
-            if self.remap is not None and not entry & MASKED:
-                msi = self.remap(*msi)
-            if msi is not None:
-                routes[pin] = msi
+            key = entry & ~REMOTE_IRR
+            seen = self._translated.get(pin)
+            if retranslate or seen is None or seen[0] != key:
+                msi = msi_of(entry)
+                if self.remap is not None and not entry & MASKED:
+                    msi = self.remap(*msi)
+                seen = self._translated[pin] = (key, msi)
+            if seen[1] is not None:
+                routes[pin] = seen[1]
         if routes != self.routes:
             self.set_routes(routes)
             self.routes = routes
