@@ -4,11 +4,16 @@ cannot go on, and the TSC frequency restored or refused on load."""
 
 from __future__ import annotations
 
+import fcntl
+import threading
+import time
+
 import pytest
 
 from conftest import guest, wait_for
 from minivmm.arch.x86 import vcpu_state
 from minivmm.config import ChardevConfig, MachineConfig
+from minivmm.kvm import ioctls
 from minivmm.machine import Machine
 from minivmm.migration import machine_state
 from minivmm.vcpu import ExitKind, VcpuRunState
@@ -98,3 +103,59 @@ def test_tsc_problem_rules():
     assert "mismatch" in vcpu_state.tsc_problem(2_000_501, caps)
     scaling = vcpu_state.StateCaps(0, False, (), tsc_khz=2_000_000, tsc_scaling=True)
     assert vcpu_state.tsc_problem(3_000_000, scaling) is None
+
+
+def test_an_extint_kvm_holds_at_the_pause_is_in_the_saved_state(tmp_path):
+    """kernel-irqchip=split: a vector handed to KVM (KVM_INTERRUPT) that the guest has not taken
+    when the vCPUs stop is held by KVM outside what KVM_GET_VCPU_EVENTS reports. The saved state
+    carries it, and the machine that loads it delivers it: without it the PIC's IRQ 0 would stay
+    in service in the new machine and the guest's timer would never tick again."""
+    made: list[Machine] = []
+
+    def make(name: str, **kw) -> Machine:
+        serial = ChardevConfig("serial0", "file", path=str(tmp_path / f"{name}.log"))
+        split = {"kernel_irqchip": "split", "append": "pit 1000"}
+        cfg = MachineConfig(kernel=guest("timer.elf"), serials=[serial], **split, **kw)
+        made.append(Machine(cfg))
+        threading.Thread(target=made[-1].loop.run, daemon=True).start()  # the PIT's timers
+        return made[-1]
+
+    try:
+        src = make("src")
+        src.start()
+        boot = src.vcpus[0]
+
+        def ready() -> bool:
+            run = boot.vcpu.run
+            return bool(src.irqchip.pic.output and run.ready_for_interrupt_injection and run.if_flag)
+
+        for _ in range(200):  # stop it where the vCPU thread would hand the PIC's vector over
+            src.control.vm_stop()
+            if ready():
+                break
+            src.control.vm_start()
+            time.sleep(0.002)
+        else:
+            pytest.fail("the guest never stopped ready for an interrupt with one pending")
+        # The race, made certain: the vCPU thread's injection before KVM_RUN, then a KVM_RUN that a
+        # pause request arriving in between makes return at once (immediate_exit), guest not entered.
+        src.irqchip._inject_extint(boot)
+        boot.vcpu.run.immediate_exit = 1
+        with pytest.raises(InterruptedError):
+            fcntl.ioctl(boot.vcpu.fd, ioctls.KVM_RUN, 0)
+        assert not boot.vcpu.run.ready_for_interrupt_injection  # KVM holds the vector
+        vector = src.irqchip.held_extint(boot)
+        assert vector == src.irqchip.pic.s.chips[0].irq_base  # IRQ 0, in service in the PIC
+        blob = machine_state.save(src, "running")
+        [sec] = [s for s in read_blob(blob) if s.name == "vcpu"]
+        assert decode(vcpu_state.VMSTATE, sec.payload, sec.version, sec.path).extint == vector
+
+        dst = make("dst", start_paused=True)
+        machine_state.apply(dst, machine_state.decode_all(dst, blob))
+        dst.start()
+        dst.control.vm_start()
+        wait_for(lambda: "ticks=1000" in (tmp_path / "dst.log").read_text(), what="the loaded guest to finish counting")
+    finally:
+        for m in made:
+            m.loop.stop()
+            m.close()

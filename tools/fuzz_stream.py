@@ -36,6 +36,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -50,7 +51,7 @@ from minivmm.machine.devices import BOARD, DeviceManager
 from minivmm.machine.pci import PciBus
 from minivmm.memory import RamBlock
 from minivmm.migration import incoming, machine_state, stream
-from minivmm.vmstate import VMSD, Section, StateWriter, VMStateError, decode, encode, read_blob
+from minivmm.vmstate import VMSD, Section, StateWriter, Subsection, VMStateError, decode, encode, read_blob
 
 RAM_MIB = 4
 GUEST_ARGS = ["-kernel", guest_path("abwalk.elf"), "-machine", "aux-ram-share=on", "-serial", "null"]
@@ -170,14 +171,19 @@ def with_page_crc(data: bytearray, r: Record) -> bytes:
 
 
 def lax(vmsd: VMSD) -> VMSD:
-    """The description without checks or conversions: loads and writes any values, as dicts."""
-    assert not vmsd.subsections, vmsd.name
+    """The description without checks or conversions: loads and writes any values, as dicts
+    (a subsection's fields merged in, written when they are there)."""
+    subs = tuple(Subsection(lax(s.vmsd), partial(_holds, s.vmsd)) for s in vmsd.subsections)
     loose = tuple(
         replace(f, kind=lax(f.kind) if isinstance(f.kind, VMSD) else f.kind, size=None, min=None, max=None)
         for f in vmsd.fields
     )
     loose = tuple(replace(f, mask=None, choices=None) for f in loose)
-    return replace(vmsd, fields=loose, pre_save=None, post_load=None, check=None)
+    return replace(vmsd, fields=loose, subsections=subs, pre_save=None, post_load=None, check=None)
+
+
+def _holds(vmsd: VMSD, values: dict) -> bool:
+    return all(f.name in values for f in vmsd.fields)
 
 
 def sections_of(blob: bytes) -> list[tuple[Section, dict]]:
@@ -263,6 +269,7 @@ def named_edits(p: Parsed) -> Iterator[Mutation]:
     yield m("xcrs 3 bytes", edit_field(p, "vcpu", "xcrs", b"abc"), "vcpu[0]/xcrs")
     yield m("lapic 12 bytes", edit_field(p, "vcpu", "lapic", bytes(12)), "vcpu[0]/lapic: expected 1024 bytes")
     yield m("mp_state 77", edit_field(p, "vcpu", "mp_state", 77), "vcpu[0]/mp_state")
+    yield m("held ExtINT", edit_field(p, "vcpu", "extint", 0x20), "vcpu[0]/extint: a held ExtINT")
     msrs = [*vcpu["msrs"], {"index": 0xDEAD0000, "value": 1}]
     yield m("unknown MSR", edit_field(p, "vcpu", "msrs", msrs), "vcpu[0]/msrs: MSR 0xdead0000")
     yield m("300 MSRs", edit_field(p, "vcpu", "msrs", vcpu["msrs"] * 300), "vcpu[0]/msrs: ")
@@ -461,7 +468,9 @@ class Shape:
         machine = SimpleNamespace(
             vcpus=_Vcpus(len(vcpu), caps),
             devices=SimpleNamespace(persistent=lambda: persistent),
-            irqchip=SimpleNamespace(kvm_chips=True, kvm_pit=True),  # the source's default, kernel-irqchip=on
+            irqchip=SimpleNamespace(
+                split=False, kvm_chips=True, kvm_pit=True
+            ),  # the source's default, kernel-irqchip=on
             config=MachineConfig(),  # the source's machine type, pc
         )
         return cls(blocks, got_layout, machine, devices)

@@ -74,6 +74,10 @@ class KernelIrqchip:
     def attach(self, threads: list[VcpuThread]) -> None:
         """Nothing: KVM delivers every interrupt itself."""
 
+    def held_extint(self, thread: VcpuThread) -> int:
+        """None: KVM's own PIC is acknowledged as the vector is injected, which VCPU_EVENTS reports."""
+        return -1
+
     def power_on(self) -> None:
         for chip in self.initial_chips:
             self.vm.set_irqchip(chip)
@@ -100,6 +104,7 @@ class SplitIrqchip:
         self.pit = pit
         self.boot: VcpuThread | None = None
         self.probed = False  # the boot vCPU's last KVM_RUN was a probe of its "ready" flags
+        self.extint: tuple[int, int] | None = None  # (vector, boot vCPU's exit count) at the last KVM_INTERRUPT
 
     def _set_pin_routes(self, routes: dict[int, tuple[int, int]]) -> None:
         with self.routes_lock:  # the table goes to KVM whole: one writer at a time
@@ -160,6 +165,7 @@ class SplitIrqchip:
             vector = self.pic.acknowledge()
             if vector is not None:
                 thread.vcpu.interrupt(vector)
+                self.extint = (vector, thread.exits)
         elif not self.probed:
             self.probed = True
             run.immediate_exit = 1  # back here at once, with the flags as of now
@@ -167,6 +173,23 @@ class SplitIrqchip:
         else:
             self.probed = False
         run.request_interrupt_window = 1 if self.pic.output else 0
+
+    def held_extint(self, thread: VcpuThread) -> int:
+        """The vector KVM still holds from the last KVM_INTERRUPT, or -1; asked with the vCPU paused.
+
+        KVM keeps it apart (its pending ExtINT) until the guest next enters, and KVM_GET_VCPU_EVENTS
+        does not report it: a pause that lands between the injection and the entry (or finds the
+        vCPU halted) would leave it out of a saved state, with the PIC's in-service bit set for an
+        interrupt the guest never gets. It was taken if the guest exited since, or if KVM's flags
+        after the last KVM_RUN say so: ready for another (not ready while it holds one) or IF clear
+        (the guest is in the handler: IF was set when it was handed over)."""
+        if thread is not self.boot or self.extint is None:
+            return -1
+        vector, exits = self.extint
+        run = thread.vcpu.run
+        if thread.exits != exits or run.ready_for_interrupt_injection or not run.if_flag:
+            return -1
+        return vector
 
 
 def _update(routes: dict[int, tuple[int, int]], gsi: int, route: tuple[int, int] | None) -> None:

@@ -69,7 +69,9 @@ def save(machine, runstate: str) -> bytes:
     w.add(CONFIGURATION, {"name": machine.config.machine.name})
     w.add(GLOBALSTATE, {"runstate": runstate})
     for t in machine.vcpus:
-        w.add(vcpu_state.VMSTATE, vcpu_state.save(t.vcpu, machine.vcpus.caps), t.index)
+        st = vcpu_state.save(t.vcpu, machine.vcpus.caps)
+        st.extint = machine.irqchip.held_extint(t)
+        w.add(vcpu_state.VMSTATE, st, t.index)
     chips = machine.irqchip.kvm_chips
     vm = vm_state.save(machine.vm, chips, machine.irqchip.kvm_pit)
     if vm.pit is not None:
@@ -109,7 +111,13 @@ def decode_all(machine, blob: bytes) -> Loaded:
             raise VMStateError(f"{key[0]}[{key[1]}]: missing from the stream: the saved machine was set up differently")
         values[key] = decode(vmsd, sec.payload, sec.version, sec.path)
     for t in machine.vcpus:
-        _check_vcpu(machine.vcpus.caps, values[("vcpu", t.index)], f"vcpu[{t.index}]")
+        st = values[("vcpu", t.index)]
+        _check_vcpu(machine.vcpus.caps, st, f"vcpu[{t.index}]")
+        if st.extint >= 0 and (t.index or not machine.irqchip.split):
+            raise VMStateError(
+                f"vcpu[{t.index}]/extint: a held ExtINT vector, which only the boot vCPU of a "
+                "machine with kernel-irqchip=split (minivmm's PIC) can have"
+            )
     for i in chips:
         chip_id = s.kvm_irqchip.from_buffer_copy(values[("kvm-irqchip", i)]["chip"]).chip_id
         if chip_id != i:

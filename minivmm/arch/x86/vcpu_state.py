@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from minivmm.kvm import structs as s
 from minivmm.kvm.system import KvmError, Vcpu
-from minivmm.vmstate import VMSD, Field
+from minivmm.vmstate import VMSD, Field, Subsection
 
 
 @dataclass
@@ -30,6 +30,10 @@ class VcpuState:
     msrs: dict[int, int]
     events: s.kvm_vcpu_events
     tsc_khz: int = 0
+    # The ExtINT vector a userspace PIC handed KVM (KVM_INTERRUPT, split irqchip) that the guest has
+    # not taken yet: KVM holds it apart from the events KVM_GET_VCPU_EVENTS reports, so the saver
+    # fills it in (machine/irqchip.py) and restore() hands it to the new vCPU again. -1: none.
+    extint: int = -1
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,8 @@ def restore(vcpu: Vcpu, state: VcpuState, caps: StateCaps | None = None) -> None
     vcpu.set_lapic(state.lapic)  # before MSRs: the TSC-deadline MSR needs the LAPIC in place
     vcpu.set_msrs(state.msrs)
     vcpu.set_vcpu_events(state.events)  # last: pending events are injected on top of the rest
+    if state.extint >= 0:
+        vcpu.interrupt(state.extint)
 
 
 def readable_msrs(vcpu: Vcpu, indices: list[int]) -> tuple[int, ...]:
@@ -158,7 +164,11 @@ def _post_load(v: dict) -> VcpuState:
         msrs={m["index"]: m["value"] for m in v["msrs"]},
         events=s.kvm_vcpu_events.from_buffer_copy(v["events"]),
         tsc_khz=v["tsc_khz"],
+        extint=v.get("extint", -1),
     )
+
+
+EXTINT_VMSD = VMSD("vcpu/extint", 1, 1, (Field("extint", "u8"),))
 
 
 VMSTATE = VMSD(
@@ -178,6 +188,7 @@ VMSTATE = VMSD(
         Field("events", "bytes", size=ctypes.sizeof(s.kvm_vcpu_events)),
         Field("tsc_khz", "u32"),
     ),
+    subsections=(Subsection(EXTINT_VMSD, lambda st: st.extint >= 0),),
     pre_save=_pre_save,
     post_load=_post_load,
     check=_check,
