@@ -353,9 +353,15 @@ class DeviceManager:
     def devices(self) -> list[Device]:
         return self.pio.devices() + self.mmio.devices()
 
+    @property
+    def vfio_functions(self) -> list:
+        """The functions whose device is outside minivmm (vfio_function.VfioFunction), in -device order."""
+        return list(self.vfio_user)
+
     def persistent(self) -> list[Device]:
-        """The devices with state, in a fixed order."""
-        return [d for d in self.devices() if d.vmstate is not None]
+        """The devices with state, in a fixed order (the assigned functions last: they are not on a bus
+        while their BARs are off)."""
+        return [d for d in self.devices() if d.vmstate is not None] + self.vfio_functions
 
     def reset_all(self) -> None:
         for device in self.devices():
