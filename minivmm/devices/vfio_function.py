@@ -208,7 +208,8 @@ class VfioFunction(PciFunction):
         self.msi_route: tuple[int, int] | None = None
         # A kept kernel device still signals this eventfd: the first route after a load needs no SET_IRQS.
         self.irqs_kept = kept and transport.keeps_irqs
-        self.ioas_id = 0
+        self.ioas_id = 0  # iommufd: the IOAS the device is attached to, kept in the state for the next image
+        self.iommufd_id: str | None = None
         self.initial = bytes(self.config)
 
     @staticmethod
