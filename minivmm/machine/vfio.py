@@ -136,11 +136,12 @@ class VfioHost:
             if self.kvm_device is None:
                 self.kvm_device = self.vm.create_device(kc.KVM_DEV_TYPE_VFIO)
         except KvmError as e:
-            raise kernel.VfioError(f"{context}Failed to create KVM VFIO device: {e.strerror}") from None
+            raise kernel.VfioError(f"{context}Failed to create KVM VFIO device: {os.strerror(e.errno)}") from None
         try:
             self.kvm_device.set_attr(kc.KVM_DEV_VFIO_GROUP, kc.KVM_DEV_VFIO_GROUP_ADD, fd)
         except KvmError as e:
-            raise kernel.VfioError(f"{context}Failed to add fd {fd} to KVM VFIO device: {e.strerror}") from None
+            why = os.strerror(e.errno)
+            raise kernel.VfioError(f"{context}Failed to add fd {fd} to KVM VFIO device: {why}") from None
 
     def cpr_blockers(self) -> list[str]:
         """Why a CPR would lose the devices' DMA (QEMU's wording): a container that cannot take new
