@@ -67,7 +67,7 @@ Devices:
   -device pc-testdev | pci-testdev | edu | pvpanic   (-device help lists the models)
   -device vfio-user-pci,socket=PATH[,id=ID]   a PCI device served over vfio-user (minivmm-vfio-user SOCKET)
   -object iommufd,id=ID[,fd=N]  -device vfio-pci,host=BDF|sysfsdev=PATH[,fd=N][,iommufd=ID]
-                           parsed and checked against the host; not assigned yet (docs/devices.md)
+                           a host PCI device through VFIO (container or iommufd), kept across CPR (docs/devices.md)
 Control:
   -qmp unix:PATH[,server=on][,wait=off] | tcp:HOST:PORT,server=on[,wait=off]   a QMP monitor
   -mon chardev=ID,mode=control[,pretty=on]   a QMP monitor on a -chardev socket

@@ -191,3 +191,48 @@ def test_odd_guest_accesses_neither_raise_nor_detach_the_device(server):
     finally:
         fn.close()
         block.close()
+
+
+def test_the_functions_vmstate_carries_the_shadow_and_msi_to_the_next_image(server):
+    """What a CPR does with the function, in-process on the real server: the first image programs MSI
+    and saves its 'vfio-pci' section; a second function built over the same CPR table takes the kept
+    connection (no new client, no reset: the scratch register keeps its value), loads the section and
+    has the shadow, the MSI route and the irqfd back. A section whose MSI message the shadow does
+    not give is refused by name."""
+    from minivmm.cpr.fdtable import FdTable
+    from minivmm.devices.vfio_user_pci import VfioUserPci, Wiring
+    from minivmm.memory import Mapping, RamBlock
+    from minivmm.vmstate import VMStateError
+
+    block = RamBlock.memfd("pc.ram", 1 << 20, shared=True)
+    table = FdTable()
+    routes, irqfds = {}, {}
+
+    def wiring():
+        return Wiring(table, [Mapping(0, 1 << 20, block, 0)], 24, routes.__setitem__, irqfds.__setitem__, irqfds.pop)
+
+    first = VfioUserPci("vu0", server.socket, wiring())
+    second = None
+    try:
+        first.bars[0].device.write(0x08, 4, 0x5CA7C4)  # SCRATCH
+        msi = first.msi_cap
+        first.write_config(msi + 4, 4, 0xFEE01000)
+        first.write_config(msi + 12, 2, 0x41)
+        first.write_config(msi + 2, 2, 1)
+        state = first.save_state()
+        assert (state["msi_enabled"], state["msi_address"], state["msi_data"]) == (True, 0xFEE01000, 0x41)
+        first.close()
+        routes.clear(), irqfds.clear()
+        second = VfioUserPci("vu0", server.socket, wiring())  # the table's connection: kept
+        assert second.msi_fd == first.msi_fd and routes == {}  # nothing routed before the load
+        second.load_state(state)
+        assert bytes(second.config) == state["config"]
+        assert routes[24] == (0xFEE01000, 0x41) and irqfds == {24: second.msi_fd}
+        assert second.bars[0].device.read(0x08, 4) == 0x5CA7C4  # never reset
+        assert [c for c in server.clients() if c[1] == "connected"] == [("1", "connected")]
+        bad = dict(state, msi_data=0x42)
+        with pytest.raises(VMStateError, match="vfio-pci/msi_address"):
+            second.load_state(bad)
+    finally:
+        (second or first).close()
+        block.close()

@@ -64,11 +64,13 @@ def validate(
 
 
 class CprOutgoing(Outgoing):
-    """A migration that sends the machine state and no RAM; the new VM binds the same irqfds."""
+    """A migration that sends the machine state and no RAM; the new VM binds the same irqfds, and the
+    assigned devices' DMA mappings move to the new process (released here, taken there after the load)."""
 
     def _stop_on_main(self) -> None:
         super()._stop_on_main()
         self.machine.devices.bind_irqfds(False)
+        self.machine.devices.cpr_release()
 
     def _write_state(self, out) -> None:
         writer = stream.Writer(out)

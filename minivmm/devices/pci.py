@@ -48,6 +48,8 @@ class Bar:
     size: int
     device: Device
     address: int = 0
+    # Told where the BAR is mapped (None: nowhere): an assigned device's mmap'd BAR follows as a memory slot.
+    place: Callable[[int | None], None] | None = None
 
 
 class PciFunction:

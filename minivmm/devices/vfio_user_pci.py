@@ -7,15 +7,11 @@ minivmm is the client:
   space and each BAR's size, and maps guest RAM for DMA by passing the RAM
   memfds (DMA_MAP with an fd, DMA address = guest-physical address), so the
   server reads and writes guest memory itself;
-- the configuration space the guest sees is the shadow kept here (the BAR
-  addresses firmware would give, the command register, the MSI capability);
-  every configuration write also goes to the server. BAR accesses become
-  REGION_READ and REGION_WRITE (writes posted, as QEMU posts them);
-- MSI: when the guest enables it, an eventfd goes to the server (SET_IRQS)
-  and is bound as a KVM irqfd on a GSI routed to the guest's MSI address and
-  data: the server's interrupts reach the guest without passing through
-  minivmm. The eventfd is made once, with the device. INTx is not wired
-  (the guest must use MSI).
+- the PCI function is vfio_function.py's, shared with kernel VFIO: the
+  configuration shadow (every write also goes to the server), BARs as
+  REGION_READ and REGION_WRITE (writes posted, as QEMU posts them), MSI as
+  an eventfd given with SET_IRQS and bound as a KVM irqfd. This module is
+  the transport: the vfio-user client.
 
 Across cpr-exec and cpr-transfer the socket and the MSI eventfd are in the
 CPR fd table ("vfio-user" and "vfio-user-msi", by device id): the new image
@@ -23,7 +19,7 @@ takes the very same connection (no new negotiation, no DMA_MAP: the server
 still maps the same memfds) and binds the same eventfd to its VM. The
 server never sees the update. A cpr-transfer target builds its VM while the
 guest still runs in the source and asks the server about the device then:
-the source lends it the connection for that time (``_Link.lend``; a vCPU
+the source lends it the connection for that time (``Link.lend``; a vCPU
 touching the device there waits, and nothing that holds it waits for the
 main loop), and once the guest is handed over it never uses the connection
 again. A normal migration is refused (the device's state is in the server,
@@ -36,196 +32,111 @@ access the server refuses (an error reply) fails alone.
 
 from __future__ import annotations
 
+import mmap
 import os
 import socket
-import struct
-import sys
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
 
-from minivmm.devices.device import Device
 from minivmm.vfio import constants as vc
 from minivmm.vfio_user import protocol as p
 from minivmm.vfio_user.client import Client, ClientError
 
-from .pci import BAR0, CONFIG_SIZE, INTERRUPT_PIN, NUM_BARS, Bar, PciFunction
+from .vfio_function import FdTable, FunctionError, Region, TransportError, TransportGone, VfioFunction, Wiring
+
+__all__ = ["FdTable", "VfioUserError", "VfioUserPci", "VfioUserTransport", "Wiring"]
 
 REPLY_TIMEOUT = 30.0  # seconds a server may take to answer before the device is given up
+_BROKEN = (OSError, p.ProtocolError, p.Disconnected, ValueError)
 
 
 class VfioUserError(Exception):
     """The device cannot be set up (the socket, the server's answers); the text says which."""
 
 
-class FdTable(Protocol):
-    """The CPR fd table (cpr/fdtable.py), as the device uses it."""
+class VfioUserTransport:
+    """The vfio-user client as a function's transport: a refused command fails alone, a broken
+    connection (the server gone, 30 s without an answer) ends the transport."""
 
-    def open(self, name: str, id_: str, opener: Callable[[], int]) -> tuple[int, bool]: ...
+    keeps_irqs = False  # the server is told the eventfd again after an update (it may have restarted it)
 
+    def __init__(self, client: Client) -> None:
+        self.client = client
 
-@dataclass
-class Wiring:
-    """What the machine gives the device: the CPR table, guest RAM, and its MSI GSI's plumbing."""
+    def _do(self, fn):
+        try:
+            return fn(self.client)
+        except ClientError as e:
+            raise TransportError(str(e)) from None
+        except _BROKEN as e:
+            raise TransportGone(f"the vfio-user server is gone ({e})") from None
 
-    fds: FdTable
-    mappings: list  # memory.Mapping: (gpa, size, block, offset) for DMA_MAP
-    gsi: int  # the GSI the device's MSI is routed through
-    set_route: Callable[[int, tuple[int, int] | None], None]  # (gsi, (address, data) or None)
-    add_irqfd: Callable[[int, int], None]  # (gsi, eventfd): bound now if the VM's irqfds are
-    remove_irqfd: Callable[[int], None]
+    def num_regions(self) -> int:
+        return self._do(lambda c: c.device_info().num_regions)
 
+    def region(self, index: int) -> Region:
+        info = self._do(lambda c: c.region_info(index))
+        return Region(info.size, info.flags, info.offset)
 
-class _Link:
-    """The client, serialised (vCPU threads share it). A broken connection detaches the device for
-    good; an error the server answers with fails that access only."""
+    def region_read(self, region: int, offset: int, count: int) -> bytes:
+        return self._do(lambda c: c.region_read(region, offset, count))
 
-    def __init__(self, name: str, client: Client) -> None:
-        self.name, self.client = name, client
-        self.lock = threading.Lock()
-        self.dead = False
+    def region_write(self, region: int, offset: int, data: bytes, posted: bool = False) -> None:
+        self._do(lambda c: c.region_write(region, offset, data, posted=posted))
 
-    def lend(self) -> None:
-        """cpr-transfer: the target asks the server about the device while it builds its VM, on
-        this same connection; nothing here may use it meanwhile (a vCPU touching the device waits)."""
-        self.lock.acquire()
+    def map_region(self, index: int, region: Region) -> mmap.mmap | None:
+        return None  # every access goes over the socket
 
-    def give_back(self) -> None:
-        self.lock.release()
+    def set_irq_eventfd(self, index: int, fd: int | None) -> None:
+        if fd is None:
+            self._do(lambda c: c.set_irqs(index, _DISABLE, count=0))
+        else:
+            self._do(lambda c: c.set_eventfd(index, fd))
 
-    def call(self, fn: Callable[[Client], object], default: object = None) -> object:
-        with self.lock:
-            if self.dead:
-                return default
-            try:
-                return fn(self.client)
-            except ClientError:
-                return default
-            except (OSError, p.ProtocolError, p.Disconnected, ValueError) as e:
-                self.dead = True
-                print(f"minivmm: {self.name}: the vfio-user server is gone ({e}): detached", file=sys.stderr)
-                return default
+    def reset(self) -> None:
+        self._do(lambda c: c.reset())
+
+    def close(self) -> None:
+        self.client.close()
 
 
-class BarWindow(Device):
-    """One BAR of the function: accesses go to the server's region of the same index."""
-
-    name = "vfio-user-bar"
-
-    def __init__(self, link: _Link, region: int, size: int) -> None:
-        self.link, self.region, self.size = link, region, size
-
-    def read(self, offset: int, size: int) -> int:
-        ones = (1 << (8 * size)) - 1
-        if offset + size > self.size:  # past the BAR's end: nothing answers there
-            return ones
-        data = self.link.call(lambda c: c.region_read(self.region, offset, size), b"")
-        return int.from_bytes(data, "little") if len(data) == size else ones
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        if offset + size <= self.size:
-            data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
-            self.link.call(lambda c: c.region_write(self.region, offset, data, posted=True))
-
-
-class VfioUserPci(PciFunction):
+class VfioUserPci(VfioFunction):
     name = "vfio-user-pci"
 
     def __init__(self, dev_id: str, path: str, wiring: Wiring) -> None:
-        self.dev_id, self.path, self.wiring = dev_id, path, wiring
+        self.dev_id, self.path = dev_id, path
         # A connection in the CPR table is taken as it is: the previous image negotiated it and mapped RAM.
         fd, kept = wiring.fds.open("vfio-user", dev_id, lambda: _connect(path))
         sock = socket.socket(fileno=os.dup(fd))  # the table keeps its own fd for the next update
         try:
             sock.settimeout(REPLY_TIMEOUT)
             client = Client(sock)
-            config, sizes = self._probe(client, kept)
+            if not kept:
+                self._start(client, wiring)
+            transport = VfioUserTransport(client)
+            super().__init__(f"vfio-user-pci '{dev_id}'", transport, wiring, ("vfio-user-msi", dev_id), kept)
+        except (FunctionError, TransportError, TransportGone) as e:
+            sock.close()
+            raise VfioUserError(f"vfio-user server at '{path}': {e}") from None
         except BaseException:
             sock.close()
             raise
-        super().__init__(0, 0, 0)
-        self.config[:] = config[:CONFIG_SIZE].ljust(CONFIG_SIZE, b"\xff")
-        self.link = _Link(f"vfio-user-pci '{dev_id}'", client)
-        for index, size in enumerate(sizes):
-            if size:
-                raw = struct.unpack_from("<I", self.config, BAR0 + 4 * index)[0]
-                self.add_bar(index, Bar("pio" if raw & 1 else "mmio", size, BarWindow(self.link, index, size)))
-        self.config[INTERRUPT_PIN] = 0  # INTx is not wired: the guest sees a function without it
-        if msi := self.find_msi():
-            self.use_msi(msi)
-        # The MSI eventfd: made (or found, across CPR) once and kept, so the table never changes later.
-        self.msi_fd, _ = wiring.fds.open("vfio-user-msi", dev_id, lambda: os.eventfd(0, os.EFD_CLOEXEC))
-        self.msi_route: tuple[int, int] | None = None
-        self.initial = bytes(self.config)
 
-    def _probe(self, client: Client, kept: bool) -> tuple[bytes, list[int]]:
-        """The configuration space and the BAR sizes (a new connection is set up first)."""
-        path = self.path
+    def _start(self, client: Client, wiring: Wiring) -> None:
+        """A new connection: the version, a reset (as QEMU's machine reset at start-up: the device
+        begins afresh) and guest RAM for DMA, by its memfds."""
         try:
-            if not kept:
-                client.negotiate()
-                client.reset()  # as QEMU's machine reset at start-up: the device begins afresh
-                self._map_ram(client)
-            info = client.device_info()
-            if info.num_regions <= vc.VFIO_PCI_CONFIG_REGION_INDEX:
-                raise VfioUserError(f"vfio-user server at '{path}': {info.num_regions} regions, no configuration space")
-            config = client.region_read(vc.VFIO_PCI_CONFIG_REGION_INDEX, 0, CONFIG_SIZE)
-            sizes = [client.region_info(i).size for i in range(NUM_BARS)]
-        except (OSError, p.ProtocolError, p.Disconnected, ClientError) as e:
-            raise VfioUserError(f"vfio-user server at '{path}': {e}") from None
-        for index, size in enumerate(sizes):
-            raw = int.from_bytes(config[BAR0 + 4 * index : BAR0 + 4 * index + 4], "little")
-            if size and (size & (size - 1) or size > 1 << 31):
-                raise VfioUserError(f"vfio-user server at '{path}': BAR{index} of {size:#x} bytes")
-            if size and raw & 0x7 == 0x4:
-                raise VfioUserError(f"vfio-user server at '{path}': BAR{index} is 64-bit (minivmm maps 32-bit)")
-        return config, sizes
-
-    def _map_ram(self, client: Client) -> None:
-        for m in self.wiring.mappings:
-            block = m.block
-            if block.fd < 0 or not block.shared:
-                raise VfioUserError(
-                    f"RAM block '{block.name}' has no shared memfd for the server to map: "
-                    "use -object memory-backend-memfd,share=on (or aux-ram-share=on)"
-                )
-            flags = p.DMA_MAP_READ | (0 if block.readonly else p.DMA_MAP_WRITE)
-            client.dma_map(m.gpa, m.size, block.fd, m.offset, flags)
-
-    # --- configuration space ---------------------------------------------------------------------
-    def write_config(self, offset: int, size: int, value: int) -> None:
-        """The shadow (the MSI capability's writable bits among it), then the server's copy."""
-        value &= (1 << (8 * size)) - 1
-        super().write_config(offset, size, value)
-        self._msi_changed()
-        if size:
-            data = value.to_bytes(size, "little")
-            self.link.call(lambda c: c.region_write(vc.VFIO_PCI_CONFIG_REGION_INDEX, offset, data))
-
-    def _msi_changed(self) -> None:
-        """Route the MSI GSI to what the guest wrote and give the server the eventfd when MSI comes
-        on; take both away when it goes off. A load (and a kept connection) runs the same steps."""
-        route = self.msi_message()
-        if route == self.msi_route:
-            return
-        w = self.wiring
-        w.set_route(w.gsi, route)
-        if route is not None and self.msi_route is None:
-            w.add_irqfd(w.gsi, self.msi_fd)
-            self.link.call(lambda c: c.set_eventfd(vc.VFIO_PCI_MSI_IRQ_INDEX, self.msi_fd))
-        elif route is None:
-            w.remove_irqfd(w.gsi)
-            self.link.call(lambda c: c.set_irqs(vc.VFIO_PCI_MSI_IRQ_INDEX, _DISABLE, count=0))
-        self.msi_route = route
-
-    def reset(self) -> None:
-        """The server resets the device; the shadow goes back to what firmware left, MSI off."""
-        self.link.call(lambda c: c.reset())
-        super().reset()  # its re-read of the shadow turns MSI off
-
-    def close(self) -> None:
-        self.link.client.close()
+            client.negotiate()
+            client.reset()
+            for m in wiring.mappings:
+                block = m.block
+                if block.fd < 0 or not block.shared:
+                    raise VfioUserError(
+                        f"RAM block '{block.name}' has no shared memfd for the server to map: "
+                        "use -object memory-backend-memfd,share=on (or aux-ram-share=on)"
+                    )
+                flags = p.DMA_MAP_READ | (0 if block.readonly else p.DMA_MAP_WRITE)
+                client.dma_map(m.gpa, m.size, block.fd, m.offset, flags)
+        except (*_BROKEN, ClientError) as e:
+            raise VfioUserError(f"vfio-user server at '{self.path}': {e}") from None
 
 
 _DISABLE = vc.VFIO_IRQ_SET_DATA_NONE | vc.VFIO_IRQ_SET_ACTION_TRIGGER

@@ -106,6 +106,15 @@ KVM_IRQ_ROUTING_MSI = 2
 
 KVM_PIT_SPEAKER_DUMMY = 1
 
+# KVM_CREATE_DEVICE: the VFIO pseudo-device, which tells KVM which VFIO files (groups, device
+# cdevs) the VM uses (Linux 6.6 renamed GROUP to FILE, same values; the older names stay)
+KVM_CAP_DEVICE_CTRL = 89
+KVM_CREATE_DEVICE_TEST = 1
+KVM_DEV_TYPE_VFIO = 4
+KVM_DEV_VFIO_GROUP = 1
+KVM_DEV_VFIO_GROUP_ADD = 1
+KVM_DEV_VFIO_GROUP_DEL = 2
+
 # kvm_clock_data flags
 KVM_CLOCK_TSC_STABLE = 2
 KVM_CLOCK_REALTIME = 1 << 2

@@ -64,6 +64,9 @@ KVM_GET_PIT2 = _IOR(0x9F, s.kvm_pit_state2)
 KVM_SET_PIT2 = _IOW(0xA0, s.kvm_pit_state2)
 KVM_ENABLE_CAP = _IOW(0xA3, s.kvm_enable_cap)
 KVM_SIGNAL_MSI = _IOW(0xA5, s.kvm_msi)
+KVM_CREATE_DEVICE = _IOWR(0xE0, s.kvm_create_device)
+# a device fd (KVM_CREATE_DEVICE)
+KVM_SET_DEVICE_ATTR = _IOW(0xE1, s.kvm_device_attr)
 
 # vCPU
 KVM_RUN = _IO(0x80)

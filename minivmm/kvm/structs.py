@@ -297,6 +297,14 @@ class kvm_dirty_log(Structure):
     _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
 
 
+class kvm_create_device(Structure):
+    _fields_ = [("type", u32), ("fd", u32), ("flags", u32)]
+
+
+class kvm_device_attr(Structure):
+    _fields_ = [("flags", u32), ("group", u32), ("attr", u64), ("addr", u64)]
+
+
 class kvm_interrupt(Structure):
     _fields_ = [("irq", u32)]
 

@@ -214,6 +214,32 @@ class Vm:
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         return Vcpu(self, vcpu_id, ioctl(self.fd, io.KVM_CREATE_VCPU, vcpu_id))
 
+    def create_device(self, type_: int) -> KvmDevice:
+        """An in-kernel device of ``type_`` (KVM_DEV_TYPE_*): its own fd, configured by attributes."""
+        dev = s.kvm_create_device(type=type_)
+        ioctl(self.fd, io.KVM_CREATE_DEVICE, byref(dev))
+        return KvmDevice(dev.fd)
+
+
+class KvmDevice:
+    """A KVM_CREATE_DEVICE fd. The VFIO pseudo-device is one: it learns the VFIO files the VM uses
+    (KVM_DEV_VFIO_GROUP_ADD), so KVM can tie them to the VM (coherent DMA, the device's own KVM hooks)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        os.set_inheritable(fd, False)
+
+    def set_attr(self, group: int, attr: int, value: int) -> None:
+        """KVM_SET_DEVICE_ATTR with a pointer to the 32-bit ``value`` (an fd, for the VFIO device)."""
+        arg = ctypes.c_int32(value)
+        attribute = s.kvm_device_attr(group=group, attr=attr, addr=ctypes.addressof(arg))
+        ioctl(self.fd, io.KVM_SET_DEVICE_ATTR, byref(attribute))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
 
 class Vcpu:
     """A vCPU fd and its mmap'd struct kvm_run."""

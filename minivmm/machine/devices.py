@@ -51,10 +51,11 @@ from .control import RunControl
 from .errors import MachineError
 from .irqchip import KernelIrqchip, SplitIrqchip
 from .pci import PciBus
-from .vfio import check_vfio_pci, vfio_user_options
+from .ram import DeviceSlots
+from .vfio import VfioHost, check_vfio_pci, vfio_user_options
 
 if TYPE_CHECKING:  # imported where they are made: a machine without them (a cpr-exec image) pays nothing
-    from minivmm.devices import intel_iommu, vfio_user_pci
+    from minivmm.devices import intel_iommu, vfio_pci, vfio_user_pci
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,7 @@ def device_help() -> str:
     """``-device help``, in QEMU's format (test runners grep it for device names)."""
     lines = ["Misc devices:"]
     lines += [f'name "{m.name}", bus {m.bus}, desc "{m.description}"' for m in MODELS.values()]
+    lines.append('name "vfio-pci", bus PCI, desc "VFIO-based PCI device assignment"')
     lines.append('name "vfio-user-pci", bus PCI, desc "a PCI device served by another process over vfio-user"')
     return "\n".join(lines) + "\n"
 
@@ -262,6 +264,9 @@ class DeviceManager:
         self.irqfds_bound = False  # an incoming CPR binds them once the source has let go
         self.ram_ranges: list[tuple[int, int]] = []
         self.vfio_user: list[vfio_user_pci.VfioUserPci] = []
+        self.vfio_pci: list[vfio_pci.VfioPci] = []
+        self.vfio_host: VfioHost | None = None  # the kernel side of the vfio-pci devices, with the first
+        self.device_slots = DeviceSlots(vm, len(memory.mappings))  # after RAM's (ram.add_memslots)
         self.iommu: intel_iommu.IntelIommu | None = None
         self.coalesced: CoalescedRing | None = None
         self._flush_lock = threading.RLock()
@@ -288,10 +293,10 @@ class DeviceManager:
         self.iommufds = cfg.iommufds
         for dev in cfg.devices:
             self._add_model(dev)
-        if self.iommu is not None and self.vfio_user:
+        if self.iommu is not None and self.vfio_functions:
             raise MachineError(  # its DMA and MSIs would bypass the unit's translation
-                next(d.option for d in cfg.devices if d.driver == "vfio-user-pci"),
-                "minivmm does not put vfio-user devices behind intel-iommu",
+                next(d.option for d in cfg.devices if d.driver in ("vfio-user-pci", "vfio-pci")),
+                "minivmm does not put vfio-user or vfio-pci devices behind intel-iommu",
             )
 
     def coalesce(self, vcpu: Vcpu) -> None:
@@ -353,9 +358,15 @@ class DeviceManager:
     def devices(self) -> list[Device]:
         return self.pio.devices() + self.mmio.devices()
 
+    @property
+    def vfio_functions(self) -> list:
+        """The functions whose device is outside minivmm (vfio_function.VfioFunction), in -device order."""
+        return [*self.vfio_user, *self.vfio_pci]
+
     def persistent(self) -> list[Device]:
-        """The devices with state, in a fixed order."""
-        return [d for d in self.devices() if d.vmstate is not None]
+        """The devices with state, in a fixed order (the assigned functions last: they are not on a bus
+        while their BARs are off)."""
+        return [d for d in self.devices() if d.vmstate is not None] + self.vfio_functions
 
     def reset_all(self) -> None:
         for device in self.devices():
@@ -447,7 +458,8 @@ class DeviceManager:
     # --- -device ----------------------------------------------------------------------------------------
     def _add_model(self, dev: DeviceConfig) -> None:
         if dev.driver == "vfio-pci":
-            check_vfio_pci(dev, self.iommufds)
+            self._add_vfio_pci(dev)
+            return
         if dev.driver == "vfio-user-pci":
             self._add_vfio_user(dev)
             return
@@ -484,12 +496,8 @@ class DeviceManager:
         from minivmm.devices import vfio_user_pci
 
         dev_id, path = vfio_user_options(dev, len(self.vfio_user))
-        gsi, self.next_msi_gsi = self.next_msi_gsi, self.next_msi_gsi + 1
-        wiring = vfio_user_pci.Wiring(
-            self.fds, self.memory.mappings, gsi, self.irqchip.set_device_msi, self.add_irqfd, self.remove_irqfd
-        )
         try:
-            function = vfio_user_pci.VfioUserPci(dev_id, path, wiring)
+            function = vfio_user_pci.VfioUserPci(dev_id, path, self._wiring(vfio_user_pci))
         except vfio_user_pci.VfioUserError as e:
             raise MachineError(dev.option, str(e)) from None
         self.vfio_user.append(function)
@@ -497,6 +505,57 @@ class DeviceManager:
             self.pci.add(function)
         except BusError as e:
             raise MachineError(dev.option, str(e)) from None
+
+    def _wiring(self, module):
+        gsi, self.next_msi_gsi = self.next_msi_gsi, self.next_msi_gsi + 1
+        return module.Wiring(
+            self.fds,
+            self.memory.mappings,
+            gsi,
+            self.irqchip.set_device_msi,
+            self.add_irqfd,
+            self.remove_irqfd,
+            self.device_slots.place,
+        )
+
+    def _add_vfio_pci(self, dev: DeviceConfig) -> None:
+        """A host device: its kernel side (container and group, or iommufd and cdev; its DMA; the KVM
+        VFIO device), then the function on the bus (devices/vfio_pci.py)."""
+        opts = check_vfio_pci(dev, self.iommufds)
+        from minivmm.devices import vfio_function, vfio_pci
+
+        if self.vfio_host is None:
+            self.vfio_host = VfioHost(self.vm, self.memory, self.fds)
+        device = self.vfio_host.attach(opts, dev.option)
+        try:
+            function = vfio_pci.VfioPci(opts.dev_id, device, self._wiring(vfio_function))
+        except (vfio_function.FunctionError, vfio_function.TransportError) as e:
+            raise MachineError(dev.option, f"vfio {opts.name}: {e}") from None
+        function.iommufd_id = opts.iommufd.id if opts.iommufd is not None else None
+        if opts.iommufd is not None:
+            function.ioas_id = self.vfio_host.iommufds[opts.iommufd.id].ioas_id
+        self.vfio_pci.append(function)
+        self.vfio_host.functions.append(function)
+        try:
+            self.pci.add(function)
+        except BusError as e:
+            raise MachineError(dev.option, str(e)) from None
+
+    def cpr_release(self) -> None:
+        """A CPR source, stopped: what the devices' kernel side must let go before another process takes
+        it (a container's DMA addresses, QEMU's pre_save)."""
+        if self.vfio_host is not None:
+            self.vfio_host.release()
+
+    def cpr_resume(self) -> None:
+        """After a load (the new image), or a CPR that failed (the source): the devices' DMA mappings are
+        this process's again (QEMU's post_load). Raises MachineError when the kernel refuses."""
+        if self.vfio_host is None:
+            return
+        try:
+            self.vfio_host.resume()
+        except Exception as e:  # noqa: BLE001 - kernel.VfioError or OSError, one line either way
+            raise MachineError("-device vfio-pci", str(e)) from None
 
     @contextmanager
     def lend_connections(self) -> Iterator[None]:
@@ -518,16 +577,24 @@ class DeviceManager:
     def migration_blockers(self) -> list[str]:
         """Why this machine's state cannot go into a stream (QEMU's wording): the devices whose state
         lives in another process. CPR keeps them, as their connection goes with the fds."""
-        return [f"{f.dev_id}: VFIO device doesn't support migration" for f in self.vfio_user]
+        return [f"{f.dev_id}: VFIO device doesn't support migration" for f in self.vfio_functions]
 
     def cpr_blockers(self) -> list[str]:
-        """Why a CPR would lose a device: a connection already broken cannot be handed on."""
-        return [f"{f.dev_id}: its vfio-user server is gone" for f in self.vfio_user if f.link.dead]
+        """Why a CPR would lose a device: a connection already broken cannot be handed on; a kernel that
+        cannot move DMA mappings to a new process (QEMU's wording)."""
+        found = [f"{f.dev_id}: its vfio-user server is gone" for f in self.vfio_user if f.link.dead]
+        if self.vfio_host is not None:
+            found += self.vfio_host.cpr_blockers()
+        return found
 
     def close(self) -> None:
-        for function in self.vfio_user:
+        """This image's hold on the devices; nothing here resets or unmaps them (a CPR's new image has them)."""
+        for function in self.vfio_functions:
             function.close()
         self.vfio_user.clear()
+        self.vfio_pci.clear()
+        if self.vfio_host is not None:
+            self.vfio_host.close()
         if self.coalesced is not None:
             self.coalesced.close()
             self.coalesced = None

@@ -135,16 +135,20 @@ class PciBus:
             if bar is None:
                 continue
             bus = self.mmio if bar.kind == "mmio" else self.pio
-            if id(bar.device) in self.mapped:
+            was = self.mapped.pop(id(bar.device), None)
+            if was is not None:
                 bus.unregister(bar.device)
-                del self.mapped[id(bar.device)]
             limit = 1 << 32 if bar.kind == "mmio" else 1 << 16
+            at = None
             if function.decoding(bar.kind) and bar.address and bar.address + bar.size <= limit:
                 try:
                     bus.register(bar.address, bar.size, bar.device)
                     self.mapped[id(bar.device)] = (bar.kind, bar.address)
+                    at = bar.address
                 except BusError:
                     pass  # over another device: the guest's choice leaves the BAR unreachable, as on hardware
+            if bar.place is not None and (was or (None, None))[1] != at:
+                bar.place(at)  # the BAR's pages follow as a memory slot (or leave with it)
 
 
 CLASS_NAMES = {0x0600: "Host bridge", 0x0601: "ISA bridge", 0x00FF: "Class 00ff"}

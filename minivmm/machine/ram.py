@@ -141,3 +141,25 @@ def add_memslots(vm: Vm, memory: GuestMemory) -> list[Slot]:
         vm.set_user_memory_region(slot, m.gpa, m.size, m.block.host_addr + m.offset, flags)
         slots.append(Slot(slot, m))
     return slots
+
+
+class DeviceSlots:
+    """KVM memory slots for device memory (an assigned device's mmap'd BARs), numbered after RAM's.
+
+    A slot follows its BAR: KVM cannot move a slot to another address with the same number while
+    keeping it, so a move deletes it (size 0) and adds it again; unmapping the BAR deletes it.
+    """
+
+    def __init__(self, vm: Vm, first: int) -> None:
+        self.vm, self.next = vm, first
+        self.slots: dict[str, tuple[int, int | None]] = {}  # key -> (slot, gpa while mapped)
+
+    def place(self, key: str, gpa: int | None, size: int, host_addr: int) -> None:
+        slot, at = self.slots.get(key, (None, None))
+        if slot is None:
+            slot, self.next = self.next, self.next + 1
+        if at is not None:
+            self.vm.set_user_memory_region(slot, at, 0, host_addr)
+        if gpa is not None:
+            self.vm.set_user_memory_region(slot, gpa, size, host_addr)
+        self.slots[key] = (slot, gpa)

@@ -1,8 +1,11 @@
-"""-device vfio-pci and vfio-user-pci as QEMU spells them: their properties checked, and the
-host checked for what the kernel must offer, at machine build time.
+"""-device vfio-pci and vfio-user-pci as QEMU spells them: their properties checked, the host
+checked for what the kernel must offer, and the kernel side of the machine's assignments.
 
-vfio-pci is not assigned yet: a command line that names one fails with one line, and the line
-names what this host's kernel lacks when it lacks it. vfio-user-pci is devices/vfio_user_pci.py.
+``check_vfio_pci`` fails with one line naming what this host's kernel lacks when it lacks it.
+``VfioHost`` holds what the machine's vfio-pci devices share (QEMU keeps the same per VM): the
+legacy container, one IOAS per ``-object iommufd``, the KVM VFIO pseudo-device, and the CPR
+steps over all of them. The function itself is devices/vfio_pci.py; vfio-user-pci is
+devices/vfio_user_pci.py.
 """
 
 from __future__ import annotations
@@ -10,25 +13,39 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass, field
 
 from minivmm.config import DeviceConfig, IommufdConfig
+from minivmm.kvm import constants as kc
+from minivmm.kvm.system import KvmDevice, KvmError, Vm
+from minivmm.memory import GuestMemory
 from minivmm.vfio import constants as vc
-from minivmm.vfio import host
+from minivmm.vfio import host, kernel
 
 from .errors import MachineError
 
 _BDF = re.compile(r"^(?:[0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 VFIO_PCI_PROPS = ("host", "sysfsdev", "fd", "iommufd")
 DEVICE_CDEV = host.Requirement(vc.VFIO_DEVICES_DIR, "VFIO device cdevs", "CONFIG_VFIO_DEVICE_CDEV")
-NOT_YET = "minivmm checks the host for it but does not assign devices yet"
 
 
-def check_vfio_pci(dev: DeviceConfig, iommufds: dict[str, IommufdConfig]) -> None:
+@dataclass(frozen=True)
+class VfioPciOptions:
+    """A checked -device vfio-pci: the device's name (QEMU's: the BDF, or sysfsdev's last part)."""
+
+    name: str
+    sysfsdev: str | None  # None with fd= alone
+    fd: int | None
+    iommufd: IommufdConfig | None
+    dev_id: str
+
+
+def check_vfio_pci(dev: DeviceConfig, iommufds: dict[str, IommufdConfig]) -> VfioPciOptions:
     """QEMU's properties (host=BDF | sysfsdev=PATH, fd=N, iommufd=ID), then the kernel's side:
     /dev/iommu and the device cdevs for the iommufd path, /dev/vfio/vfio for the container."""
     props = dev.props
     for key in props:
-        if key not in VFIO_PCI_PROPS:
+        if key not in (*VFIO_PCI_PROPS, "id"):
             raise MachineError(dev.option, f"Property 'vfio-pci.{key}' not found")
     if "host" not in props and "sysfsdev" not in props and "fd" not in props:
         raise MachineError(
@@ -54,11 +71,106 @@ def check_vfio_pci(dev: DeviceConfig, iommufds: dict[str, IommufdConfig]) -> Non
         line = host.missing(req)
         if line:
             raise MachineError(dev.option, line)
-    if "host" in props:
-        bdf = props["host"] if props["host"].count(":") == 2 else f"0000:{props['host']}"
-        if not os.path.exists(f"/sys/bus/pci/devices/{bdf.lower()}"):
-            raise MachineError(dev.option, f"vfio {bdf}: no such host device: No such file or directory")
-    raise MachineError(dev.option, f"'vfio-pci' is not supported yet: {NOT_YET}")
+    sysfsdev = None
+    if "host" in props or "sysfsdev" in props:
+        sysfsdev = kernel.sysfs_device(props.get("host"), props.get("sysfsdev"))
+        if not os.path.exists(sysfsdev):
+            shown = props.get("host") or sysfsdev
+            if "host" in props and shown.count(":") == 1:
+                shown = f"0000:{shown}"
+            raise MachineError(dev.option, f"vfio {shown}: no such host device: No such file or directory")
+    name = os.path.basename(sysfsdev) if sysfsdev else f"vfio-fd-{props['fd']}"
+    fd = int(props["fd"]) if "fd" in props else None
+    return VfioPciOptions(name, sysfsdev, fd, iommufd, props.get("id") or name)
+
+
+@dataclass
+class VfioHost:
+    """The kernel objects a machine's vfio-pci devices share, made as the first device needs them."""
+
+    vm: Vm
+    memory: GuestMemory
+    fds: kernel.FdTable
+    container: kernel.Container | None = None
+    iommufds: dict[str, kernel.Iommufd] = field(default_factory=dict)
+    kvm_device: KvmDevice | None = None
+    functions: list = field(default_factory=list)  # devices.vfio_pci.VfioPci
+
+    def ram(self) -> list[kernel.Window]:
+        """Guest RAM as DMA windows: each mapping at its guest-physical address (a ROM read-only)."""
+        return [
+            kernel.Window(m.gpa, m.size, m.block.host_addr + m.offset, m.block.fd, m.offset, m.block.readonly)
+            for m in self.memory.mappings
+        ]
+
+    def attach(self, opts: VfioPciOptions, option: str) -> kernel.DeviceFd:
+        """The device fd, by the path its options choose, with its DMA mapped and its file known to KVM."""
+        prefix = f"vfio {opts.name}: "
+        try:
+            if opts.iommufd is None:
+                if opts.sysfsdev is None:
+                    raise kernel.VfioError("fd= needs iommufd= (a device fd is a cdev, bound to an iommufd)")
+                if self.container is None:
+                    self.container = kernel.Container(self.fds)
+                known = set(self.container.groups)
+                device = self.container.attach(opts.name, opts.sysfsdev, self.ram())
+                for number in set(self.container.groups) - known:
+                    self._kvm_add(self.container.groups[number].fd, f"group ID {number}: ")
+            else:
+                be = self.iommufds.get(opts.iommufd.id)
+                if be is None:
+                    be = self.iommufds[opts.iommufd.id] = kernel.Iommufd(self.fds, opts.iommufd.id)
+                    be.open(opts.iommufd.fd)
+                device = be.attach(opts.name, opts.sysfsdev, opts.fd, self.ram())
+                self._kvm_add(device.fd, "")
+            device.info()
+        except host.VfioUnavailable as e:
+            raise MachineError(option, str(e)) from None
+        except (kernel.VfioError, OSError) as e:
+            raise MachineError(option, prefix + str(e)) from None
+        return device
+
+    def _kvm_add(self, fd: int, context: str) -> None:
+        """The file added to the VM's KVM VFIO device (made with the first), as QEMU adds every group or cdev."""
+        try:
+            if self.kvm_device is None:
+                self.kvm_device = self.vm.create_device(kc.KVM_DEV_TYPE_VFIO)
+        except KvmError as e:
+            raise kernel.VfioError(f"{context}Failed to create KVM VFIO device: {os.strerror(e.errno)}") from None
+        try:
+            self.kvm_device.set_attr(kc.KVM_DEV_VFIO_GROUP, kc.KVM_DEV_VFIO_GROUP_ADD, fd)
+        except KvmError as e:
+            why = os.strerror(e.errno)
+            raise kernel.VfioError(f"{context}Failed to add fd {fd} to KVM VFIO device: {why}") from None
+
+    def cpr_blockers(self) -> list[str]:
+        """Why a CPR would lose the devices' DMA (QEMU's wording): a container that cannot take new
+        addresses for its mappings, an iommufd that cannot change process or holds mappings by address."""
+        found = []
+        if self.container is not None and (why := self.container.cpr_blocker()):
+            found.append(why)
+        found += [why for be in self.iommufds.values() if (why := be.cpr_blocker())]
+        return found
+
+    def release(self) -> None:
+        """A CPR source, stopped: the container's mappings lose this process's addresses (DMA goes on)."""
+        if self.container is not None:
+            self.container.release()
+
+    def resume(self) -> None:
+        """After a load in the new image, or back from a failed CPR in the source: the container's
+        mappings take this process's addresses, each iommufd's mappings move to this process."""
+        if self.container is not None:
+            self.container.resume(self.ram())
+        for be in self.iommufds.values():
+            ioas = next((f.ioas_id for f in self.functions if f.iommufd_id == be.id and f.ioas_id), 0)
+            be.ioas_id = be.ioas_id or ioas
+            be.resume()
+
+    def close(self) -> None:
+        if self.kvm_device is not None:
+            self.kvm_device.close()
+            self.kvm_device = None
 
 
 def vfio_user_options(dev: DeviceConfig, index: int) -> tuple[str, str]:

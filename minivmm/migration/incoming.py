@@ -105,6 +105,7 @@ class Incoming:
     def _complete(self, loaded: machine_state.Loaded) -> None:
         m, control = self.machine, self.machine.control
         machine_state.apply(m, loaded)
+        m.devices.cpr_resume()  # assigned devices' DMA mappings: this process's addresses from now on
         m.devices.bind_irqfds()  # a CPR source let go of them when it stopped
         loaded_ns = time.monotonic_ns()
         self.stats.end = time.monotonic()

@@ -215,7 +215,8 @@ class Outgoing:
         if status == "completed":
             m.control.set_state(runstate.POSTMIGRATE)
         elif self.stopped_vm:
-            m.devices.bind_irqfds()  # back from a CPR source's hand-over
+            m.devices.cpr_resume()  # back from a CPR source's hand-over: the DMA addresses are ours again
+            m.devices.bind_irqfds()
             if self.old_state == runstate.RUNNING:
                 m.control.vm_start()
             else:
