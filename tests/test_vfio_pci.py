@@ -85,10 +85,12 @@ def test_the_iommufd_backend_names_the_missing_node():
 def test_the_iommufd_backend_takes_a_given_fd_and_refuses_a_closed_one():
     r, w = os.pipe()
     os.close(w)
+    os.set_inheritable(r, True)  # as a parent hands it over
     table = FdTable()
     be = kernel.Iommufd(table, "io0")
     be.open(r)
     assert (be.fd, be.kept, table.find("iommufd", "io0")) == (r, False, r)
+    assert not os.get_inheritable(r)  # no child of minivmm inherits it; a CPR exec clears the flag itself
     os.close(r)
     with pytest.raises(kernel.VfioError, match=f"Could not parse remote object fd {r}: Bad file descriptor"):
         kernel.Iommufd(FdTable(), "io1").open(r)

@@ -112,17 +112,15 @@ class VfioHost:
                     raise kernel.VfioError("fd= needs iommufd= (a device fd is a cdev, bound to an iommufd)")
                 if self.container is None:
                     self.container = kernel.Container(self.fds)
-                known = set(self.container.groups)
-                device = self.container.attach(opts.name, opts.sysfsdev, self.ram())
-                for number in set(self.container.groups) - known:
-                    self._kvm_add(self.container.groups[number].fd, f"group ID {number}: ")
+                device = self.container.attach(
+                    opts.name, opts.sysfsdev, self.ram(), lambda g: self._kvm_add(g.fd, f"group ID {g.number}: ")
+                )
             else:
                 be = self.iommufds.get(opts.iommufd.id)
                 if be is None:
                     be = self.iommufds[opts.iommufd.id] = kernel.Iommufd(self.fds, opts.iommufd.id)
                     be.open(opts.iommufd.fd)
-                device = be.attach(opts.name, opts.sysfsdev, opts.fd, self.ram())
-                self._kvm_add(device.fd, "")
+                device = be.attach(opts.name, opts.sysfsdev, opts.fd, self.ram(), lambda fd: self._kvm_add(fd, ""))
             device.info()
         except host.VfioUnavailable as e:
             raise MachineError(option, str(e)) from None

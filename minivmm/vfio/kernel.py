@@ -125,6 +125,16 @@ def _open(path: str) -> int:
         raise VfioError(f"Could not open '{path}': {_why(e)}") from None
 
 
+def _given(fd: int) -> int:
+    """An fd handed over on the command line (fd=N): checked, and close-on-exec like every fd minivmm
+    opens, so no child inherits it (a CPR clears the flag on the table's fds when it execs)."""
+    try:
+        os.set_inheritable(fd, False)
+    except OSError as e:
+        raise VfioError(f"Could not parse remote object fd {fd}: {_why(e)}") from None
+    return fd
+
+
 # --- the device fd -------------------------------------------------------------------------------
 @dataclass
 class DeviceFd:
@@ -204,10 +214,15 @@ class Container:
     windows: list[Window] = field(default_factory=list)
     released: bool = False  # the mappings' addresses dropped (VADDR) for a CPR
 
-    def attach(self, name: str, sysfsdev: str, ram: list[Window]) -> DeviceFd:
-        """The device through its group: the group (and the container, first time) set up unless kept."""
+    def attach(self, name: str, sysfsdev: str, ram: list[Window], new_group: Callable[[Group], None]) -> DeviceFd:
+        """The device through its group: the group (and the container, first time) set up unless kept.
+        ``new_group`` is told of a group this process had not used (QEMU adds it to KVM's VFIO device
+        there) before the device is opened: a driver may need the group's KVM when its device opens."""
         number = iommu_group(sysfsdev)
-        group = self.groups.get(number) or self._group(number, ram)
+        group = self.groups.get(number)
+        if group is None:
+            group = self._group(number, ram)
+            new_group(group)
         try:
             fd, kept = self.fds.open("vfio_device", name, lambda: self._device_fd(group, name))
         except OSError as e:
@@ -277,12 +292,18 @@ class Container:
     def open(self, saved: int = -1) -> None:
         """The container: ``saved`` (a CPR's, set up already) or /dev/vfio/vfio, checked for VFIO's API
         and the type1v2 IOMMU (a kernel without the node: host.VfioUnavailable, naming it)."""
-        self.fd, self.kept = (saved, True) if saved >= 0 else (host.open_node(host.CONTAINER), False)
-        version = ioctl(self.fd, io.VFIO_GET_API_VERSION)
-        if version != c.VFIO_API_VERSION:
-            raise VfioError(f"supported vfio version: {c.VFIO_API_VERSION}, reported version: {version}")
-        if not ioctl(self.fd, io.VFIO_CHECK_EXTENSION, c.VFIO_TYPE1v2_IOMMU):
-            raise VfioError("No available IOMMU models")
+        fd, kept = (saved, True) if saved >= 0 else (host.open_node(host.CONTAINER), False)
+        try:
+            version = ioctl(fd, io.VFIO_GET_API_VERSION)
+            if version != c.VFIO_API_VERSION:
+                raise VfioError(f"supported vfio version: {c.VFIO_API_VERSION}, reported version: {version}")
+            if not ioctl(fd, io.VFIO_CHECK_EXTENSION, c.VFIO_TYPE1v2_IOMMU):
+                raise VfioError("No available IOMMU models")
+        except (VfioError, OSError):
+            if not kept:  # a saved fd is the CPR table's to close
+                os.close(fd)
+            raise
+        self.fd, self.kept = fd, kept
 
     def map(self, w: Window, vaddr_only: bool = False) -> None:
         """VFIO_IOMMU_MAP_DMA of ``w``; ``vaddr_only``: a mapping the kernel has, given its new address."""
@@ -339,23 +360,22 @@ class Iommufd:
 
     def open(self, given_fd: int | None) -> None:
         def opener() -> int:
-            if given_fd is None:
-                return host.open_node(host.IOMMUFD)
-            try:
-                os.fstat(given_fd)
-            except OSError as e:
-                raise VfioError(f"Could not parse remote object fd {given_fd}: {_why(e)}") from None
-            return given_fd
+            return host.open_node(host.IOMMUFD) if given_fd is None else _given(given_fd)
 
         self.fd, self.kept = self.fds.open("iommufd", self.id, opener)
 
-    def attach(self, name: str, sysfsdev: str | None, given_fd: int | None, ram: list[Window]) -> DeviceFd:
+    def attach(
+        self, name: str, sysfsdev: str | None, given_fd: int | None, ram: list[Window], opened: Callable[[int], None]
+    ) -> DeviceFd:
         """The device's cdev bound to this iommufd and attached to the IOAS (the IOAS made and given guest
-        RAM with the first device); a device found in the CPR table is bound and attached already."""
+        RAM with the first device); a device found in the CPR table is bound and attached already.
+        ``opened`` is told of the cdev's fd before the bind, as QEMU adds it to KVM's VFIO device there:
+        the device takes the VM's KVM when it is bound."""
         device_fd, kept = self.fds.open(
-            "vfio_device", name, lambda: given_fd if given_fd is not None else _open(cdev_path(sysfsdev))
+            "vfio_device", name, lambda: _given(given_fd) if given_fd is not None else _open(cdev_path(sysfsdev))
         )
         device = DeviceFd(name, device_fd, kept)
+        opened(device_fd)
         if kept:
             return device  # the IOAS id comes with the machine state
         bind = s.sized(s.vfio_device_bind_iommufd, iommufd=self.fd)
