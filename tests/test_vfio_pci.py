@@ -190,6 +190,34 @@ def test_a_bars_memory_slot_follows_the_bar():
         kvm.close()
 
 
+def test_a_bar_the_guest_puts_over_ram_stays_trapped_and_the_guest_runs_on(capfd):
+    """The BAR's address is the guest's: a slot KVM refuses (over a RAM slot, EEXIST) is one line on
+    stderr, not an exception in the vCPU's configuration write; the BAR's slot comes back when the
+    guest moves it somewhere free."""
+    kvm = Kvm()
+    vm = kvm.create_vm()
+    ram = mmap.mmap(-1, 0x10000)
+    bar = mmap.mmap(-1, 0x2000)
+    import ctypes
+
+    ram_addr = ctypes.addressof(ctypes.c_char.from_buffer(ram))
+    bar_addr = ctypes.addressof(ctypes.c_char.from_buffer(bar))
+    slots = DeviceSlots(vm, 1)
+    try:
+        vm.set_user_memory_region(0, 0, 0x10000, ram_addr)
+        slots.place("vfio-pci 'h0' BAR0", 0x4000, 0x2000, bar_addr)
+        assert slots.slots["vfio-pci 'h0' BAR0"] == (1, None)
+        assert "vfio-pci 'h0' BAR0 at 0x4000: no memory slot (File exists)" in capfd.readouterr().err
+        slots.place("vfio-pci 'h0' BAR0", 0xE0000000, 0x2000, bar_addr)
+        assert slots.slots["vfio-pci 'h0' BAR0"] == (1, 0xE0000000)
+        slots.place("vfio-pci 'h0' BAR0", 0x6000, 0x2000, bar_addr)  # from a slot onto RAM: the old one goes
+        assert slots.slots["vfio-pci 'h0' BAR0"] == (1, None)
+        vm.set_user_memory_region(2, 0xE0000000, 0x2000, bar_addr)  # free again
+    finally:
+        vm.close()
+        kvm.close()
+
+
 # --- with VFIO: a real assignment ---------------------------------------------------------------
 def _sysfs_ids(bdf: str) -> tuple[int, int, int]:
     d = PCI / (bdf if bdf.count(":") == 2 else f"0000:{bdf}")

@@ -14,7 +14,8 @@ from minivmm.arch.x86 import layout
 from minivmm.config import MIN_RAM, MachineConfig, MemoryBackendConfig
 from minivmm.cpr.fdtable import FdTable
 from minivmm.kvm import constants as c
-from minivmm.kvm.system import Vm
+from minivmm.kvm.system import KvmError, Vm
+from minivmm.log import message
 from minivmm.memory import GuestMemory, GuestMemoryError, RamBlock, Slot
 
 from .errors import MachineError
@@ -147,7 +148,9 @@ class DeviceSlots:
     """KVM memory slots for device memory (an assigned device's mmap'd BARs), numbered after RAM's.
 
     A slot follows its BAR: KVM cannot move a slot to another address with the same number while
-    keeping it, so a move deletes it (size 0) and adds it again; unmapping the BAR deletes it.
+    keeping it, so a move deletes it (size 0) and adds it again; unmapping the BAR deletes it. The
+    address is the guest's choice, made in a vCPU's configuration write: where KVM refuses the slot
+    (over RAM or another slot) the BAR stays trapped, as on the buses, and the guest runs on.
     """
 
     def __init__(self, vm: Vm, first: int) -> None:
@@ -160,6 +163,12 @@ class DeviceSlots:
             slot, self.next = self.next, self.next + 1
         if at is not None:
             self.vm.set_user_memory_region(slot, at, 0, host_addr)
-        if gpa is not None:
+        self.slots[key] = (slot, None)
+        if gpa is None:
+            return
+        try:
             self.vm.set_user_memory_region(slot, gpa, size, host_addr)
+        except KvmError as e:
+            message(f"{key} at {gpa:#x}: no memory slot ({os.strerror(e.errno)}): its accesses are trapped")
+            return
         self.slots[key] = (slot, gpa)
