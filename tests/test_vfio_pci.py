@@ -300,3 +300,31 @@ def test_a_normal_migration_with_an_assigned_device_is_refused(qmp_vm, tmp_path,
     err = vm.cmd("migrate", uri=f"file:{tmp_path / 'vm.state'}")["error"]["desc"]
     assert err == "h0: VFIO device doesn't support migration"
     assert vm.status() == "running"
+
+
+def test_a_cpr_source_whose_kernel_refuses_the_dma_addresses_back_still_resumes(monkeypatch, capfd):
+    """A CPR that failed after the source stopped: if taking the container's DMA addresses back fails
+    (VADDR map refused; simulated, this kernel has no VFIO), the guest still gets its state back, the
+    migration reports both failures, and nothing escapes into the migration thread."""
+    from minivmm.cli import parse
+    from minivmm.machine import Machine
+    from minivmm.migration.manager import MigrationManager
+    from minivmm.migration.outgoing import Outgoing
+
+    m = Machine(parse(["-kernel", guest("abwalk.elf"), "-serial", "null"]).config)
+    try:
+        manager = MigrationManager(m)
+        out = Outgoing(manager, None)
+        out.stopped_vm = True
+
+        def refused() -> None:
+            raise MachineError("-device vfio-pci", "vfio_legacy_cpr_dma_map (iova 0x0): Invalid argument")
+
+        monkeypatch.setattr(m.devices, "cpr_resume", refused)
+        out._finish("failed", "the target hung up")
+        assert out.status == "failed"
+        assert out.error.startswith("the target hung up; ") and "vfio_legacy_cpr_dma_map" in out.error
+        assert m.control.state == out.old_state
+        assert "vfio_legacy_cpr_dma_map (iova 0x0): Invalid argument" in capfd.readouterr().err
+    finally:
+        m.close()

@@ -15,6 +15,7 @@ import threading
 import time
 
 from minivmm import runstate
+from minivmm.log import message
 
 from . import channels, machine_state, stream
 from .ram import CHUNK, DirtyLog, is_zero
@@ -215,7 +216,11 @@ class Outgoing:
         if status == "completed":
             m.control.set_state(runstate.POSTMIGRATE)
         elif self.stopped_vm:
-            m.devices.cpr_resume()  # back from a CPR source's hand-over: the DMA addresses are ours again
+            try:
+                m.devices.cpr_resume()  # back from a CPR source's hand-over: the DMA addresses are ours again
+            except Exception as e:  # noqa: BLE001 - the guest runs on regardless; the failure is the migration's
+                message(str(e))
+                self.error = f"{error}; {e}" if error else str(e)
             m.devices.bind_irqfds()
             if self.old_state == runstate.RUNNING:
                 m.control.vm_start()
