@@ -328,3 +328,24 @@ def test_a_cpr_source_whose_kernel_refuses_the_dma_addresses_back_still_resumes(
         assert "vfio_legacy_cpr_dma_map (iova 0x0): Invalid argument" in capfd.readouterr().err
     finally:
         m.close()
+
+
+def test_a_container_fd_under_several_groups_is_released_once_and_never_while_in_use():
+    """cpr-exec keeps fd numbers, so the container stands in the CPR table under each group's name
+    with one number. After the load, groups the new command line dropped let go of their names; the
+    fd is closed once when none is left, and stays open while a kept group still holds it."""
+    table = FdTable(inherited=True)
+    kept, dropped = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC)
+    for group in ("1", "2"):
+        table.fds[("vfio_container_for_group", group)] = kept
+    for group in ("3", "4"):
+        table.fds[("vfio_container_for_group", group)] = dropped
+    table.claim("vfio_container_for_group", "1")
+    try:
+        table.release_unclaimed()
+        assert table.fds == {("vfio_container_for_group", "1"): kept}
+        os.fstat(kept)  # still the machine's
+        with pytest.raises(OSError):
+            os.fstat(dropped)
+    finally:
+        os.close(kept)

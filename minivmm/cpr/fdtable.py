@@ -86,9 +86,12 @@ class FdTable:
         return True
 
     def release_unclaimed(self) -> None:
-        """After an incoming CPR: close what the new command line did not ask for (getfd fds stay)."""
-        for key in [k for k in self.fds if k not in self.claimed and k[0] not in KEEP]:
-            os.close(self.fds.pop(key))
+        """After an incoming CPR: close what the new command line did not ask for (getfd fds stay).
+        One fd may stand under several names (a VFIO container under each of its groups): it is
+        closed once, and not at all while a name the command line asked for still holds it."""
+        unclaimed = [k for k in self.fds if k not in self.claimed and k[0] not in KEEP]
+        for fd in {self.fds.pop(k) for k in unclaimed} - set(self.fds.values()):
+            os.close(fd)
 
     def for_transfer(self) -> FdTable:
         return FdTable({k: fd for k, fd in self.fds.items() if k[0] not in EXEC_ONLY})
