@@ -236,3 +236,32 @@ def test_the_functions_vmstate_carries_the_shadow_and_msi_to_the_next_image(serv
     finally:
         (second or first).close()
         block.close()
+
+
+def test_the_device_is_told_the_command_register_the_bus_gave_it(server):
+    """The bus plays firmware in the shadow (decoding and bus mastering on); a guest that reads them on
+    never writes them, so the device must hear them from minivmm: at start-up and after each reset.
+    The expansion ROM BAR, not emulated, reads 0."""
+    from minivmm.cli import parse
+    from minivmm.devices.pci import CMD_IO, CMD_MASTER, CMD_MEMORY, COMMAND
+    from minivmm.machine import Machine
+    from minivmm.vfio import constants as vc
+
+    args = ["-kernel", guest("abwalk.elf"), *RAM, "-device", f"vfio-user-pci,socket={server.socket}"]
+    m = Machine(parse(args).config)
+    try:
+        fn = m.devices.vfio_user[0]
+
+        def device_command() -> int:
+            data = fn.link.call(lambda t: t.region_read(vc.VFIO_PCI_CONFIG_REGION_INDEX, COMMAND, 2))
+            return int.from_bytes(data, "little")
+
+        firmware = CMD_IO | CMD_MEMORY | CMD_MASTER
+        assert fn.read_config(COMMAND, 2) == firmware and device_command() == firmware
+        assert fn.read_config(0x30, 4) == 0
+        fn.write_config(COMMAND, 2, 0)
+        assert device_command() == 0
+        m.devices.reset_all()
+        assert fn.read_config(COMMAND, 2) == firmware and device_command() == firmware
+    finally:
+        m.close()

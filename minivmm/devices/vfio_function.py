@@ -22,15 +22,17 @@ that breaks the transport (a server gone) detaches the function: it reads all on
 
 from __future__ import annotations
 
+import ctypes
 import mmap
+import os
 import struct
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from minivmm.devices.device import Device
+from minivmm.log import message
 from minivmm.vfio import constants as vc
 from minivmm.vmstate import VMSD, Field, VMStateError
 
@@ -48,6 +50,7 @@ from .pci import (
 )
 
 CAP_ID_MSIX = 0x11
+ROM_ADDRESS = 0x30  # the expansion ROM BAR: not emulated, so it reads 0 (no ROM) in the shadow
 PAGE = mmap.PAGESIZE
 
 
@@ -130,7 +133,7 @@ class Link:
                 return default
             except TransportGone as e:
                 self.dead = True
-                print(f"minivmm: {self.name}: {e}: detached", file=sys.stderr)
+                message(f"{self.name}: {e}: detached")
                 return default
 
 
@@ -200,6 +203,7 @@ class VfioFunction(PciFunction):
             if region.size:
                 self._add_bar(index, region, transport)
         self.config[INTERRUPT_PIN] = 0  # INTx is not wired: the guest sees a function without it
+        self.config[ROM_ADDRESS : ROM_ADDRESS + 4] = bytes(4)  # else a guest sizes the device's raw value
         self.hide_capability(CAP_ID_MSIX)  # MSI-X is not emulated: the guest uses MSI
         if msi := self.find_msi():
             self.use_msi(msi)
@@ -208,6 +212,7 @@ class VfioFunction(PciFunction):
         self.msi_route: tuple[int, int] | None = None
         # A kept kernel device still signals this eventfd: the first route after a load needs no SET_IRQS.
         self.irqs_kept = kept and transport.keeps_irqs
+        self.kept = kept
         self.ioas_id = 0  # iommufd: the IOAS the device is attached to, kept in the state for the next image
         self.iommufd_id: str | None = None
         self.initial = bytes(self.config)
@@ -235,8 +240,6 @@ class VfioFunction(PciFunction):
         bar = Bar(kind, region.size, BarWindow(self.link, index, region.size))
         mapped = transport.map_region(index, region) if kind == "mmio" and region.size >= PAGE else None
         if mapped is not None:  # the guest reaches the device's pages directly, through a memory slot
-            import ctypes
-
             anchor = ctypes.c_char.from_buffer(mapped)
             host = ctypes.addressof(anchor)
             del anchor
@@ -287,10 +290,20 @@ class VfioFunction(PciFunction):
         self.irqs_kept = False
         self.msi_route = route
 
+    def push_command(self) -> None:
+        """The shadow's command register to the device. The bus plays firmware in the shadow alone
+        (decoding and bus mastering on); a guest that reads them on does not write them, so without
+        this the device would never decode its BARs (the kernel's VFIO refuses BAR accesses then) nor
+        master its DMA."""
+        data = bytes(self.config[COMMAND : COMMAND + 2])
+        self.link.call(lambda t: t.region_write(vc.VFIO_PCI_CONFIG_REGION_INDEX, COMMAND, data))
+
     def reset(self) -> None:
-        """The device resets; the shadow goes back to what firmware left, MSI off."""
+        """The device resets; the shadow goes back to what firmware left, MSI off, and the device is
+        told the firmware's command register again."""
         self.link.call(lambda t: t.reset())
         super().reset()  # its re-read of the shadow turns MSI off
+        self.push_command()
 
     # --- state -----------------------------------------------------------------------------------
     def save_state(self) -> dict:
@@ -324,6 +337,4 @@ class VfioFunction(PciFunction):
 
 
 def _eventfd() -> int:
-    import os
-
     return os.eventfd(0, os.EFD_CLOEXEC)

@@ -55,7 +55,7 @@ from .ram import DeviceSlots
 from .vfio import VfioHost, check_vfio_pci, vfio_user_options
 
 if TYPE_CHECKING:  # imported where they are made: a machine without them (a cpr-exec image) pays nothing
-    from minivmm.devices import intel_iommu, vfio_pci, vfio_user_pci
+    from minivmm.devices import intel_iommu, vfio_function, vfio_pci, vfio_user_pci
 
 
 @dataclass(frozen=True)
@@ -497,18 +497,18 @@ class DeviceManager:
 
         dev_id, path = vfio_user_options(dev, len(self.vfio_user))
         try:
-            function = vfio_user_pci.VfioUserPci(dev_id, path, self._wiring(vfio_user_pci))
+            function = vfio_user_pci.VfioUserPci(dev_id, path, self._wiring())
         except vfio_user_pci.VfioUserError as e:
             raise MachineError(dev.option, str(e)) from None
         self.vfio_user.append(function)
-        try:
-            self.pci.add(function)
-        except BusError as e:
-            raise MachineError(dev.option, str(e)) from None
+        self._plug(function, dev)
 
-    def _wiring(self, module):
+    def _wiring(self) -> vfio_function.Wiring:
+        """A new function's plumbing: the CPR table, guest RAM, its own MSI GSI, its BARs' memory slots."""
+        from minivmm.devices import vfio_function
+
         gsi, self.next_msi_gsi = self.next_msi_gsi, self.next_msi_gsi + 1
-        return module.Wiring(
+        return vfio_function.Wiring(
             self.fds,
             self.memory.mappings,
             gsi,
@@ -528,7 +528,7 @@ class DeviceManager:
             self.vfio_host = VfioHost(self.vm, self.memory, self.fds)
         device = self.vfio_host.attach(opts, dev.option)
         try:
-            function = vfio_pci.VfioPci(opts.dev_id, device, self._wiring(vfio_function))
+            function = vfio_pci.VfioPci(opts.dev_id, device, self._wiring())
         except (vfio_function.FunctionError, vfio_function.TransportError) as e:
             raise MachineError(dev.option, f"vfio {opts.name}: {e}") from None
         function.iommufd_id = opts.iommufd.id if opts.iommufd is not None else None
@@ -536,10 +536,17 @@ class DeviceManager:
             function.ioas_id = self.vfio_host.iommufds[opts.iommufd.id].ioas_id
         self.vfio_pci.append(function)
         self.vfio_host.functions.append(function)
+        self._plug(function, dev)
+
+    def _plug(self, function: vfio_function.VfioFunction, dev: DeviceConfig) -> None:
+        """A function of a device outside minivmm on the bus; a new one (not a CPR's, which runs on as
+        the previous image left it) is told the command register the bus gave it as firmware."""
         try:
             self.pci.add(function)
         except BusError as e:
             raise MachineError(dev.option, str(e)) from None
+        if not function.kept:
+            function.push_command()
 
     def cpr_release(self) -> None:
         """A CPR source, stopped: what the devices' kernel side must let go before another process takes
