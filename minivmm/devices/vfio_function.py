@@ -34,6 +34,7 @@ from typing import Protocol
 from minivmm.devices.device import Device
 from minivmm.log import message
 from minivmm.vfio import constants as vc
+from minivmm.vfio.kernel import FdTable  # the CPR table as both transports' devices use it
 from minivmm.vmstate import VMSD, Field, VMStateError
 
 from .pci import (
@@ -84,12 +85,6 @@ class Transport(Protocol):
     def set_irq_eventfd(self, index: int, fd: int | None) -> None: ...
     def reset(self) -> None: ...
     def close(self) -> None: ...
-
-
-class FdTable(Protocol):
-    """The CPR fd table (cpr/fdtable.py), as the devices use it."""
-
-    def open(self, name: str, id_: str, opener: Callable[[], int]) -> tuple[int, bool]: ...
 
 
 @dataclass

@@ -50,7 +50,7 @@ class VfioError(Exception):
 
 
 class FdTable(Protocol):
-    """The CPR fd table (cpr/fdtable.py), as the backends use it."""
+    """The CPR fd table (cpr/fdtable.py), as the backends and vfio_function use it."""
 
     def open(self, name: str, id_: str, opener: Callable[[], int]) -> tuple[int, bool]: ...
     def save(self, name: str, id_: str, fd: int) -> None: ...
