@@ -32,6 +32,7 @@ import signal
 import struct
 import threading
 from collections.abc import Callable
+from ctypes import sizeof
 from dataclasses import dataclass
 from functools import partial
 
@@ -39,7 +40,7 @@ from .devices.bus import Bus
 from .kvm import constants as c
 from .kvm import ioctls
 from .kvm.runloop import RunLoop
-from .kvm.structs import RUN_OFFSET_EXIT, RUN_OFFSET_EXIT_REASON, RUN_OFFSET_IMMEDIATE_EXIT
+from .kvm.structs import RUN_OFFSET_EXIT, RUN_OFFSET_EXIT_REASON, RUN_OFFSET_IMMEDIATE_EXIT, kvm_run
 from .kvm.system import KvmError, Vcpu, _ioctl, get_errno
 
 SIG_KICK = signal.SIGUSR1
@@ -115,6 +116,7 @@ class VcpuThread:
         # entry (ExtINT injection), and the EOI of a level-triggered IOAPIC vector.
         self.before_run: Callable[[VcpuThread], None] | None = None
         self.on_eoi: Callable[[int], None] = lambda vector: None
+        self.pending = False  # kvm_run holds an exit to finish before the next KVM_RUN
         self.thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
 
     @property
@@ -198,6 +200,16 @@ class VcpuThread:
         exit that reaches the code below is handled the same."""
         fd = self.vcpu.fd
         view = memoryview(self.vcpu.run_mmap)
+        if self.pending:  # an exit another loop left in kvm_run (a cpr-exec keeper's, taken back)
+            self.pending = False
+            try:
+                stop = self.finish(view)
+            except Exception:
+                view.release()
+                raise
+            if stop is not None:
+                view.release()
+                return stop
         if self.runloop is None:
             enter, last_errno = partial(_ioctl, fd, ioctls.KVM_RUN, None), get_errno
         else:
@@ -221,16 +233,11 @@ class VcpuThread:
                 exits += 1
                 reason, direction, size, port, count, offset = decode(view, RUN_OFFSET_EXIT_REASON)
                 if reason == exit_io:
-                    device, devoff = pio_cache_get(port) or pio_lookup(port)
-                    if direction == out:
-                        if count == 1 and size == 1:
-                            device.write(devoff, 1, view[offset])
-                        else:
-                            for at in range(offset, offset + count * size, size):
-                                device.write(devoff, size, int.from_bytes(view[at : at + size], "little"))
+                    if direction == out and count == 1 and size == 1:  # the common case, inline
+                        device, devoff = pio_cache_get(port) or pio_lookup(port)
+                        device.write(devoff, 1, view[offset])
                     else:
-                        for at in range(offset, offset + count * size, size):
-                            view[at : at + size] = device.read(devoff, size).to_bytes(size, "little")
+                        self._pio(view)
                 elif reason == exit_mmio:
                     self._mmio(view)
                 elif reason == c.KVM_EXIT_IOAPIC_EOI:
@@ -238,7 +245,7 @@ class VcpuThread:
                 elif reason == c.KVM_EXIT_IRQ_WINDOW_OPEN:
                     return None  # back through before_run, which injects
                 else:
-                    return self._other_exit(reason)
+                    return self._other_exit(reason, view)
         except Exception as e:  # device emulation failed: the guest cannot trust its device any more
             return VcpuExit(ExitKind.INTERNAL_ERROR, f"{self._access(view, reason)} failed: {type(e).__name__}: {e}")
         finally:
@@ -259,6 +266,30 @@ class VcpuThread:
             return f"{length}-byte MMIO {'write to' if is_write else 'read of'} {addr:#x}"
         return f"exit {c.EXIT_NAMES.get(reason, reason)}"
 
+    def finish(self, view: memoryview) -> VcpuExit | None:
+        """Do the exit in ``view`` (a kvm_run another loop left unfinished: the keeper's, cpr/keeper.py)
+        on this vCPU's devices, as the loop would; for an exit the guest cannot go on from, what it is."""
+        reason = _EXIT.unpack_from(view, RUN_OFFSET_EXIT_REASON)[0]
+        if reason == c.KVM_EXIT_IO:
+            self._pio(view)
+        elif reason == c.KVM_EXIT_MMIO:
+            self._mmio(view)
+        elif reason == c.KVM_EXIT_IOAPIC_EOI:
+            self.on_eoi(view[RUN_OFFSET_EXIT])
+        elif reason != c.KVM_EXIT_IRQ_WINDOW_OPEN:
+            return self._other_exit(reason, view)
+        return None
+
+    def _pio(self, view: memoryview) -> None:
+        _, direction, size, port, count, offset = _EXIT.unpack_from(view, RUN_OFFSET_EXIT_REASON)
+        device, devoff = self.pio.lookup(port)
+        if direction == c.KVM_EXIT_IO_OUT:
+            for at in range(offset, offset + count * size, size):
+                device.write(devoff, size, int.from_bytes(view[at : at + size], "little"))
+        else:
+            for at in range(offset, offset + count * size, size):
+                view[at : at + size] = device.read(devoff, size).to_bytes(size, "little")
+
     def _mmio(self, view: memoryview) -> None:
         addr, data, length, is_write = _MMIO.unpack_from(view, RUN_OFFSET_EXIT)
         if is_write:
@@ -268,8 +299,8 @@ class VcpuThread:
             at = RUN_OFFSET_EXIT + 8
             view[at : at + length] = value.to_bytes(length, "little")
 
-    def _other_exit(self, reason: int) -> VcpuExit:
-        run = self.vcpu.run
+    def _other_exit(self, reason: int, view: memoryview) -> VcpuExit:
+        run = kvm_run.from_buffer_copy(view[: sizeof(kvm_run)])
         where = self.describe(self)
         name = c.EXIT_NAMES.get(reason, str(reason))
         if reason == c.KVM_EXIT_SHUTDOWN:

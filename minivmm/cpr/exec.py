@@ -2,14 +2,17 @@
 and the guest's RAM and device fds go with it.
 
 In order (``CprExec._migrate`` then ``_exec``):
-1. a watchdog starts with copies of the fds (holder.py): if the program
+1. the VM stops and its state (no RAM) goes to the file;
+2. a running guest runs on in the keeper's tasks (keeper.py) while the exec
+   and the new image's start-up go by; the new image takes it over;
+3. a watchdog starts with copies of the fds (holder.py): if the program
    exec'd never takes the guest over, it restarts it from the state file;
-2. the VM stops and its state (no RAM) goes to the file;
-3. on the main thread, with nothing else running: a helper keeps the old
-   address space alive so exec does not pay for tearing it down
-   (``defer_teardown``), the fd table goes into a memfd named by
-   MINIVMM_CPR_STATE_FD, FD_CLOEXEC is cleared on exactly those fds, and
-   ``execvpe`` runs the new image (cpr/incoming.py takes it from there).
+4. on the main thread, with nothing else running: without a keeper, a
+   helper keeps the old address space alive so exec does not pay for
+   tearing it down (``defer_teardown``); the fd table goes into a memfd
+   named by MINIVMM_CPR_STATE_FD, FD_CLOEXEC is cleared on exactly those
+   fds, and ``execvpe`` runs the new image (cpr/incoming.py takes it from
+   there).
 If exec itself fails, every step is undone and the guest runs on here.
 """
 
@@ -20,9 +23,10 @@ import signal
 import sys
 import time
 
+from minivmm import runstate
 from minivmm.migration import channels
 
-from . import holder
+from . import holder, keeper
 from .fdtable import set_cloexec
 from .outgoing import CprOutgoing
 from .state import ENV, CprError, CprState, state_memfd
@@ -70,15 +74,31 @@ class CprExec(CprOutgoing):
     def _migrate(self) -> None:
         loop = self.machine.loop
         table = self.machine.fds
-        watchdog = holder.start_watchdog(table, self._rescue_command())
+        kept = -1
+        watchdog = None
         try:
             loop.call_and_wait(lambda: self.manager.set_status(self, "active"))
+            keeper.reaped()  # the previous update's, if it was one
             self._stop_vm()
             with channels.connect(self.addr, self.manager.named_fd) as out:
                 self._write_state(out)
-            loop.call_and_wait(lambda: self._exec(watchdog))  # returns only if exec failed
-        finally:
-            watchdog.cancel()  # still here: exec failed, or the migration did
+            kept = loop.call_and_wait(self._keep)
+            watchdog = holder.start_watchdog(table, self._rescue_command())  # with the keeper's block
+            loop.call_and_wait(lambda: self._exec(watchdog, kept >= 0))  # returns only if exec failed
+        finally:  # still here: exec failed, or the migration did
+            if watchdog is not None:
+                watchdog.cancel()
+            if kept >= 0:
+                loop.call_and_wait(lambda: keeper.take_back(self.machine, kept))
+
+    def _keep(self) -> int:
+        """On the main thread: the guest runs on in the keeper's tasks while the exec and the new
+        image's start-up go by (cpr/keeper.py); -1 where the keeper cannot serve this machine."""
+        if self.old_state != runstate.RUNNING or keeper.unusable(self.machine) is not None:
+            return -1  # a paused guest stays paused; a machine the keeper cannot serve waits
+        fd = keeper.start(self.machine)
+        self.times["kept"] = time.monotonic_ns()
+        return fd
 
     def _rescue_command(self) -> list[str]:
         """This image's own command line, resuming from the state file: the watchdog's way back."""
@@ -90,11 +110,11 @@ class CprExec(CprOutgoing):
                 kept.append(word)
         return [sys.executable, "-m", "minivmm", *kept, "-incoming", self.addr.describe()]
 
-    def _exec(self, watchdog: holder.Watchdog) -> None:
+    def _exec(self, watchdog: holder.Watchdog, kept: bool) -> None:
         """On the main thread, with everything else quiet: become the new image."""
         m = self.machine
         argv = self.manager.params.cpr_exec_command
-        helper = defer_teardown()
+        helper = 0 if kept else defer_teardown()  # the keeper's tasks hold the address space already
         self.times["exec"] = time.monotonic_ns()
         watchdog_fd = watchdog.pipe
         state = CprState(
@@ -112,7 +132,8 @@ class CprExec(CprOutgoing):
         try:
             os.execvpe(argv[0], argv, env)
         except OSError as e:
-            _kill(helper)
+            if helper:
+                _kill(helper)
             for fd in [*fds, watchdog_fd]:
                 set_cloexec(fd, True)
             os.close(memfd)

@@ -47,6 +47,7 @@ def take_transfer(state: CprState | None, channels: list) -> tuple[object | None
 def adopt(state: CprState) -> None:
     """The machine is built over the fds: this image has the guest."""
     state.report_in()
+    state.table.claim("cpr-keeper", "0")  # the old image's vCPUs, still running (cpr/keeper.py)
     state.table.release_unclaimed()
     for pid in (state.teardown_helper, state.watchdog_pid):  # children of the image this one replaced
         if pid:
@@ -57,6 +58,8 @@ def fail_line(text: str, state: CprState | None, state_source: str) -> str:
     """The one line for a failure; an exec'd image's guest RAM is first given to a holder."""
     if state is not None and state.mode == "cpr-exec":
         from .holder import hold_for_retry
+        from .keeper import halt
 
+        halt(state.table)
         text += hold_for_retry(state, state_source)
     return text

@@ -38,6 +38,8 @@ class KvmError(OSError):
 
 
 def ioctl(fd: int, request: int, arg: object = None) -> int:
+    if not isinstance(fd, int):  # a stand-in: the ioctl is made elsewhere (cpr/keeper.py)
+        return fd.ioctl(request, arg)
     ret = _ioctl(fd, request, arg)
     if ret < 0:
         raise KvmError(io.NAMES.get(request, hex(request)), get_errno())
@@ -379,6 +381,15 @@ class CoalescedRing:
         prot = mmap.PROT_READ | mmap.PROT_WRITE
         self._mmap = mmap.mmap(vcpu.fd, mmap.PAGESIZE, mmap.MAP_SHARED, prot, offset=page * mmap.PAGESIZE)
         self._ring = s.coalesced_mmio_ring_with(s.KVM_COALESCED_MMIO_MAX).from_buffer(self._mmap)
+        self.address, self.size = ctypes.addressof(self._ring), sizeof(self._ring)  # for a copy (cpr/keeper.py)
+
+    @classmethod
+    def copy(cls, data: bytes) -> CoalescedRing:
+        """A ring as copied out of another address space: ``pop`` gives what it held."""
+        ring = cls.__new__(cls)
+        ring._mmap = bytearray(data)
+        ring._ring = s.coalesced_mmio_ring_with(s.KVM_COALESCED_MMIO_MAX).from_buffer(ring._mmap)
+        return ring
 
     def pop(self) -> Iterator[tuple[bool, int, bytes]]:
         """(pio, address, data) of each queued write, oldest first; each leaves the ring once handled."""
@@ -390,7 +401,8 @@ class CoalescedRing:
 
     def close(self) -> None:
         self._ring = None
-        self._mmap.close()
+        if isinstance(self._mmap, mmap.mmap):
+            self._mmap.close()
 
 
 assert sizeof(s.kvm_regs) == 144

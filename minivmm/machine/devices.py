@@ -10,6 +10,7 @@ part are declared, not looked for.
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import time
@@ -310,17 +311,25 @@ class DeviceManager:
         self.vm.register_coalesced(layout.PORT_CMOS, 1, pio=True)
         self.rtc.flush_coalesced = self.flush_coalesced
 
-    def flush_coalesced(self) -> None:
-        """Replay the queued writes on their bus, in order (any thread; QEMU's kvm_flush_coalesced_mmio_buffer)."""
+    def flush_coalesced(self, ring: CoalescedRing | None = None) -> None:
+        """Replay the queued writes on their bus, in order (any thread; QEMU's kvm_flush_coalesced_mmio_buffer);
+        ``ring``: another VM's, copied (a cpr-exec keeper's, whose guest wrote on before this one ran)."""
         with self._flush_lock:
             if self._flushing:  # a replayed write reached a device that flushes first: this flush
                 return
             self._flushing = True
             try:
-                for pio, addr, data in self.coalesced.pop():
+                for pio, addr, data in (ring or self.coalesced).pop():
                     (self.pio if pio else self.mmio).write(addr, len(data), int.from_bytes(data, "little"))
             finally:
                 self._flushing = False
+
+    @property
+    def run_size(self) -> int:
+        """The bytes of a vCPU's kvm_run mapping an exit uses (its PIO data page with it), short of
+        the coalesced ring's page, which all vCPUs share."""
+        page = self.kvm.check_extension(c.KVM_CAP_COALESCED_MMIO) or self.kvm.vcpu_mmap_size() // mmap.PAGESIZE
+        return min(page * mmap.PAGESIZE, self.kvm.vcpu_mmap_size())
 
     def make_fw_cfg(self, cfg: MachineConfig) -> fw_cfg.FwCfg:
         """QEMU's fw_cfg with the PC's items: CPU counts, RAM size, the e820 map (DMA into guest RAM)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from dataclasses import replace
 
 from minivmm import runstate
 from minivmm.kvm.system import KvmError
@@ -45,6 +46,7 @@ class Incoming:
         self.stats = Stats()
         self.source_times: dict[str, int] = {}
         self.received_ns = 0  # when the end of the stream arrived
+        self.take_ns = 0  # when this image began taking the guest over from a cpr-exec keeper
         self.thread = threading.Thread(target=self._thread, name="incoming-migration", daemon=True)
 
     def start(self) -> None:
@@ -104,6 +106,9 @@ class Incoming:
     # --- main thread -------------------------------------------------------------------
     def _complete(self, loaded: machine_state.Loaded) -> None:
         m, control = self.machine, self.machine.control
+        taken = self._take_over()
+        if taken is not None:  # the guest ran on in the old image's keeper: its state is newer than the file's
+            loaded = replace(loaded, vcpus=taken.vcpus, vm=taken.vm)
         machine_state.apply(m, loaded)
         m.devices.cpr_resume()  # assigned devices' DMA mappings: this process's addresses from now on
         m.devices.bind_irqfds()  # a CPR source let go of them when it stopped
@@ -118,7 +123,22 @@ class Incoming:
         else:
             control.set_state(loaded.runstate)
         self._timeline(loaded_ns, time.monotonic_ns())
+        if taken is not None:
+            from minivmm.cpr import keeper
+
+            keeper.after(m, taken, self.manager.cpr_state.table)
         self.manager.cpr_state = None  # the next update starts from this table
+
+    def _take_over(self):
+        """A cpr-exec whose old image left its vCPUs running in the keeper (cpr/keeper.py): stop them and
+        read their state; None otherwise."""
+        cpr = self.manager.cpr_state
+        if cpr is None or cpr.table.find("cpr-keeper", "0") < 0:
+            return None
+        from minivmm.cpr import keeper
+
+        self.take_ns = time.monotonic_ns()
+        return keeper.take_over(self.machine, cpr.table.find(*keeper.ENTRY))
 
     def _timeline(self, loaded: int, resumed: int) -> None:
         """Phase times (ms) from the source's timestamps and ours, on one CLOCK_MONOTONIC."""
@@ -127,13 +147,23 @@ class Incoming:
         if "stop" not in t or "saved" not in t:
             return
         marks = [("stop", t["stop"], t.get("stopped")), ("save", t.get("stopped"), t["saved"])]
-        if "exec" in t:  # the same process: exec, then this image's start-up and load
+        if "kept" in t:  # the guest ran in the keeper from "kept" until this image took it over
+            marks += [
+                ("keep", t["saved"], t["kept"]),
+                ("exec", t["exec"], self.manager.start_ns),
+                ("start-up", self.manager.start_ns, self.take_ns),
+                ("take-over", self.take_ns, loaded),
+            ]
+            paused = (t["kept"] - t["stop"]) + (resumed - self.take_ns)
+        elif "exec" in t:  # the same process: exec, then this image's start-up and load
             marks += [("exec", t["exec"], self.manager.start_ns), ("load", self.manager.start_ns, loaded)]
+            paused = resumed - t["stop"]
         else:  # another process: the stream's way here, then the load
             marks += [("hand-over", t["saved"], self.received_ns), ("load", self.received_ns, loaded)]
+            paused = resumed - t["stop"]
         marks.append(("resume", loaded, resumed))
         self.stats.phases = {name: (b - a) / 1e6 for name, a, b in marks if a is not None and b is not None}
-        self.stats.downtime_ms = (resumed - t["stop"]) / 1e6
+        self.stats.downtime_ms = paused / 1e6
 
     def _fail(self, text: str) -> None:
         from minivmm.cpr.incoming import fail_line

@@ -1,0 +1,365 @@
+"""cpr-exec without stopping the guest for the new image's start-up: the keeper.
+
+A cpr-exec's pause used to run from the stop in the old image to the resume
+in the new one, across the exec and everything the new Python image imports
+and builds (about 100 ms here, most of it imports). With the keeper
+(kvm/keeper.c) the old image, once it has stopped the vCPUs and written the
+state file, starts one task per vCPU that shares its address space and runs
+the vCPU on: the guest is back after a millisecond or two, and runs while
+the old image execs and the new one starts. The new image then stops the
+tasks (a second, short pause), finishes any exit they left for a VMM with
+its own devices, has them read the vCPU and VM state out of the old VM, and
+loads that in place of the state file's, which is older. So:
+
+- **old image** (``Keeper``): after the state file, before the exec. The
+  control block (a memfd, in the CPR table as "cpr-keeper") names the old
+  vCPU and VM fds, the vCPUs' kvm_run and the coalesced-write ring.
+- **new image** (``take_over``): after its machine is built and the state
+  file read, before the load. It records the ioctls that read the state by
+  running its own reading code (arch/x86/vcpu_state.py, vm_state.py) against
+  stand-in fds, has the keeper make them on the old fds, then runs the same
+  code again, answered from what the keeper wrote. First in the list, the old
+  VM lets go of the irqfds, so the new one can bind them.
+
+The userspace devices do not change while the keeper runs: an exit that
+needs one stops its vCPU until the new image is there. Machines the keeper
+cannot serve stop for the whole update as before (``unusable``).
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import errno
+import mmap
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+from minivmm.arch.x86 import vcpu_state, vm_state
+from minivmm.kvm import ioctls as io
+from minivmm.kvm import runloop
+from minivmm.kvm.system import CoalescedRing, KvmError
+
+from .holder import HOLD_TIMEOUT, exec_timeout
+from .state import CprError
+
+ENTRY = ("cpr-keeper", "0")  # the control block's place in the CPR fd table
+MAGIC = 0x4B505243  # "CRPK"
+STEP_TIMEOUT = 5.0  # seconds a keeper task has to answer each step of the take-over
+
+
+def unusable(machine) -> str | None:
+    """Why this machine's update stops the guest throughout, or None."""
+    if runloop.lib is None:
+        return runloop.UNAVAILABLE
+    if machine.irqchip.split:
+        return "kernel-irqchip=split: minivmm's PIC hands KVM each interrupt before an entry"
+    if machine.devices.vfio_host is not None:
+        return "an assigned device's DMA mappings are let go when the VM stops"
+    if len(machine.vcpus) > runloop.lib.MINIVMM_KEEPER_VCPUS:
+        return f"more than {runloop.lib.MINIVMM_KEEPER_VCPUS} vCPUs"
+    return None
+
+
+# --- ioctls made in the old image ---------------------------------------------------------------
+
+
+@dataclass
+class _Op:
+    fd: int  # -1: a copy of ``len(data)`` bytes from address ``request`` (in the old image)
+    request: int
+    data: bytes  # the argument as given (input), then as the keeper left it (output)
+    ret: int = 0
+
+
+@dataclass
+class Recording:
+    """A stand-in fd (kvm/system.py's ``ioctl`` calls it): notes the ioctl for the real ``fd``."""
+
+    fd: int
+    ops: list[_Op]
+
+    def ioctl(self, request: int, arg: object) -> int:
+        obj = getattr(arg, "_obj", None)
+        self.ops.append(_Op(self.fd, request, bytes(obj) if obj is not None else b""))
+        return 0
+
+
+@dataclass
+class Replay:
+    """A stand-in fd: answers each ioctl with the keeper's result for it, in the recorded order."""
+
+    ops: list[_Op]
+    at: int = 0
+
+    def ioctl(self, request: int, arg: object) -> int:
+        op = self.ops[self.at]
+        self.at += 1
+        name = io.NAMES.get(request, hex(request))
+        if op.request != request:
+            raise KvmError(name, errno.EPROTO, "the keeper's answers are out of step")
+        obj = getattr(arg, "_obj", None)
+        if obj is not None:
+            ctypes.memmove(ctypes.addressof(obj), op.data, min(len(op.data), ctypes.sizeof(obj)))
+        if op.ret < 0:
+            raise KvmError(name, -op.ret, "in the old image")
+        return op.ret
+
+
+def _with_fd(obj, fd):
+    stand_in = copy.copy(obj)  # the same methods, on an fd that is a stand-in
+    stand_in.fd = fd
+    return stand_in
+
+
+def _reads(machine, fd_of) -> tuple[list[vcpu_state.VcpuState], vm_state.VmState]:
+    """Every state read a take-over makes, in order, on the fds ``fd_of`` gives for this machine's
+    vCPU and VM fds; then the irqfds let go."""
+    vm = _with_fd(machine.vm, fd_of(machine.vm.fd))
+    for gsi, efd in _irqfds(machine):  # first, as a source lets go of them before it saves
+        vm.irqfd(efd, gsi, assign=False)
+    caps = machine.vcpus.caps
+    vcpus = [vcpu_state.save(_with_fd(t.vcpu, fd_of(t.vcpu.fd)), caps) for t in machine.vcpus]
+    irqchip = machine.irqchip
+    return vcpus, vm_state.save(vm, irqchip.kvm_chips, irqchip.kvm_pit)
+
+
+def _irqfds(machine) -> list[tuple[int, int]]:
+    """(GSI, eventfd) of every irqfd: the same fds in both images (the CPR table keeps them)."""
+    return [*machine.devices.irqfds.items(), *machine.devices.device_irqfds.items()]
+
+
+# --- the control block --------------------------------------------------------------------------
+
+
+class _Block:
+    """The control block mapped in this image."""
+
+    def __init__(self, fd: int, size: int | None = None) -> None:
+        ffi = runloop.ffi
+        if size is not None:
+            os.ftruncate(fd, size)
+        self.fd = fd
+        self.mem = mmap.mmap(fd, os.fstat(fd).st_size)
+        self.k = ffi.cast("struct minivmm_keeper *", ffi.from_buffer(self.mem))
+        self.data_at = ffi.offsetof("struct minivmm_keeper", "data")
+
+    def vcpus(self) -> list:
+        return [self.k.vcpu[i] for i in range(self.k.nvcpus)]
+
+    def wait(self, done, what: str) -> None:
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while not done():
+            if time.monotonic() > deadline:
+                raise CprError(f"cpr-exec: the keeper did not {what} within {STEP_TIMEOUT:g} s")
+            time.sleep(0.00005)
+
+    def stop(self) -> None:
+        """Every task out of KVM_RUN: stopped, or parked at an exit for the VMM."""
+        lib = runloop.lib
+        for v in self.vcpus():
+            v.command = lib.KEEPER_STOP
+            _kick(v.tid)
+        self.wait(lambda: all(v.status >= lib.KEEPER_PARKED for v in self.vcpus()), "stop the vCPUs")
+
+    def run(self, ops: list[_Op]) -> None:
+        """Have the first task make ``ops`` in the old image; their results into them."""
+        lib, ffi, k = runloop.lib, runloop.ffi, self.k
+        if len(ops) > lib.MINIVMM_KEEPER_OPS or sum(len(op.data) for op in ops) > self.spare():
+            raise CprError(f"cpr-exec: {len(ops)} state reads do not fit the keeper's control block")
+        at = self.k.nvcpus * self.k.vcpu[0].run_size
+        for i, op in enumerate(ops):
+            o = k.op[i]
+            o.fd, o.request, o.offset, o.size, o.ret = op.fd, op.request, at, len(op.data), 0
+            ffi.memmove(k.data + at, op.data, len(op.data))
+            at += len(op.data)
+        k.nops, k.save_from, k.save_to = len(ops), 0, len(ops)
+        k.saved = -1
+        k.vcpu[0].command = lib.KEEPER_SAVE
+        self.wait(lambda: k.saved >= 0, "read the state")
+        for i, op in enumerate(ops):
+            o = k.op[i]
+            op.ret = o.ret
+            op.data = bytes(self.mem[self.data_at + o.offset : self.data_at + o.offset + o.size])
+
+    def spare(self) -> int:
+        return self.k.data_size - self.k.nvcpus * self.k.vcpu[0].run_size
+
+    def run_copy(self, v) -> memoryview:
+        at = self.data_at + v.run_copy
+        return memoryview(self.mem)[at : at + v.run_size]
+
+    def complete(self, v) -> None:
+        """The access in the vCPU's kvm_run copy is done: KVM finishes the instruction."""
+        lib = runloop.lib
+        v.command = lib.KEEPER_COMPLETE
+        self.wait(lambda: v.status != lib.KEEPER_PARKED, "finish an exit")
+
+    def end(self) -> list[int]:
+        """The tasks exit (the last one takes the old address space with it); their tids, to reap."""
+        tids = [v.tid for v in self.vcpus()]
+        for v in self.vcpus():
+            v.command = runloop.lib.KEEPER_EXIT
+        return tids
+
+    def close(self) -> None:
+        self.k = None
+        self.mem.close()
+
+
+def _kick(tid: int) -> None:
+    try:
+        os.kill(tid, signal.SIGUSR1)
+    except ProcessLookupError:
+        pass
+
+
+def reap(tids: list[int]) -> None:
+    for tid in tids:
+        try:
+            os.waitpid(tid, 0)
+        except ChildProcessError:
+            pass
+
+
+# --- the old image --------------------------------------------------------------------------
+
+
+def start(machine) -> int:
+    """The vCPUs run again, in the keeper's tasks, their Python threads parked (exec ends them).
+    The control block's fd (also in the CPR table); CprError if the tasks cannot start."""
+    lib, devices = runloop.lib, machine.devices
+    threads = list(machine.vcpus)
+    run_size = devices.run_size
+    data_size = len(threads) * (run_size + READS_PER_VCPU) + READS_PER_VM
+    fd = os.memfd_create("minivmm-keeper", os.MFD_CLOEXEC)
+    block = _Block(fd, runloop.ffi.sizeof("struct minivmm_keeper") + data_size)
+    k = block.k
+    k.magic, k.nvcpus, k.data_size, k.vm_fd = MAGIC, len(threads), data_size, machine.vm.fd
+    # Nobody took over (everything after the exec died): the vCPUs stop when the watchdog would have
+    # given up, and the tasks end when a holder would have.
+    k.run_until = time.monotonic_ns() + int((exec_timeout() + 30) * 1e9)
+    k.exit_after = k.run_until + int((HOLD_TIMEOUT + 60) * 1e9)
+    if devices.coalesced is not None:
+        k.ring, k.ring_size = devices.coalesced.address, devices.coalesced.size
+    irqfds = [efd for _, efd in _irqfds(machine)]
+    if len(irqfds) > len(k.keep):
+        raise CprError(f"cpr-exec: {len(irqfds)} irqfds, more than the keeper holds")
+    k.nkeep = len(irqfds)
+    for i, efd in enumerate(irqfds):
+        k.keep[i] = efd
+    for i, t in enumerate(threads):
+        v = k.vcpu[i]
+        v.fd, v.run, v.run_size, v.run_copy = t.vcpu.fd, ctypes.addressof(t.vcpu.run), run_size, i * run_size
+    err = lib.minivmm_keeper_start(k)
+    if err < 0:
+        block.end()
+        block.close()
+        os.close(fd)
+        raise CprError(f"cpr-exec: the keeper's tasks did not start: {os.strerror(-err)}")
+    block.wait(lambda: all(v.tid for v in block.vcpus()), "start")
+    machine.fds.save(*ENTRY, fd)
+    _kept[fd] = block
+    return fd
+
+
+def take_back(machine, fd: int) -> None:
+    """The exec failed: the tasks stop and end; an exit one left is finished by its thread."""
+    block = _kept.pop(fd)
+    block.stop()
+    for t, v in zip(machine.vcpus, block.vcpus()):
+        t.pending = v.status == runloop.lib.KEEPER_PARKED  # the exit is in the thread's own kvm_run
+    reap(block.end())
+    block.close()
+    machine.fds.delete(*ENTRY)
+    os.close(fd)
+
+
+_kept: dict[int, _Block] = {}
+READS_PER_VCPU = 64 << 10  # bytes of state reads per vCPU: XSAVE (up to 11 KiB), LAPIC, MSRs, ...
+READS_PER_VM = 64 << 10  # the PIC, IOAPIC, PIT and clock, and the ring
+
+
+# --- the new image ------------------------------------------------------------------------
+
+
+@dataclass
+class Taken:
+    vcpus: list[vcpu_state.VcpuState]
+    vm: vm_state.VmState
+    exits: list = field(default_factory=list)  # (VcpuThread, VcpuExit): what a stopped vCPU met
+    tids: list[int] = field(default_factory=list)  # the ended tasks, to reap
+
+
+def take_over(machine, fd: int) -> Taken:
+    """The guest from the keeper: stopped, its pending accesses done on this machine's devices,
+    the state of the old vCPUs and VM read out. The second, short pause of a cpr-exec starts here."""
+    if runloop.lib is None:
+        raise CprError(f"cpr-exec: the old image's vCPUs run in its keeper, and {runloop.UNAVAILABLE}")
+    block = _Block(fd)
+    try:
+        k = block.k
+        if k.magic != MAGIC or k.nvcpus != len(machine.vcpus):
+            raise CprError(f"cpr-exec: the keeper's control block is not for this machine ({k.nvcpus} vCPUs)")
+        block.stop()
+        if k.ring:
+            ring = [_Op(-1, k.ring, bytes(k.ring_size))]
+            block.run(ring)
+            machine.devices.flush_coalesced(CoalescedRing.copy(ring[0].data))
+        exits = []
+        for t, v in zip(machine.vcpus, block.vcpus()):
+            if v.status == runloop.lib.KEEPER_PARKED:
+                stop = t.finish(block.run_copy(v))
+                if stop is None:
+                    block.complete(v)
+                else:
+                    exits.append((t, stop))
+        old = {t.vcpu.fd: v.fd for t, v in zip(machine.vcpus, block.vcpus())} | {machine.vm.fd: k.vm_fd}
+        ops: list[_Op] = []
+        _reads(machine, lambda fd_: Recording(old[fd_], ops))
+        block.run(ops)
+        replay = Replay(ops)
+        vcpus, vm = _reads(machine, lambda fd_: replay)
+        return Taken(vcpus, vm, exits, block.end())
+    finally:
+        block.close()
+
+
+def after(machine, taken: Taken, table) -> None:
+    """The guest runs here: what a stopped keeper vCPU met goes to the run control as its own loop
+    would have sent it, the block leaves the CPR table, and the ended tasks are reaped."""
+    for thread, stop in taken.exits:
+        thread.on_exit(thread, stop)
+    fd = table.find(*ENTRY)
+    table.delete(*ENTRY)
+    os.close(fd)
+    global _reaper
+    _reaper = threading.Thread(target=reap, args=(taken.tids,), name="reap-keeper", daemon=True)
+    _reaper.start()
+
+
+def reaped(timeout: float = STEP_TIMEOUT) -> None:
+    """Before the next exec: the last keeper's tasks reaped (an exec would end the reaping thread
+    and leave them as zombies nobody knows of)."""
+    if _reaper is not None:
+        _reaper.join(timeout)
+
+
+_reaper: threading.Thread | None = None
+
+
+def halt(table) -> None:
+    """A new image that cannot load: the guest stops in the keeper until a retry takes it over."""
+    fd = table.find(*ENTRY)
+    if fd < 0 or runloop.lib is None:
+        return
+    block = _Block(fd)
+    try:
+        block.stop()
+    except CprError:
+        pass  # the retry's take-over stops them, or the deadline does
+    finally:
+        block.close()

@@ -1,0 +1,242 @@
+/* The keeper: the old image's vCPUs go on running while cpr-exec replaces the
+ * VMM, built into the C run loop's module (runloop_build.py).
+ *
+ * exec ends every thread of the process, and a KVM VM answers only the
+ * address space that made it. So a cpr-exec's new image used to find the
+ * guest stopped from before the exec until it had imported and built
+ * itself. Here the old image clones one task per vCPU with CLONE_VM (not a
+ * thread: exec leaves it alone, and it keeps the old address space, and so
+ * the old VM, alive). Each runs KVM_RUN on its vCPU while the new image
+ * starts; the new image then stops them, has the exits they could not
+ * handle finished, and has their state read out, all through the control
+ * block below, which lives in a memfd both images map (cpr/keeper.py).
+ *
+ * A keeper task runs no Python and calls nothing but syscalls: it cannot
+ * emulate a device, so a vCPU that exits to the VMM waits there ("parked",
+ * its kvm_run copied out) until the new image has done the access with its
+ * own devices and sent the result back; KVM_RUN with immediate_exit then
+ * completes it, as KVM's API asks before the state is read.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/kvm.h>
+
+#define MINIVMM_KEEPER_VCPUS 64
+#define MINIVMM_KEEPER_OPS 1024
+#define MINIVMM_KEEPER_STACK (64 * 1024)
+
+/* vCPU status, written by its task */
+enum { KEEPER_RUNNING = 1, KEEPER_PARKED = 2, KEEPER_STOPPED = 3, KEEPER_FAILED = 4, KEEPER_GONE = 5 };
+/* commands, written by the new image */
+enum { KEEPER_RUN = 0, KEEPER_STOP = 1, KEEPER_COMPLETE = 2, KEEPER_SAVE = 3, KEEPER_EXIT = 4 };
+
+/* One ioctl (or copy) of a list the new image has run in the old address space. */
+struct minivmm_keeper_op {
+    int32_t fd;       /* -1: copy ``size`` bytes from address ``request`` instead */
+    uint32_t offset;  /* its argument in data[] (input there, output left there); size 0: no argument */
+    uint64_t request;
+    uint32_t size;
+    int32_t ret;      /* the ioctl's result, -errno on failure */
+};
+
+struct minivmm_keeper_vcpu {
+    int32_t fd;
+    int32_t tid;
+    uint64_t run;              /* its kvm_run's address in the old image */
+    uint32_t run_size;
+    uint32_t run_copy;         /* offset in data[] of a copy of kvm_run, made when parked */
+    volatile uint32_t status;
+    volatile uint32_t command;
+    int32_t err;               /* KEEPER_FAILED: KVM_RUN's errno */
+    uint32_t pad;
+};
+
+struct minivmm_keeper {
+    uint32_t magic;
+    uint32_t nvcpus;
+    uint32_t nops;
+    uint32_t data_size;
+    int32_t vm_fd;
+    uint32_t ring_size;
+    uint64_t ring;        /* the coalesced-write ring's address in the old image, 0: none */
+    uint32_t nkeep;
+    int32_t keep[MINIVMM_KEEPER_VCPUS]; /* more fds the ops use (the irqfds' eventfds) */
+    uint64_t run_until;   /* CLOCK_MONOTONIC ns: nobody took over by then, the vCPUs stop */
+    uint64_t exit_after;  /* and by then, the tasks end (the old address space with them) */
+    volatile uint32_t save_from, save_to;  /* KEEPER_SAVE: run ops [save_from, save_to) */
+    volatile int32_t saved;                /* ops done (task 0), -1 while not */
+    uint32_t pad;
+    struct minivmm_keeper_vcpu vcpu[MINIVMM_KEEPER_VCPUS];
+    struct minivmm_keeper_op op[MINIVMM_KEEPER_OPS];
+    uint8_t data[];
+};
+
+static struct minivmm_keeper *keeper; /* shared by the tasks: one address space */
+
+static void kick(int sig)
+{
+    uint32_t i;
+    (void)sig;
+    for (i = 0; i < keeper->nvcpus; i++) /* a stop is for all: leave KVM_RUN, or do not enter it */
+        ((struct kvm_run *)(uintptr_t)keeper->vcpu[i].run)->immediate_exit = 1;
+}
+
+static uint64_t now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + ts.tv_nsec;
+}
+
+static void nap(void)
+{
+    struct timespec ts = {0, 50 * 1000};
+    nanosleep(&ts, NULL);
+}
+
+static void run_ops(uint32_t from, uint32_t to)
+{
+    uint32_t i;
+    for (i = from; i < to && i < keeper->nops; i++) {
+        struct minivmm_keeper_op *op = &keeper->op[i];
+        void *arg = op->size ? keeper->data + op->offset : NULL;
+        if (op->fd < 0) {
+            memcpy(arg, (const void *)(uintptr_t)op->request, op->size);
+            op->ret = 0;
+        } else {
+            int r = ioctl(op->fd, op->request, arg);
+            op->ret = r < 0 ? -errno : r;
+        }
+    }
+}
+
+#ifndef SYS_close_range
+#define SYS_close_range 436
+#endif
+
+/* A task holds copies of the image's fds (its own table, from the clone): all but the KVM ones go,
+ * so nothing the new image or a peer waits on to close (sockets, pipes, files) is kept open here. */
+static void keep_only_kvm_fds(void)
+{
+    int keep[2 * MINIVMM_KEEPER_VCPUS + 1], n = 0, i, j, lo = 0;
+    for (i = 0; i < (int)keeper->nvcpus; i++)
+        keep[n++] = keeper->vcpu[i].fd;
+    for (i = 0; i < (int)keeper->nkeep && i < MINIVMM_KEEPER_VCPUS; i++)
+        keep[n++] = keeper->keep[i];
+    keep[n++] = keeper->vm_fd;
+    for (i = 1; i < n; i++) /* sort, few entries */
+        for (j = i; j > 0 && keep[j - 1] > keep[j]; j--) {
+            int x = keep[j];
+            keep[j] = keep[j - 1];
+            keep[j - 1] = x;
+        }
+    for (i = 0; i < n; i++) {
+        if (keep[i] < lo)
+            continue; /* a duplicate */
+        if (keep[i] > lo)
+            syscall(SYS_close_range, lo, keep[i] - 1, 0);
+        lo = keep[i] + 1;
+    }
+    syscall(SYS_close_range, lo, ~0U, 0);
+}
+
+static int task(void *arg)
+{
+    struct minivmm_keeper_vcpu *v = arg;
+    struct kvm_run *run = (struct kvm_run *)(uintptr_t)v->run;
+    struct sigaction sa;
+    sigset_t only;
+    int i;
+
+    /* Its own signal handlers (not shared with the image): none of Python's, a kick on SIGUSR1. */
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = SIG_DFL;
+    for (i = 1; i < NSIG; i++)
+        sigaction(i, &sa, NULL);
+    sa.sa_handler = kick;
+    sigaction(SIGUSR1, &sa, NULL);
+    sigaction(SIGALRM, &sa, NULL); /* once a second: a look at the clock (the deadlines) */
+    sigfillset(&only);
+    sigdelset(&only, SIGUSR1);
+    sigdelset(&only, SIGALRM);
+    sigprocmask(SIG_SETMASK, &only, NULL);
+    struct itimerval second = {{1, 0}, {1, 0}};
+    setitimer(ITIMER_REAL, &second, NULL); /* this task's own: it is a process of its own */
+    prctl(PR_SET_NAME, "minivmm-keeper", 0, 0, 0);
+    keep_only_kvm_fds();
+    v->tid = syscall(SYS_gettid);
+    v->status = KEEPER_RUNNING;
+
+    while (v->command == KEEPER_RUN && now() < keeper->run_until) {
+        if (ioctl(v->fd, KVM_RUN, 0) < 0) {
+            if (errno == EINTR || errno == EAGAIN) {
+                run->immediate_exit = 0; /* a kick for a stop is seen in command, checked next */
+                continue;
+            }
+            v->err = errno;
+            v->status = KEEPER_FAILED;
+            break;
+        }
+        /* An exit only the VMM can finish: hand it over and wait. */
+        memcpy(keeper->data + v->run_copy, run, v->run_size);
+        v->status = KEEPER_PARKED;
+        while ((v->command == KEEPER_RUN || v->command == KEEPER_STOP) && now() < keeper->exit_after)
+            nap();
+        break;
+    }
+    if (v->status == KEEPER_RUNNING)
+        v->status = KEEPER_STOPPED;
+    for (;;) {
+        uint32_t cmd = v->command;
+        if (cmd == KEEPER_COMPLETE && v->status == KEEPER_PARKED) {
+            /* The new image did the access; its result is in the copy. KVM finishes the instruction. */
+            memcpy(run, keeper->data + v->run_copy, v->run_size);
+            run->immediate_exit = 1;
+            if (ioctl(v->fd, KVM_RUN, 0) < 0 && errno != EINTR) {
+                v->err = errno;
+                v->status = KEEPER_FAILED;
+            } else {
+                v->status = KEEPER_STOPPED;
+            }
+        } else if (cmd == KEEPER_SAVE && v == &keeper->vcpu[0] && keeper->saved < 0) {
+            run_ops(keeper->save_from, keeper->save_to);
+            __atomic_store_n(&keeper->saved, (int32_t)keeper->save_to, __ATOMIC_RELEASE);
+        } else if (cmd == KEEPER_EXIT || now() > keeper->exit_after) {
+            v->status = KEEPER_GONE;
+            syscall(SYS_exit, 0); /* this task only; the last one out takes the old address space along */
+        }
+        nap();
+    }
+    return 0;
+}
+
+/* In the old image: one task per vCPU, running it; their tids in vcpu[].tid once started.
+ * 0, or -errno (the tasks made so far are told to stop). */
+int minivmm_keeper_start(struct minivmm_keeper *k)
+{
+    uint32_t i;
+    keeper = k;
+    k->saved = -1;
+    for (i = 0; i < k->nvcpus; i++) {
+        char *stack = mmap(NULL, MINIVMM_KEEPER_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (stack == MAP_FAILED)
+            return -errno;
+        k->vcpu[i].status = 0;
+        if (clone(task, stack + MINIVMM_KEEPER_STACK, CLONE_VM | CLONE_FS | SIGCHLD, &k->vcpu[i]) < 0)
+            return -errno;
+    }
+    return 0;
+}

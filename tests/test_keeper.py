@@ -1,0 +1,66 @@
+"""The cpr-exec keeper (cpr/keeper.py, kvm/keeper.c), in-process on real KVM: the guest runs in
+the keeper's tasks while the VMM's own vCPU threads are parked, and comes back to them. The whole
+update through it (exec, take-over in the new image) is in test_cpr.py and test_vfio_user_pci.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from conftest import guest, still_walking, walking
+from minivmm.config import ChardevConfig, MachineConfig
+from minivmm.cpr import keeper
+from minivmm.guests.abwalk import read_status
+from minivmm.kvm import runloop
+from minivmm.machine import Machine
+
+pytestmark = pytest.mark.skipif(runloop.lib is None, reason=f"{runloop.UNAVAILABLE}")
+
+
+@pytest.fixture
+def machine():
+    made: list[Machine] = []
+
+    def make(**kw) -> Machine:
+        serial = ChardevConfig("serial0", "null")
+        m = Machine(MachineConfig(kernel=guest("abwalk.elf"), ram_size=64 << 20, serials=[serial], **kw))
+        threading.Thread(target=m.loop.run, daemon=True).start()
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.loop.stop()
+        m.close()
+
+
+def _frozen(fd: int) -> bool:
+    before = read_status(fd).passes
+    time.sleep(0.2)
+    return read_status(fd).passes == before
+
+
+def test_the_guest_runs_in_the_keeper_and_comes_back_to_the_vcpu_threads(machine):
+    m = machine(aux_ram_share=True)
+    fd = m.memory.blocks[0].fd
+    assert keeper.unusable(m) is None
+    m.start()
+    walking(fd)
+    m.control.vm_stop()
+    assert _frozen(fd)
+    block = keeper.start(m)
+    assert m.fds.find(*keeper.ENTRY) == block  # it goes through the exec with the other fds
+    still_walking(fd)  # the guest walks, and not in the VMM's threads: they are parked
+    assert all(t.paused for t in m.vcpus)
+    keeper.take_back(m, block)  # as after a failed exec
+    assert m.fds.find(*keeper.ENTRY) < 0
+    assert _frozen(fd)  # stopped until the VMM resumes it
+    m.control.vm_start()
+    still_walking(fd, by=2)
+
+
+def test_a_machine_the_keeper_cannot_serve_says_why(machine):
+    m = machine(kernel_irqchip="split")
+    assert "kernel-irqchip=split" in keeper.unusable(m)
