@@ -5,8 +5,9 @@ In order (``CprExec._migrate`` then ``_exec``):
 1. the VM stops and its state (no RAM) goes to the file;
 2. a running guest runs on in the keeper's tasks (keeper.py) while the exec
    and the new image's start-up go by; the new image takes it over;
-3. a watchdog starts with copies of the fds (holder.py): if the program
-   exec'd never takes the guest over, it restarts it from the state file;
+3. (before 1, in fact, so that the guest does not share the CPUs with its
+   start-up) a watchdog starts with copies of the fds (holder.py): if the
+   program exec'd never takes the guest over, it restarts it;
 4. on the main thread, with nothing else running: without a keeper, a
    helper keeps the old address space alive so exec does not pay for
    tearing it down (``defer_teardown``); the fd table goes into a memfd
@@ -79,11 +80,14 @@ class CprExec(CprOutgoing):
         try:
             loop.call_and_wait(lambda: self.manager.set_status(self, "active"))
             keeper.reaped()  # the previous update's, if it was one
+            kept = loop.call_and_wait(self._prepare_keeper)
+            watchdog = holder.start_watchdog(table, self._rescue_command())  # with the keeper's block
             self._stop_vm()
             with channels.connect(self.addr, self.manager.named_fd) as out:
                 self._write_state(out)
-            kept = loop.call_and_wait(self._keep)
-            watchdog = holder.start_watchdog(table, self._rescue_command())  # with the keeper's block
+            if kept >= 0:
+                loop.call_and_wait(lambda: keeper.start(kept))
+                self.times["kept"] = time.monotonic_ns()
             loop.call_and_wait(lambda: self._exec(watchdog, kept >= 0))  # returns only if exec failed
         finally:  # still here: exec failed, or the migration did
             if watchdog is not None:
@@ -91,14 +95,12 @@ class CprExec(CprOutgoing):
             if kept >= 0:
                 loop.call_and_wait(lambda: keeper.take_back(self.machine, kept))
 
-    def _keep(self) -> int:
-        """On the main thread: the guest runs on in the keeper's tasks while the exec and the new
-        image's start-up go by (cpr/keeper.py); -1 where the keeper cannot serve this machine."""
+    def _prepare_keeper(self) -> int:
+        """On the main thread: the keeper's control block, so that the guest can run on in its tasks
+        while the exec and the new image's start-up go by (cpr/keeper.py); -1 for no keeper."""
         if self.old_state != runstate.RUNNING or keeper.unusable(self.machine) is not None:
             return -1  # a paused guest stays paused; a machine the keeper cannot serve waits
-        fd = keeper.start(self.machine)
-        self.times["kept"] = time.monotonic_ns()
-        return fd
+        return keeper.prepare(self.machine)
 
     def _rescue_command(self) -> list[str]:
         """This image's own command line, resuming from the state file: the watchdog's way back."""

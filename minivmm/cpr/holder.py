@@ -37,6 +37,7 @@ from .state import ENV, CprError, CprState, send_state, state_memfd, take_exec_s
 HOLD_TIMEOUT = 600
 EXEC_TIMEOUT_ENV = "MINIVMM_CPR_EXEC_TIMEOUT"
 DEFAULT_EXEC_TIMEOUT = 30.0
+READY_TIMEOUT = 10.0  # seconds the source waits for its watchdog to be up (it goes on without, anyway)
 
 
 def exec_timeout() -> float:
@@ -81,15 +82,22 @@ class Watchdog:
 def start_watchdog(table: FdTable, rescue_argv: list[str]) -> Watchdog:
     timeout = exec_timeout()
     r, w = os.pipe2(os.O_CLOEXEC)
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     try:
-        args = ["watch", "--pipe", str(r), "--pid", str(os.getpid()), "--timeout", f"{timeout:g}", "--", *rescue_argv]
+        args = ["watch", "--pipe", str(r), "--ready", str(ready_w), "--pid", str(os.getpid())]
+        args += ["--timeout", f"{timeout:g}", "--", *rescue_argv]
         # Its stderr is the VMM's: what it says on a rescue is what the user would have seen from minivmm.
-        proc = _spawn(args, CprState("cpr-exec", table), (r,))
+        proc = _spawn(args, CprState("cpr-exec", table), (r, ready_w))
     except BaseException:
         os.close(w)
         raise
     finally:
         os.close(r)
+        os.close(ready_w)
+    try:  # up before the VM stops: a Python starting beside the guest (in a cpr-exec keeper) takes CPU from it
+        select.select([ready_r], [], [], READY_TIMEOUT)
+    finally:
+        os.close(ready_r)
     return Watchdog(proc, w)
 
 
@@ -188,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="mode", required=True)
     w = sub.add_parser("watch")
     w.add_argument("--pipe", type=int, required=True)
+    w.add_argument("--ready", type=int, default=-1)  # written to (and closed) once it holds the fds
     w.add_argument("--pid", type=int, required=True)
     w.add_argument("--timeout", type=float, required=True)
     w.add_argument("rescue", nargs=argparse.REMAINDER)
@@ -200,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"holder: no CPR state ({ENV}) was given")
         return 1
     if args.mode == "watch":
+        if args.ready >= 0:
+            os.write(args.ready, b"r")
+            os.close(args.ready)
         rescue = args.rescue[1:] if args.rescue[:1] == ["--"] else args.rescue
         return watch(args.pipe, args.pid, args.timeout, rescue, state)
     return hold(args.socket, args.timeout, state)

@@ -21,8 +21,9 @@ loads that in place of the state file's, which is older. So:
   code again, answered from what the keeper wrote. First in the list, the old
   VM lets go of the irqfds, so the new one can bind them.
 
-The userspace devices do not change while the keeper runs: an exit that
-needs one stops its vCPU until the new image is there. Machines the keeper
+The userspace devices do not change while the keeper runs: a write to one
+is logged and made by the new image, in order, before anything else; any
+other exit that needs one stops its vCPU until the new image is there. Machines the keeper
 cannot serve stop for the whole update as before (``unusable``).
 """
 
@@ -34,6 +35,7 @@ import errno
 import mmap
 import os
 import signal
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,6 +51,7 @@ from .state import CprError
 ENTRY = ("cpr-keeper", "0")  # the control block's place in the CPR fd table
 MAGIC = 0x4B505243  # "CRPK"
 STEP_TIMEOUT = 5.0  # seconds a keeper task has to answer each step of the take-over
+TEARDOWN_DELAY = 1.0  # seconds between the take-over and the tasks' end
 
 
 def unusable(machine) -> str | None:
@@ -170,7 +173,7 @@ class _Block:
         lib, ffi, k = runloop.lib, runloop.ffi, self.k
         if len(ops) > lib.MINIVMM_KEEPER_OPS or sum(len(op.data) for op in ops) > self.spare():
             raise CprError(f"cpr-exec: {len(ops)} state reads do not fit the keeper's control block")
-        at = self.k.nvcpus * self.k.vcpu[0].run_size
+        at = self.ops_at()
         for i, op in enumerate(ops):
             o = k.op[i]
             o.fd, o.request, o.offset, o.size, o.ret = op.fd, op.request, at, len(op.data), 0
@@ -185,8 +188,17 @@ class _Block:
             op.ret = o.ret
             op.data = bytes(self.mem[self.data_at + o.offset : self.data_at + o.offset + o.size])
 
+    def ops_at(self) -> int:
+        return self.k.log_at + self.k.log_cap * LOG_ENTRY.size
+
     def spare(self) -> int:
-        return self.k.data_size - self.k.nvcpus * self.k.vcpu[0].run_size
+        return self.k.data_size - self.ops_at()
+
+    def logged(self) -> list[tuple[bool, int, bytes]]:
+        """(pio, address, data) of each write in the log, oldest first."""
+        at = self.data_at + self.k.log_at
+        raw = self.mem[at : at + self.k.log_used * LOG_ENTRY.size]
+        return [(bool(pio), addr, data[:n]) for addr, n, pio, data in LOG_ENTRY.iter_unpack(raw)]
 
     def run_copy(self, v) -> memoryview:
         at = self.data_at + v.run_copy
@@ -228,51 +240,60 @@ def reap(tids: list[int]) -> None:
 # --- the old image --------------------------------------------------------------------------
 
 
-def start(machine) -> int:
-    """The vCPUs run again, in the keeper's tasks, their Python threads parked (exec ends them).
-    The control block's fd (also in the CPR table); CprError if the tasks cannot start."""
-    lib, devices = runloop.lib, machine.devices
+def prepare(machine) -> int:
+    """The control block for this machine, in the CPR table (before the stop, so the watchdog's copy
+    of the table has it); its fd. The tasks start later (``start``)."""
+    devices = machine.devices
     threads = list(machine.vcpus)
     run_size = devices.run_size
-    data_size = len(threads) * (run_size + READS_PER_VCPU) + READS_PER_VM
+    data_size = len(threads) * (run_size + READS_PER_VCPU) + LOG_ENTRIES * LOG_ENTRY.size + READS_PER_VM
+    irqfds = [efd for _, efd in _irqfds(machine)]
+    if len(irqfds) > runloop.lib.MINIVMM_KEEPER_VCPUS:
+        raise CprError(f"cpr-exec: {len(irqfds)} irqfds, more than the keeper holds")
     fd = os.memfd_create("minivmm-keeper", os.MFD_CLOEXEC)
     block = _Block(fd, runloop.ffi.sizeof("struct minivmm_keeper") + data_size)
     k = block.k
     k.magic, k.nvcpus, k.data_size, k.vm_fd = MAGIC, len(threads), data_size, machine.vm.fd
-    # Nobody took over (everything after the exec died): the vCPUs stop when the watchdog would have
-    # given up, and the tasks end when a holder would have.
-    k.run_until = time.monotonic_ns() + int((exec_timeout() + 30) * 1e9)
-    k.exit_after = k.run_until + int((HOLD_TIMEOUT + 60) * 1e9)
     if devices.coalesced is not None:
         k.ring, k.ring_size = devices.coalesced.address, devices.coalesced.size
-    irqfds = [efd for _, efd in _irqfds(machine)]
-    if len(irqfds) > len(k.keep):
-        raise CprError(f"cpr-exec: {len(irqfds)} irqfds, more than the keeper holds")
+    k.log_at, k.log_cap = len(threads) * run_size, LOG_ENTRIES
     k.nkeep = len(irqfds)
     for i, efd in enumerate(irqfds):
         k.keep[i] = efd
     for i, t in enumerate(threads):
         v = k.vcpu[i]
         v.fd, v.run, v.run_size, v.run_copy = t.vcpu.fd, ctypes.addressof(t.vcpu.run), run_size, i * run_size
-    err = lib.minivmm_keeper_start(k)
-    if err < 0:
-        block.end()
-        block.close()
-        os.close(fd)
-        raise CprError(f"cpr-exec: the keeper's tasks did not start: {os.strerror(-err)}")
-    block.wait(lambda: all(v.tid for v in block.vcpus()), "start")
     machine.fds.save(*ENTRY, fd)
     _kept[fd] = block
     return fd
 
 
+def start(fd: int) -> None:
+    """The vCPUs (stopped, their state written) run again, in the keeper's tasks; their Python threads
+    stay parked, and die with the exec. CprError if the tasks cannot start."""
+    block = _kept[fd]
+    k = block.k
+    # Nobody took over (everything after the exec died): the vCPUs stop when the watchdog would have
+    # given up, and the tasks end when a holder would have.
+    k.run_until = time.monotonic_ns() + int((exec_timeout() + 30) * 1e9)
+    k.exit_after = k.run_until + int((HOLD_TIMEOUT + 60) * 1e9)
+    err = runloop.lib.minivmm_keeper_start(k)
+    if err < 0:
+        block.end()
+        raise CprError(f"cpr-exec: the keeper's tasks did not start: {os.strerror(-err)}")
+    block.wait(lambda: all(v.tid for v in block.vcpus()), "start")
+
+
 def take_back(machine, fd: int) -> None:
-    """The exec failed: the tasks stop and end; an exit one left is finished by its thread."""
+    """The exec failed (or the update did before it): the tasks stop and end; an exit one left is
+    finished by its thread."""
     block = _kept.pop(fd)
-    block.stop()
-    for t, v in zip(machine.vcpus, block.vcpus()):
-        t.pending = v.status == runloop.lib.KEEPER_PARKED  # the exit is in the thread's own kvm_run
-    reap(block.end())
+    if any(v.tid for v in block.vcpus()):  # they started
+        block.stop()
+        machine.devices.flush_coalesced(block.logged())  # older than what the ring still holds
+        for t, v in zip(machine.vcpus, block.vcpus()):
+            t.pending = v.status == runloop.lib.KEEPER_PARKED  # the exit is in the thread's own kvm_run
+        reap([tid for tid in block.end() if tid])
     block.close()
     machine.fds.delete(*ENTRY)
     os.close(fd)
@@ -281,6 +302,8 @@ def take_back(machine, fd: int) -> None:
 _kept: dict[int, _Block] = {}
 READS_PER_VCPU = 64 << 10  # bytes of state reads per vCPU: XSAVE (up to 11 KiB), LAPIC, MSRs, ...
 READS_PER_VM = 64 << 10  # the PIC, IOAPIC, PIT and clock, and the ring
+LOG_ENTRY = struct.Struct("<QII8s")  # struct kvm_coalesced_mmio: address, length, pio, data
+LOG_ENTRIES = 8192  # writes the tasks let by before a vCPU waits (a serial line's worth, many times)
 
 
 # --- the new image ------------------------------------------------------------------------
@@ -291,7 +314,7 @@ class Taken:
     vcpus: list[vcpu_state.VcpuState]
     vm: vm_state.VmState
     exits: list = field(default_factory=list)  # (VcpuThread, VcpuExit): what a stopped vCPU met
-    tids: list[int] = field(default_factory=list)  # the ended tasks, to reap
+    block: _Block | None = None  # its tasks, stopped, to end once the guest runs here
 
 
 def take_over(machine, fd: int) -> Taken:
@@ -305,10 +328,13 @@ def take_over(machine, fd: int) -> Taken:
         if k.magic != MAGIC or k.nvcpus != len(machine.vcpus):
             raise CprError(f"cpr-exec: the keeper's control block is not for this machine ({k.nvcpus} vCPUs)")
         block.stop()
+        writes = block.logged()  # the writes the tasks let go by, in order; then the ring's, newer
         if k.ring:
             ring = [_Op(-1, k.ring, bytes(k.ring_size))]
             block.run(ring)
-            machine.devices.flush_coalesced(CoalescedRing.copy(ring[0].data))
+            writes += CoalescedRing.copy(ring[0].data).pop()
+        if writes:
+            machine.devices.flush_coalesced(writes)
         exits = []
         for t, v in zip(machine.vcpus, block.vcpus()):
             if v.status == runloop.lib.KEEPER_PARKED:
@@ -323,9 +349,10 @@ def take_over(machine, fd: int) -> Taken:
         block.run(ops)
         replay = Replay(ops)
         vcpus, vm = _reads(machine, lambda fd_: replay)
-        return Taken(vcpus, vm, exits, block.end())
-    finally:
+        return Taken(vcpus, vm, exits, block)
+    except BaseException:
         block.close()
+        raise
 
 
 def after(machine, taken: Taken, table) -> None:
@@ -335,13 +362,22 @@ def after(machine, taken: Taken, table) -> None:
         thread.on_exit(thread, stop)
     fd = table.find(*ENTRY)
     table.delete(*ENTRY)
-    os.close(fd)
     global _reaper
-    _reaper = threading.Thread(target=reap, args=(taken.tids,), name="reap-keeper", daemon=True)
+    _reaper = threading.Thread(target=_end, args=(taken.block, fd), name="end-keeper", daemon=True)
     _reaper.start()
 
 
-def reaped(timeout: float = STEP_TIMEOUT) -> None:
+def _end(block: _Block, fd: int) -> None:
+    """A moment after the resume (the old address space's teardown, which the last task's exit does,
+    costs about 0.1 s per GiB here and is kept out of the new image's first steps): end the tasks."""
+    time.sleep(TEARDOWN_DELAY)
+    tids = block.end()
+    block.close()
+    os.close(fd)
+    reap(tids)
+
+
+def reaped(timeout: float = TEARDOWN_DELAY + STEP_TIMEOUT) -> None:
     """Before the next exec: the last keeper's tasks reaped (an exec would end the reaping thread
     and leave them as zombies nobody knows of)."""
     if _reaper is not None:

@@ -12,10 +12,13 @@
  * block below, which lives in a memfd both images map (cpr/keeper.py).
  *
  * A keeper task runs no Python and calls nothing but syscalls: it cannot
- * emulate a device, so a vCPU that exits to the VMM waits there ("parked",
- * its kvm_run copied out) until the new image has done the access with its
- * own devices and sent the result back; KVM_RUN with immediate_exit then
- * completes it, as KVM's API asks before the state is read.
+ * emulate a device. A write (an OUT, an MMIO write) goes into a log, after
+ * the coalesced ring's writes before it, and the vCPU runs on; the new image
+ * makes the logged writes on its devices first, in order. Any other exit to
+ * the VMM waits there ("parked", its kvm_run copied out) until the new image
+ * has done the access with its own devices and sent the result back;
+ * KVM_RUN with immediate_exit then completes it, as KVM's API asks before
+ * the state is read.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -76,6 +79,10 @@ struct minivmm_keeper {
     int32_t keep[MINIVMM_KEEPER_VCPUS]; /* more fds the ops use (the irqfds' eventfds) */
     uint64_t run_until;   /* CLOCK_MONOTONIC ns: nobody took over by then, the vCPUs stop */
     uint64_t exit_after;  /* and by then, the tasks end (the old address space with them) */
+    uint32_t log_at;      /* offset in data[] of the write log: struct kvm_coalesced_mmio entries */
+    uint32_t log_cap;     /* entries it holds */
+    volatile uint32_t log_used;
+    volatile uint32_t log_lock;
     volatile uint32_t save_from, save_to;  /* KEEPER_SAVE: run ops [save_from, save_to) */
     volatile int32_t saved;                /* ops done (task 0), -1 while not */
     uint32_t pad;
@@ -153,6 +160,59 @@ static void keep_only_kvm_fds(void)
     syscall(SYS_close_range, lo, ~0U, 0);
 }
 
+#define RING_MAX ((4096 - sizeof(struct kvm_coalesced_mmio_ring)) / sizeof(struct kvm_coalesced_mmio))
+
+static int log_append(uint64_t addr, uint32_t len, uint32_t pio, const uint8_t *data)
+{
+    struct kvm_coalesced_mmio *e;
+    if (keeper->log_used == keeper->log_cap || len > sizeof e->data)
+        return 0;
+    e = (struct kvm_coalesced_mmio *)(keeper->data + keeper->log_at) + keeper->log_used;
+    e->phys_addr = addr;
+    e->len = len;
+    e->pio = pio;
+    memcpy(e->data, data, len);
+    keeper->log_used++;
+    return 1;
+}
+
+/* A write the guest need not wait for (an OUT, an MMIO write) goes into the log, in order with the
+ * coalesced ring's writes before it, and the vCPU runs on: the new image makes the writes on its
+ * devices, in that order, before anything else; a read waits for them there. 1 when logged. */
+static int log_write(const struct kvm_run *run)
+{
+    struct kvm_coalesced_mmio_ring *ring = (struct kvm_coalesced_mmio_ring *)(uintptr_t)keeper->ring;
+    uint32_t i, n, room, ok = 1;
+
+    if (run->exit_reason == KVM_EXIT_IO)
+        n = run->io.direction == KVM_EXIT_IO_OUT ? run->io.count : 0;
+    else if (run->exit_reason == KVM_EXIT_MMIO)
+        n = run->mmio.is_write ? 1 : 0;
+    else
+        n = 0;
+    if (!n)
+        return 0;
+    while (__atomic_exchange_n(&keeper->log_lock, 1, __ATOMIC_ACQUIRE))
+        ;
+    if (ring) /* older than this write: first */
+        for (; ring->first != ring->last && ok; ring->first = (ring->first + 1) % RING_MAX)
+            ok = log_append(ring->coalesced_mmio[ring->first].phys_addr, ring->coalesced_mmio[ring->first].len,
+                            ring->coalesced_mmio[ring->first].pio, ring->coalesced_mmio[ring->first].data);
+    room = keeper->log_cap - keeper->log_used;
+    if (ok && room >= n) {
+        if (run->exit_reason == KVM_EXIT_IO)
+            for (i = 0; i < n; i++)
+                log_append(run->io.port, run->io.size, 1,
+                           (const uint8_t *)run + run->io.data_offset + i * run->io.size);
+        else
+            log_append(run->mmio.phys_addr, run->mmio.len, 0, run->mmio.data);
+    } else {
+        ok = 0;
+    }
+    __atomic_store_n(&keeper->log_lock, 0, __ATOMIC_RELEASE);
+    return ok;
+}
+
 static int task(void *arg)
 {
     struct minivmm_keeper_vcpu *v = arg;
@@ -190,6 +250,8 @@ static int task(void *arg)
             v->status = KEEPER_FAILED;
             break;
         }
+        if (log_write(run))
+            continue; /* KVM_RUN completes the write and goes on */
         /* An exit only the VMM can finish: hand it over and wait. */
         memcpy(keeper->data + v->run_copy, run, v->run_size);
         v->status = KEEPER_PARKED;

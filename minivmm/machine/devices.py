@@ -14,7 +14,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -311,15 +311,15 @@ class DeviceManager:
         self.vm.register_coalesced(layout.PORT_CMOS, 1, pio=True)
         self.rtc.flush_coalesced = self.flush_coalesced
 
-    def flush_coalesced(self, ring: CoalescedRing | None = None) -> None:
+    def flush_coalesced(self, writes: Iterable[tuple[bool, int, bytes]] | None = None) -> None:
         """Replay the queued writes on their bus, in order (any thread; QEMU's kvm_flush_coalesced_mmio_buffer);
-        ``ring``: another VM's, copied (a cpr-exec keeper's, whose guest wrote on before this one ran)."""
+        ``writes``: (pio, address, data) another VM's guest made (a cpr-exec keeper's) instead of the ring."""
         with self._flush_lock:
             if self._flushing:  # a replayed write reached a device that flushes first: this flush
                 return
             self._flushing = True
             try:
-                for pio, addr, data in (ring or self.coalesced).pop():
+                for pio, addr, data in self.coalesced.pop() if writes is None else writes:
                     (self.pio if pio else self.mmio).write(addr, len(data), int.from_bytes(data, "little"))
             finally:
                 self._flushing = False
