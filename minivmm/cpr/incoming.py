@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import threading
 
+from .keeper import ENTRY as KEEPER
 from .state import CprError, CprState, take_exec_state
 
 __all__ = ["CprError", "take_exec_state", "take_transfer", "adopt", "fail_line"]
@@ -47,7 +48,7 @@ def take_transfer(state: CprState | None, channels: list) -> tuple[object | None
 def adopt(state: CprState) -> None:
     """The machine is built over the fds: this image has the guest."""
     state.report_in()
-    state.table.claim("cpr-keeper", "0")  # the old image's vCPUs, still running (cpr/keeper.py)
+    state.table.claim(*KEEPER)  # the old image's vCPUs, still running (keeper.py)
     state.table.release_unclaimed()
     for pid in (state.teardown_helper, state.watchdog_pid):  # children of the image this one replaced
         if pid:

@@ -133,12 +133,15 @@ class Incoming:
         """A cpr-exec whose old image left its vCPUs running in the keeper (cpr/keeper.py): stop them and
         read their state; None otherwise."""
         cpr = self.manager.cpr_state
-        if cpr is None or cpr.table.find("cpr-keeper", "0") < 0:
+        if cpr is None:
             return None
         from minivmm.cpr import keeper
 
+        fd = cpr.table.find(*keeper.ENTRY)
+        if fd < 0:
+            return None
         self.take_ns = time.monotonic_ns()
-        return keeper.take_over(self.machine, cpr.table.find(*keeper.ENTRY))
+        return keeper.take_over(self.machine, fd)
 
     def _timeline(self, loaded: int, resumed: int) -> None:
         """Phase times (ms) from the source's timestamps and ours, on one CLOCK_MONOTONIC."""
