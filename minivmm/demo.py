@@ -57,13 +57,18 @@ def _update(vm: VmProcess, state: str) -> tuple[dict, int, int]:
     return info, before, after
 
 
+# The phases of a cpr-exec, as the new image's query-migrate gives them: with the keeper the guest
+# runs during exec and start-up (cpr/keeper.py); without it there is no keep or start-up, and "load".
+PHASES = "  update  downtime |  stop   save   keep    exec  start-up  take-over/load  resume (ms) | "
+
+
 def _phases(n: int, info: dict) -> str:
     """An update's row: its downtime and the phases of the new image's query-migrate."""
     p = info.get("x-phase-times", {})
-    return (
-        f"  {n:6d} {info.get('downtime', 0):6d} ms | {p.get('stop', 0):5.1f} {p.get('save', 0):6.1f} "
-        f"{p.get('exec', 0):7.1f} {p.get('load', 0):7.1f} {p.get('resume', 0):7.2f}      | "
-    )
+    cells = [f"{p[k]:{w}.1f}" if k in p else " " * (w - 1) + "-" for k, w in (("stop", 5), ("save", 6), ("keep", 6))]
+    cells += [f"{p.get('exec', 0):7.1f}", f"{p['start-up']:9.1f}" if "start-up" in p else " " * 8 + "-"]
+    cells += [f"{p.get('take-over', p.get('load', 0)):15.1f}", f"{p.get('resume', 0):7.2f}"]
+    return f"  {n:6d} {info.get('downtime', 0):6d} ms | {' '.join(cells)}      | "
 
 
 def main(argv: list[str]) -> int:
@@ -122,7 +127,7 @@ def _run(vm: VmProcess, workdir: str, ram: int, updates: int) -> int:
     print(f"  guest: the A-B memory walker (guests/abwalk.S) at CPL3; minivmm pid {pid}, RAM memfd inode {inode}")
     print(f"  waiting for the walker to touch all of RAM... pass {vm.wait_passes(2).passes}")
     print()
-    print("  update  downtime |  stop   save    exec    load  resume (ms) | walker passes | state file")
+    print(PHASES + "walker passes | state file")
     state = os.path.join(workdir, "vm.state")
     failures = []
     for n in range(1, updates + 1):
@@ -281,7 +286,7 @@ def _device_run(
         raise RuntimeError(f"the guest's DMA did not start; its serial says: {serial.last_line()}")
     print(f"  waiting for the guest's DMA rounds... round {first}")
     print()
-    print("  update  downtime |  stop   save    exec    load  resume (ms) | guest DMA rounds")
+    print(PHASES + "guest DMA rounds")
     state = os.path.join(workdir, "vm.state")
     failures = []
     for n in range(1, updates + 1):
