@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 EXEC_ONLY = ("monitor", "chardev-socket")
 # fds a client gave with getfd stay with the guest whether or not the new command line names them.
 KEEP = ("getfd",)
+# A cpr-exec keeper's control block (keeper.py): named here, where a new image looks for it first.
+KEEPER = ("cpr-keeper", "0")
 
 
 def set_cloexec(fd: int, on: bool) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import threading
 
-from .keeper import ENTRY as KEEPER
+from .fdtable import KEEPER
 from .state import CprError, CprState, take_exec_state
 
 __all__ = ["CprError", "take_exec_state", "take_transfer", "adopt", "fail_line"]

@@ -45,10 +45,10 @@ from minivmm.kvm import ioctls as io
 from minivmm.kvm import runloop
 from minivmm.kvm.system import CoalescedRing, KvmError
 
+from .fdtable import KEEPER as ENTRY
 from .holder import HOLD_TIMEOUT, exec_timeout
 from .state import CprError
 
-ENTRY = ("cpr-keeper", "0")  # the control block's place in the CPR fd table
 MAGIC = 0x4B505243  # "CRPK"
 STEP_TIMEOUT = 5.0  # seconds a keeper task has to answer each step of the take-over
 TEARDOWN_DELAY = 1.0  # seconds between the take-over and the tasks' end
@@ -179,7 +179,7 @@ class _Block:
             o.fd, o.request, o.offset, o.size, o.ret = op.fd, op.request, at, len(op.data), 0
             ffi.memmove(k.data + at, op.data, len(op.data))
             at += len(op.data)
-        k.nops, k.save_from, k.save_to = len(ops), 0, len(ops)
+        k.nops = len(ops)
         k.saved = -1
         k.vcpu[0].command = lib.KEEPER_SAVE
         self.wait(lambda: k.saved >= 0, "read the state")

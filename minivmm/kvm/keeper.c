@@ -83,8 +83,7 @@ struct minivmm_keeper {
     uint32_t log_cap;     /* entries it holds */
     volatile uint32_t log_used;
     volatile uint32_t log_lock;
-    volatile uint32_t save_from, save_to;  /* KEEPER_SAVE: run ops [save_from, save_to) */
-    volatile int32_t saved;                /* ops done (task 0), -1 while not */
+    volatile int32_t saved;  /* KEEPER_SAVE: the ops done (task 0), -1 while not */
     uint32_t pad;
     struct minivmm_keeper_vcpu vcpu[MINIVMM_KEEPER_VCPUS];
     struct minivmm_keeper_op op[MINIVMM_KEEPER_OPS];
@@ -114,10 +113,10 @@ static void nap(void)
     nanosleep(&ts, NULL);
 }
 
-static void run_ops(uint32_t from, uint32_t to)
+static void run_ops(void)
 {
     uint32_t i;
-    for (i = from; i < to && i < keeper->nops; i++) {
+    for (i = 0; i < keeper->nops; i++) {
         struct minivmm_keeper_op *op = &keeper->op[i];
         void *arg = op->size ? keeper->data + op->offset : NULL;
         if (op->fd < 0) {
@@ -274,8 +273,8 @@ static int task(void *arg)
                 v->status = KEEPER_STOPPED;
             }
         } else if (cmd == KEEPER_SAVE && v == &keeper->vcpu[0] && keeper->saved < 0) {
-            run_ops(keeper->save_from, keeper->save_to);
-            __atomic_store_n(&keeper->saved, (int32_t)keeper->save_to, __ATOMIC_RELEASE);
+            run_ops();
+            __atomic_store_n(&keeper->saved, (int32_t)keeper->nops, __ATOMIC_RELEASE);
         } else if (cmd == KEEPER_EXIT || now() > keeper->exit_after) {
             v->status = KEEPER_GONE;
             syscall(SYS_exit, 0); /* this task only; the last one out takes the old address space along */
