@@ -51,6 +51,17 @@
  *                   "timer: vfiouser rounds=N irqs=N counter=C" (C: the
  *                   device's count of transfers since its reset) or
  *                   "timer: vfiouser bad round=R status=S".
+ *                   "vfiouser N msix": through MSI-X vector 0 instead,
+ *                   its table and pending bits found through the
+ *                   capability (a 64-bit BAR): first one transfer with
+ *                   the vector masked after its set-up, whose interrupt
+ *                   must wait in the
+ *                   pending bit until the unmask ("timer: vfiouser msix
+ *                   pending=1 early=0 delivered=1"), then the N rounds.
+ *                   "vfiouser N intx": through INTx, the IOAPIC pin the
+ *                   interrupt line names level-triggered (vector 0x53),
+ *                   the handler counting only when the device's status
+ *                   says a transfer ended ("timer: vfiouser intx line=L").
  *         (N missing or 0 means 100.)
  * Exits:  debug-exit value 0x10 (status 33).
  *
@@ -115,7 +126,15 @@
 	.equ VU_DMA_LEN, 0x20
 	.equ VU_DMA_CMD, 0x24
 	.equ VU_DMA_STATUS, 0x28
+	.equ VU_IRQ_STATUS, 0x2c
 	.equ VU_IRQ_ACK, 0x34
+	.equ VU_INTX_VECTOR, 0x53
+	.equ VU_MODE_MSI, 0
+	.equ VU_MODE_MSIX, 1
+	.equ VU_MODE_INTX, 2
+	.equ PCI_CAP_MSIX, 0x11
+	.equ MSIX_ENABLE, 1 << 31	/* message control, in the capability's first dword */
+	.equ MSIX_ENTRY_CONTROL, 12
 	.equ VU_START_IRQ, 3		/* start, interrupt when done */
 	.equ VU_IRQ_DMA, 1
 	.equ VU_VECTOR, 0x52
@@ -511,7 +530,18 @@ pic_init:
 
 /* ---- vfiouser N ---- */
 vfiouser_test:
-	call ticks_arg			/* target = N rounds; ticks counts MSIs */
+	call ticks_arg			/* target = N rounds; ticks counts interrupts */
+	mov $word_msix, %edi
+	call cmd_find
+	test %eax, %eax
+	jz 1f
+	movb $VU_MODE_MSIX, vu_mode
+1:	mov $word_intx, %edi
+	call cmd_find
+	test %eax, %eax
+	jz 1f
+	movb $VU_MODE_INTX, vu_mode
+1:
 	xor %ebx, %ebx			/* find the device: slot in ebx */
 1:	mov %ebx, %ecx
 	shl $11, %ecx
@@ -539,19 +569,18 @@ vfiouser_test:
 	mov $8, %ecx
 	call puthex
 	PUTC('\n')
+	movl $0x100 | SPURIOUS_VECTOR, LAPIC_SVR	/* software enable */
+	cmpb $VU_MODE_MSIX, vu_mode
+	je vu_msix
+	cmpb $VU_MODE_INTX, vu_mode
+	je vu_intx
 
-	lea 0x34(%ebx), %ecx		/* the MSI capability */
-	call vu_cfg_read
-	movzbl %al, %esi
-3:	test %esi, %esi
+	mov $0x05, %eax			/* the MSI capability */
+	call vu_find_cap
+	test %ecx, %ecx
 	jz 9f
-	lea (%ebx, %esi), %ecx
 	call vu_cfg_read
-	cmp $0x05, %al
-	je 4f
-	movzbl %ah, %esi
-	jmp 3b
-4:	mov %eax, %edx			/* id, next, message control */
+	mov %eax, %edx			/* id, next, message control */
 	lea 4(%ecx), %ecx
 	mov $MSI_ADDRESS, %eax
 	call vu_cfg_write
@@ -563,38 +592,21 @@ vfiouser_test:
 	add $4, %ecx
 5:	mov $VU_VECTOR, %eax		/* fixed, edge */
 	call vu_cfg_write
-	lea (%ebx, %esi), %ecx
+	mov $0x05, %eax
+	call vu_find_cap
 	mov %edx, %eax
 	or $1 << 16, %eax		/* MSI enable */
 	call vu_cfg_write
-
 	mov $VU_VECTOR, %eax
 	mov $vu_irq, %edx
 	call set_gate
-	movl $0x100 | SPURIOUS_VECTOR, LAPIC_SVR	/* software enable */
+
+vu_rounds:
 	xor %esi, %esi			/* esi = round */
 6:	cmp target, %esi
 	jae 8f
-	push %edi			/* the source: VU_LEN bytes of (round << 16 | index) */
-	mov $vu_src, %edi
-	mov %esi, %eax
-	shl $16, %eax
-	mov $VU_LEN / 4, %ecx
-1:	stosl
-	inc %eax
-	loop 1b
-	mov $vu_dst, %edi		/* the destination: cleared */
-	xor %eax, %eax
-	mov $VU_LEN / 4, %ecx
-	rep stosl
-	pop %edi
-	movl $vu_src, VU_DMA_SRC(%edi)
-	movl $0, VU_DMA_SRC + 4(%edi)
-	movl $vu_dst, VU_DMA_DST(%edi)
-	movl $0, VU_DMA_DST + 4(%edi)
-	movl $VU_LEN, VU_DMA_LEN(%edi)
-	movl $VU_START_IRQ, VU_DMA_CMD(%edi)
-	lea 1(%esi), %eax		/* until this round's MSI */
+	call vu_start_round
+	lea 1(%esi), %eax		/* until this round's interrupt */
 1:	cmp ticks, %eax
 	jbe 2f
 	sti
@@ -646,6 +658,155 @@ vfiouser_test:
 	jmp done
 9:	PRINT("timer: vfiouser no MSI\n")
 	jmp done
+
+vu_msix:				/* MSI-X vector 0: its table entry, then enable */
+	mov $PCI_CAP_MSIX, %eax
+	call vu_find_cap
+	test %ecx, %ecx
+	jz 9f
+	add $4, %ecx			/* the table: offset and BIR */
+	call vu_bar_offset
+	mov %eax, vu_msix_table
+	add $4, %ecx			/* the pending bits: offset and BIR */
+	call vu_bar_offset
+	mov %eax, vu_msix_pba
+	mov vu_msix_table, %edx
+	movl $MSI_ADDRESS, (%edx)
+	movl $0, 4(%edx)
+	movl $VU_VECTOR, 8(%edx)	/* fixed, edge */
+	movl $0, MSIX_ENTRY_CONTROL(%edx)	/* unmasked, as a driver sets it up */
+	sub $8, %ecx
+	call vu_cfg_read
+	or $MSIX_ENABLE, %eax
+	call vu_cfg_write
+	movl $1, MSIX_ENTRY_CONTROL(%edx)	/* then masked, as drivers mask */
+	mov $VU_VECTOR, %eax
+	mov $vu_irq, %edx
+	call set_gate
+	xor %esi, %esi
+	call vu_start_round		/* round 0's transfer, its vector masked */
+1:	mov VU_COUNTER(%edi), %eax	/* until the device has done it */
+	test %eax, %eax
+	jz 1b
+	sti				/* room for an interrupt that must not come */
+	mov $20000, %ecx
+2:	loop 2b
+	cli
+	PRINT("timer: vfiouser msix pending=")
+	mov vu_msix_pba, %eax
+	mov (%eax), %eax
+	and $1, %eax
+	call putdec
+	PRINT(" early=")
+	mov ticks, %eax
+	call putdec
+	mov vu_msix_table, %edx		/* unmask: the pending interrupt comes */
+	movl $0, MSIX_ENTRY_CONTROL(%edx)
+3:	cmpl $0, ticks
+	jne 4f
+	sti
+	hlt
+	cli
+	jmp 3b
+4:	PRINT(" delivered=")
+	mov ticks, %eax
+	call putdec
+	PUTC('\n')
+	movl $0, ticks
+	jmp vu_rounds
+9:	PRINT("timer: vfiouser no MSI-X\n")
+	jmp done
+
+vu_intx:				/* INTx: the IOAPIC pin of the interrupt line */
+	lea 0x3c(%ebx), %ecx
+	call vu_cfg_read		/* line (bits 0-7), pin (8-15) */
+	test $0xff00, %eax
+	jz 9f
+	movzbl %al, %ecx
+	mov $VU_INTX_VECTOR | IOAPIC_LEVEL, %eax
+	call ioapic_route
+	mov $VU_INTX_VECTOR, %eax
+	mov $vu_intx_irq, %edx
+	call set_gate
+	PRINT("timer: vfiouser intx line=")
+	mov %ecx, %eax
+	call putdec
+	PUTC('\n')
+	jmp vu_rounds
+9:	PRINT("timer: vfiouser no INTx\n")
+	jmp done
+
+/* vu_start_round: round esi's transfer, started on the device (BAR0 at
+ * edi): VU_LEN bytes of (round << 16 | index) to a cleared buffer, with an
+ * interrupt at its end. */
+vu_start_round:
+	push %eax
+	push %ecx
+	push %edi
+	mov $vu_src, %edi
+	mov %esi, %eax
+	shl $16, %eax
+	mov $VU_LEN / 4, %ecx
+1:	stosl
+	inc %eax
+	loop 1b
+	mov $vu_dst, %edi
+	xor %eax, %eax
+	mov $VU_LEN / 4, %ecx
+	rep stosl
+	pop %edi
+	movl $vu_src, VU_DMA_SRC(%edi)
+	movl $0, VU_DMA_SRC + 4(%edi)
+	movl $vu_dst, VU_DMA_DST(%edi)
+	movl $0, VU_DMA_DST + 4(%edi)
+	movl $VU_LEN, VU_DMA_LEN(%edi)
+	movl $VU_START_IRQ, VU_DMA_CMD(%edi)
+	pop %ecx
+	pop %eax
+	ret
+
+/* vu_find_cap: ecx = configuration address of capability eax of the
+ * device (vu_slot), or 0. */
+vu_find_cap:
+	push %eax
+	push %edx
+	mov %eax, %edx
+	mov vu_slot, %ecx
+	add $0x34, %ecx
+	call vu_cfg_read
+	movzbl %al, %eax
+1:	test %eax, %eax
+	jz 8f
+	mov vu_slot, %ecx
+	add %eax, %ecx
+	call vu_cfg_read
+	cmp %dl, %al
+	je 9f
+	movzbl %ah, %eax
+	jmp 1b
+8:	xor %ecx, %ecx
+9:	pop %edx
+	pop %eax
+	ret
+
+/* vu_bar_offset: eax = the address the dword at configuration address ecx
+ * (an offset with a BAR index in its low 3 bits) names: that BAR's low
+ * half (below 4 GiB, where firmware put it) plus the offset. */
+vu_bar_offset:
+	push %ecx
+	push %edx
+	call vu_cfg_read
+	mov %eax, %edx
+	and $7, %eax
+	mov vu_slot, %ecx
+	lea 0x10(%ecx, %eax, 4), %ecx
+	call vu_cfg_read
+	and $~0xf, %eax
+	and $~7, %edx
+	add %edx, %eax
+	pop %edx
+	pop %ecx
+	ret
 
 /* vu_cfg_read: eax = the dword at configuration address ecx (slot << 11 | register). */
 vu_cfg_read:
@@ -733,6 +894,20 @@ level_irq:				/* lower the line on the last one, then EOI */
 	pop %eax
 	IRET_SAME_CPL
 
+vu_intx_irq:				/* a transfer's end only: acknowledge, count; EOI */
+	push %eax
+	push %edx
+	mov vu_bar0, %eax
+	mov VU_IRQ_STATUS(%eax), %edx
+	test $VU_IRQ_DMA, %edx
+	jz 1f
+	movl $VU_IRQ_DMA, VU_IRQ_ACK(%eax)
+	incl ticks
+1:	movl $0, LAPIC_EOI
+	pop %edx
+	pop %eax
+	IRET_SAME_CPL
+
 vu_irq:					/* count, acknowledge the device, EOI */
 	push %eax
 	incl ticks
@@ -776,6 +951,8 @@ word_ioapic:	.asciz "ioapic"
 word_pit2:	.asciz "pit2"
 word_eoi:	.asciz "eoi"
 word_vfiouser:	.asciz "vfiouser"
+word_msix:	.asciz "msix"
+word_intx:	.asciz "intx"
 	.balign 8
 gdt:
 	.quad 0				/* 0x00 null */
@@ -801,6 +978,9 @@ serial_done:	.byte 0
 	.balign 4
 vu_slot:	.long 0
 vu_bar0:	.long 0
+vu_msix_table:	.long 0
+vu_msix_pba:	.long 0
+vu_mode:	.byte VU_MODE_MSI
 
 	.bss
 	.balign 16

@@ -166,12 +166,14 @@ def test_device_regions_and_interrupts(client):
     assert (info.num_regions, info.num_irqs) == (vc.VFIO_PCI_NUM_REGIONS, vc.VFIO_PCI_NUM_IRQS)
     rw = vc.VFIO_REGION_INFO_FLAG_READ | vc.VFIO_REGION_INFO_FLAG_WRITE
     bar0, config, bar1 = client.region_info(BAR0), client.region_info(CONFIG), client.region_info(1)
+    bar2, bar3 = client.region_info(sample.MSIX_BAR), client.region_info(sample.MSIX_BAR + 1)
     assert (bar0.index, bar0.size, bar0.flags) == (BAR0, sample.BAR0_SIZE, rw)
     assert (config.size, config.flags) == (256, rw)
     assert (bar1.size, bar1.flags) == (0, 0)
+    assert (bar2.size, bar3.size) == (sample.MSIX_BAR_SIZE, 0)  # a 64-bit BAR: BAR3 is its upper half
     intx, msi, msix = client.irq_info(INTX), client.irq_info(MSI), client.irq_info(vc.VFIO_PCI_MSIX_IRQ_INDEX)
     assert intx.count == 1 and intx.flags & vc.VFIO_IRQ_INFO_AUTOMASKED and intx.flags & vc.VFIO_IRQ_INFO_EVENTFD
-    assert msi.count == 1 and msix.count == 0
+    assert msi.count == 1 and msix.count == sample.MSIX_VECTORS
     with pytest.raises(ClientError):
         client.region_info(vc.VFIO_PCI_NUM_REGIONS)
 

@@ -1,8 +1,9 @@
 """-device vfio-user-pci against the sample server (minivmm-vfio-user), with a real guest:
-timer.elf's vfiouser mode finds the device on the PCI bus, enables MSI and runs DMA rounds
-through it, each ending in an interrupt. Across cpr-exec and cpr-transfer the server keeps its
-one connection and the guest loses no interrupt; the device is never reset. QEMU 11's own
-vfio-user-pci client runs the same guest against the same server when a QEMU is at hand."""
+timer.elf's vfiouser mode finds the device on the PCI bus, enables MSI, MSI-X (its table in a
+64-bit BAR) or INTx and runs DMA rounds through it, each ending in an interrupt. Across cpr-exec
+and cpr-transfer the server keeps its one connection and the guest loses no interrupt; the device
+is never reset. QEMU 11's own vfio-user-pci client runs the same guest against the same server
+when a QEMU is at hand."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import VfioUserServer, argv_of, guest, wait_exec, wait_for
+from minivmm.devices import q35
+from minivmm.machine.pci import piix_irq
 from minivmm.vmprocess import qmp_connect
 
 QEMU = os.environ.get("MINIVMM_QEMU") or shutil.which("qemu-system-x86_64") or "/tmp/qemu-peer/qemu-system-x86_64"
@@ -23,12 +26,13 @@ RAM = ["-object", "memory-backend-memfd,id=ram0,size=64M,share=on", "-machine", 
 EXIT = ["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]
 
 
-def guest_args(server: VfioUserServer, rounds: int, serial: Path | None = None) -> list[str]:
+def guest_args(server: VfioUserServer, rounds: int, serial: Path | None = None, irq: str = "msi") -> list[str]:
+    """timer.elf's DMA rounds through the device, their interrupts by ``irq``: msi, msix or intx."""
     return [
         "-kernel",
         guest("timer.elf"),
         "-append",
-        f"vfiouser {rounds}",
+        f"vfiouser {rounds}" + ("" if irq == "msi" else f" {irq}"),
         *RAM,
         "-device",
         f"vfio-user-pci,id=vu0,socket={server.socket}",
@@ -51,17 +55,57 @@ def test_the_guest_runs_dma_and_msis_through_the_device(vmm, server):
     assert server.clients() == [("1", "connected"), ("1", "gone")]
 
 
-@pytest.mark.parametrize("mode", ["cpr-exec", "cpr-transfer"])
-def test_the_device_keeps_its_connection_through_a_live_update(qmp_vm, vmm, server, tmp_path, mode):
+def test_msix_vectors_wait_in_the_pending_bits_while_masked(vmm, server):
+    """MSI-X vector 0, its table and pending bits in the device's 64-bit BAR2, emulated by minivmm:
+    a transfer's interrupt while the guest masks the vector waits (its pending bit set, nothing
+    delivered) and comes at the unmask; then every round's interrupt arrives."""
+    r = vmm.run(*guest_args(server, 300, irq="msix"), timeout=120)
+    assert "timer: vfiouser msix pending=1 early=0 delivered=1" in r.stdout, r.stdout + r.stderr
+    assert "timer: vfiouser rounds=300 irqs=300 counter=301" in r.stdout, r.stdout + r.stderr
+    assert r.status == 33
+
+
+# The device is in slot 1 (the first free one): its INTA's GSI as each chipset routes it.
+@pytest.mark.parametrize("machine, line", [("pc", piix_irq(1, 1)), ("q35", q35.pirq_gsi(1, 1))])
+def test_intx_reaches_the_guest_through_the_ioapic_and_is_unmasked_at_its_eoi(vmm, server, machine, line):
+    """INTx: level-triggered on the pin's GSI through a resampling irqfd; the device masks itself
+    when it fires and the guest's EOI unmasks it, so each round's interrupt comes exactly once."""
+    r = vmm.run(*guest_args(server, 300, irq="intx"), "-M", machine, timeout=120)
+    assert f"timer: vfiouser intx line={line}\n" in r.stdout, r.stdout + r.stderr
+    assert "timer: vfiouser rounds=300 irqs=300 counter=300" in r.stdout, r.stdout + r.stderr
+    assert r.status == 33
+
+
+def test_without_kvms_ioapic_the_function_has_no_interrupt_pin(vmm, server):
+    """kernel-irqchip=split: minivmm's IOAPIC cannot tell the device the guest's EOI, so the function
+    shows no INTx pin (the guest says so); MSI-X, which KVM routes itself, still works."""
+    split = ["-M", "kernel-irqchip=split"]
+    r = vmm.run(*guest_args(server, 20, irq="intx"), *split, timeout=120)
+    assert "timer: vfiouser no INTx" in r.stdout, r.stdout + r.stderr
+    r = vmm.run(*guest_args(server, 20, irq="msix"), *split, timeout=120)
+    assert "timer: vfiouser rounds=20 irqs=20 counter=21" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    "mode, irq",
+    [
+        ("cpr-exec", "msi"),
+        ("cpr-transfer", "msi"),
+        ("cpr-exec", "msix"),
+        ("cpr-exec", "intx"),
+        ("cpr-transfer", "intx"),
+    ],
+)
+def test_the_device_keeps_its_connection_through_a_live_update(qmp_vm, vmm, server, tmp_path, mode, irq):
     """The update comes while the guest runs DMA: the rounds go on in the new VMM, every round's
-    MSI arrives (irqs == rounds), the device's count of transfers was never reset, and the
+    interrupt arrives (irqs == rounds), the device's count of transfers was never reset, and the
     server saw one client only."""
     serial, rounds = tmp_path / "serial.log", 15000  # about 10 s here: the update comes early on
-    args = guest_args(server, rounds, serial)
+    args = guest_args(server, rounds, serial, irq)
     vm = qmp_vm(*args)
     pci = vm.cmd("query-pci")["return"][0]["devices"]
     dev = next(d for d in pci if d["id"]["vendor"] == 0x1234 and d["id"]["device"] == 0x4D56)
-    assert dev["regions"][0]["size"] == 0x1000
+    assert [(r["bar"], r["size"], r["mem_type_64"]) for r in dev["regions"]] == [(0, 0x1000, False), (2, 0x1000, True)]
     wait_for(lambda: rounds_done(serial) >= 100, timeout=120, what="the guest's first 100 rounds")
     if mode == "cpr-exec":
         state = tmp_path / "vm.state"
@@ -94,7 +138,8 @@ def test_the_device_keeps_its_connection_through_a_live_update(qmp_vm, vmm, serv
         target.close()
     last = re.compile(r"timer: vfiouser rounds=(\d+) irqs=(\d+) counter=(\d+)\n")
     done = wait_for(lambda: last.search(serial.read_text(errors="replace")), timeout=120, what="the last round")
-    assert done.groups() == (str(rounds),) * 3  # no MSI lost, and the device never reset
+    extra = 1 if irq == "msix" else 0  # the guest's transfer with the vector masked, before the rounds
+    assert done.groups() == (str(rounds), str(rounds), str(rounds + extra))  # none lost, the device never reset
     # one connection, kept: never a second client (the guest has exited by now, so it may be gone)
     assert [c for c in server.clients() if c[1] == "connected"] == [("1", "connected")]
 
@@ -144,22 +189,40 @@ def test_guest_ram_the_server_cannot_map_is_refused(vmm, server):
 
 
 @pytest.mark.skipif(not HAVE_QEMU, reason="no QEMU to compare with (set MINIVMM_QEMU)")
-def test_qemus_vfio_user_client_runs_the_same_guest_on_the_same_server(vmm, server, tmp_path):
+@pytest.mark.parametrize("irq", ["msi", "msix", "intx"])
+def test_qemus_vfio_user_client_runs_the_same_guest_on_the_same_server(vmm, server, tmp_path, irq):
+    """The same lines from QEMU's client, but for the MSI-X pending bit: QEMU leaves a masked
+    vector's interrupt in the eventfd without setting the bit, minivmm reads the eventfd for it."""
     device = f'{{"driver": "vfio-user-pci", "socket": {{"type": "unix", "path": "{server.socket}"}}}}'
+    qemu_args = guest_args(server, 300, irq=irq)[:4] + [*RAM, "-device", device, *EXIT]
     proc = subprocess.run(
-        [QEMU, "-accel", "kvm", "-nodefaults", "-display", "none", "-serial", "stdio", "-kernel", guest("timer.elf")]
-        + ["-append", "vfiouser 300", *RAM, "-device", device, *EXIT],
+        [QEMU, "-accel", "kvm", "-nodefaults", "-display", "none", "-serial", "stdio", *qemu_args],
         capture_output=True,
         timeout=120,
         start_new_session=True,
     )
     out = proc.stdout.decode()
     assert "timer: vfiouser id=4d565531" in out, proc.stderr.decode()
-    assert "timer: vfiouser rounds=300 irqs=300 counter=300" in out
-    ours = vmm.run(*guest_args(server, 300), timeout=120)
-    assert [line for line in ours.stdout.splitlines() if "vfiouser" in line] == [
-        line for line in out.splitlines() if "vfiouser" in line
-    ]
+    assert "timer: vfiouser rounds=300 irqs=300" in out
+    ours = vmm.run(*guest_args(server, 300, irq=irq), timeout=120)
+
+    def lines(text: str) -> list[str]:
+        return [re.sub(r" pending=\d", "", line) for line in text.splitlines() if "vfiouser" in line]
+
+    assert lines(ours.stdout) == lines(out)
+    assert "pending=1" in ours.stdout or irq != "msix"
+
+
+def fake_wiring(table, block, routes: dict, irqfds: dict):
+    """A function's wiring without a VM: 1 MiB of RAM, GSIs from 24, routes and irqfds kept in dicts."""
+    from minivmm.devices.vfio_user_pci import Wiring
+    from minivmm.memory import Mapping
+
+    def add_irqfd(gsi, fd, resample=None):
+        irqfds[fd] = (gsi, resample)
+
+    ram = [Mapping(0, 1 << 20, block, 0)]
+    return Wiring(table, ram, lambda n: list(range(24, 24 + n)), routes.__setitem__, add_irqfd, irqfds.pop)
 
 
 def test_odd_guest_accesses_neither_raise_nor_detach_the_device(server):
@@ -167,13 +230,12 @@ def test_odd_guest_accesses_neither_raise_nor_detach_the_device(server):
     the space (a 32-bit value in 2 bytes), an access that runs past BAR0's end, and one the server
     refuses each fail alone; the device still answers after them."""
     from minivmm.cpr.fdtable import FdTable
-    from minivmm.devices.vfio_user_pci import VfioUserPci, Wiring
-    from minivmm.memory import Mapping, RamBlock
+    from minivmm.devices.vfio_user_pci import VfioUserPci
+    from minivmm.memory import RamBlock
 
     block = RamBlock.memfd("pc.ram", 1 << 20, shared=True)
     routes, irqfds = {}, {}
-    wiring = Wiring(FdTable(), [Mapping(0, 1 << 20, block, 0)], 24, routes.__setitem__, irqfds.__setitem__, irqfds.pop)
-    fn = VfioUserPci("vu0", server.socket, wiring)
+    fn = VfioUserPci("vu0", server.socket, fake_wiring(FdTable(), block, routes, irqfds))
     try:
         bar = fn.bars[0].device
         assert bar.read(0, 4) == 0x4D565531
@@ -185,7 +247,7 @@ def test_odd_guest_accesses_neither_raise_nor_detach_the_device(server):
         fn.write_config(msi + 4, 4, 0xFEE00000)
         fn.write_config(msi + 12, 2, 0x52)
         fn.write_config(msi + 2, 2, 1)  # enable: routed and bound, the eventfd given to the server
-        assert routes[24] == (0xFEE00000, 0x52) and irqfds == {24: fn.msi_fd}
+        assert routes[24] == (0xFEE00000, 0x52) and irqfds == {fn.irqs.vectors[0].fd: (24, None)}
         fn.write_config(msi + 2, 2, 0)
         assert routes[24] is None and irqfds == {}
     finally:
@@ -200,18 +262,14 @@ def test_the_functions_vmstate_carries_the_shadow_and_msi_to_the_next_image(serv
     has the shadow, the MSI route and the irqfd back. A section whose MSI message the shadow does
     not give is refused by name."""
     from minivmm.cpr.fdtable import FdTable
-    from minivmm.devices.vfio_user_pci import VfioUserPci, Wiring
-    from minivmm.memory import Mapping, RamBlock
+    from minivmm.devices.vfio_user_pci import VfioUserPci
+    from minivmm.memory import RamBlock
     from minivmm.vmstate import VMStateError
 
     block = RamBlock.memfd("pc.ram", 1 << 20, shared=True)
     table = FdTable()
     routes, irqfds = {}, {}
-
-    def wiring():
-        return Wiring(table, [Mapping(0, 1 << 20, block, 0)], 24, routes.__setitem__, irqfds.__setitem__, irqfds.pop)
-
-    first = VfioUserPci("vu0", server.socket, wiring())
+    first = VfioUserPci("vu0", server.socket, fake_wiring(table, block, routes, irqfds))
     second = None
     try:
         first.bars[0].device.write(0x08, 4, 0x5CA7C4)  # SCRATCH
@@ -223,11 +281,12 @@ def test_the_functions_vmstate_carries_the_shadow_and_msi_to_the_next_image(serv
         assert (state["msi_enabled"], state["msi_address"], state["msi_data"]) == (True, 0xFEE01000, 0x41)
         first.close()
         routes.clear(), irqfds.clear()
-        second = VfioUserPci("vu0", server.socket, wiring())  # the table's connection: kept
-        assert second.msi_fd == first.msi_fd and routes == {}  # nothing routed before the load
+        second = VfioUserPci("vu0", server.socket, fake_wiring(table, block, routes, irqfds))  # the connection: kept
+        msi_fd = second.irqs.vectors[0].fd
+        assert msi_fd == first.irqs.vectors[0].fd and routes == {}  # nothing routed before the load
         second.load_state(state)
         assert bytes(second.config) == state["config"]
-        assert routes[24] == (0xFEE01000, 0x41) and irqfds == {24: second.msi_fd}
+        assert routes[24] == (0xFEE01000, 0x41) and irqfds == {msi_fd: (24, None)}
         assert second.bars[0].device.read(0x08, 4) == 0x5CA7C4  # never reset
         assert [c for c in server.clients() if c[1] == "connected"] == [("1", "connected")]
         bad = dict(state, msi_data=0x42)

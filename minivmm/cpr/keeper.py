@@ -64,6 +64,8 @@ def unusable(machine) -> str | None:
         return "an assigned device's DMA mappings are let go when the VM stops"
     if len(machine.vcpus) > runloop.lib.MINIVMM_KEEPER_VCPUS:
         return f"more than {runloop.lib.MINIVMM_KEEPER_VCPUS} vCPUs"
+    if len(_irqfds(machine)) > runloop.lib.MINIVMM_KEEPER_VCPUS:
+        return f"more than {runloop.lib.MINIVMM_KEEPER_VCPUS} irqfds (device interrupt vectors)"
     return None
 
 
@@ -132,7 +134,8 @@ def _reads(machine, fd_of) -> tuple[list[vcpu_state.VcpuState], vm_state.VmState
 
 def _irqfds(machine) -> list[tuple[int, int]]:
     """(GSI, eventfd) of every irqfd: the same fds in both images (the CPR table keeps them)."""
-    return [*machine.devices.irqfds.items(), *machine.devices.device_irqfds.items()]
+    devices = machine.devices
+    return [*devices.irqfds.items(), *((gsi, efd) for efd, (gsi, _) in devices.device_irqfds.items())]
 
 
 # --- the control block --------------------------------------------------------------------------
@@ -248,7 +251,7 @@ def prepare(machine) -> int:
     run_size = devices.run_size
     data_size = len(threads) * (run_size + READS_PER_VCPU) + LOG_ENTRIES * LOG_ENTRY.size + READS_PER_VM
     irqfds = [efd for _, efd in _irqfds(machine)]
-    if len(irqfds) > runloop.lib.MINIVMM_KEEPER_VCPUS:
+    if len(irqfds) > runloop.lib.MINIVMM_KEEPER_VCPUS:  # vectors the guest enabled since ``unusable``
         raise CprError(f"cpr-exec: {len(irqfds)} irqfds, more than the keeper holds")
     fd = os.memfd_create("minivmm-keeper", os.MFD_CLOEXEC)
     block = _Block(fd, runloop.ffi.sizeof("struct minivmm_keeper") + data_size)

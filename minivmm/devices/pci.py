@@ -34,7 +34,7 @@ CAP_ID_MSI = 0x05
 MSI_CONTROL, MSI_ADDRESS_LO, MSI_ADDRESS_HI, MSI_DATA = 2, 4, 8, 12
 MSI_ENABLE, MSI_64BIT = 0x01, 0x80
 MSI_SIZE = 14
-BAR_IO = 0x1
+BAR_IO, BAR_MEM_64, BAR_PREFETCH = 0x1, 0x4, 0x8  # a BAR's low bits: I/O; memory, 64-bit; prefetchable
 NUM_BARS = 6
 SUBSYSTEM = (0x1AF4, 0x1100)  # what QEMU puts in every device's subsystem ids
 ENABLE_BIT = 1 << 31
@@ -48,6 +48,8 @@ class Bar:
     size: int
     device: Device
     address: int = 0
+    wide: bool = False  # a 64-bit memory BAR: the next register holds its upper half
+    prefetch: bool = False
     # Told where the BAR is mapped (None: nowhere): an assigned device's mmap'd BAR follows as a memory slot.
     place: Callable[[int | None], None] | None = None
 
@@ -83,7 +85,22 @@ class PciFunction:
         return int.from_bytes(self.config[CLASS_PROG : CLASS_PROG + 3], "little")
 
     def add_bar(self, index: int, bar: Bar) -> None:
+        if bar.wide and (bar.kind != "mmio" or index + 1 >= NUM_BARS):
+            raise ValueError(f"BAR{index}: a 64-bit BAR is memory, with a register after it")
         self.bars[index] = bar
+
+    def _bar_at(self, register: int) -> tuple[Bar | None, bool]:
+        """The BAR a BAR register belongs to, and whether the register is a 64-bit BAR's upper half."""
+        bar = self.bars[register]
+        if bar is None and register and (low := self.bars[register - 1]) is not None and low.wide:
+            return low, True
+        return bar, False
+
+    @staticmethod
+    def _bar_flags(bar: Bar) -> int:
+        if bar.kind == "pio":
+            return BAR_IO
+        return (BAR_MEM_64 if bar.wide else 0) | (BAR_PREFETCH if bar.prefetch else 0)
 
     def add_msi(self, offset: int = 0x40) -> None:
         """The MSI capability, first in the list (QEMU puts a device's first capability at 0x40)."""
@@ -132,8 +149,9 @@ class PciFunction:
     def set_bar_address(self, index: int, address: int) -> None:
         bar = self.bars[index]
         bar.address = address & ~(bar.size - 1)
-        flags = BAR_IO if bar.kind == "pio" else 0
-        struct.pack_into("<I", self.config, BAR0 + 4 * index, bar.address | flags)
+        struct.pack_into("<I", self.config, BAR0 + 4 * index, (bar.address & 0xFFFFFFFF) | self._bar_flags(bar))
+        if bar.wide:
+            struct.pack_into("<I", self.config, BAR0 + 4 * index + 4, bar.address >> 32)
 
     def decoding(self, kind: str) -> bool:
         command = struct.unpack_from("<H", self.config, COMMAND)[0]
@@ -151,11 +169,14 @@ class PciFunction:
                 self.config[at] = (self.config[at] & ~mask) | (byte & mask)
                 moved = True
             elif BAR0 <= at < BAR0 + 4 * NUM_BARS:
-                bar = self.bars[(at - BAR0) // 4]
+                bar, upper = self._bar_at((at - BAR0) // 4)
                 if bar is None:
                     continue
                 lane = (at - BAR0) % 4
-                writable = (~(bar.size - 1) & 0xFFFFFFFF) & ~(0x3 if bar.kind == "pio" else 0xF)
+                if upper:  # the address bits above 4 GiB (all of them below a 4 GiB size)
+                    writable = ~(bar.size - 1) >> 32 & 0xFFFFFFFF
+                else:
+                    writable = (~(bar.size - 1) & 0xFFFFFFFF) & ~(0x3 if bar.kind == "pio" else 0xF)
                 mask = (writable >> (8 * lane)) & 0xFF
                 self.config[at] = (self.config[at] & ~mask) | (byte & mask)
                 moved = True
@@ -167,6 +188,8 @@ class PciFunction:
             for index, bar in enumerate(self.bars):
                 if bar is not None:
                     raw = struct.unpack_from("<I", self.config, BAR0 + 4 * index)[0]
+                    if bar.wide:
+                        raw |= struct.unpack_from("<I", self.config, BAR0 + 4 * index + 4)[0] << 32
                     bar.address = raw & ~(0x3 if bar.kind == "pio" else 0xF)
             self.remap(self)
 

@@ -4,17 +4,16 @@ over vfio-user (vfio_user_pci.py). QEMU's VFIODevice has io ops per transport in
 
 What both share, here:
 - the configuration space the guest sees is a shadow kept by minivmm (the BAR addresses
-  firmware would give, the command register, the MSI capability; INTx hidden, MSI-X unlinked
-  from the capability list), read from the device at start-up; every configuration write
-  also goes to the device;
+  firmware would give, 32- or 64-bit, the command register, the MSI and MSI-X capabilities),
+  read from the device at start-up; every configuration write also goes to the device;
 - each BAR is a window onto the device's region of the same index (``BarWindow``: every access
   a transport read or write), or, where the transport can map the region (a kernel VFIO region
   with VFIO_REGION_INFO_FLAG_MMAP), the region's pages given to the guest as a KVM memory slot
   that follows the BAR, so guest accesses never leave the CPU;
-- MSI: when the guest enables it, an eventfd goes to the device (SET_IRQS) and is bound as a
-  KVM irqfd on a GSI routed to the guest's MSI address and data; the device's interrupts reach
-  the guest without passing through minivmm. The eventfd is made once and kept in the CPR table;
-- the vmstate section "vfio-pci": the shadow and the MSI message the guest programmed.
+- the MSI-X table and pending bits are emulated here, in the BAR the capability names (that BAR
+  stays trapped), as QEMU emulates them: the device never sees the guest's messages;
+- INTx, MSI and MSI-X as eventfds the device signals and KVM injects (vfio_irqs.py);
+- the vmstate section "vfio-pci": the shadow, the MSI message and the MSI-X table.
 
 A transport error that the device answers (an access it refuses) fails that access only; one
 that breaks the transport (a server gone) detaches the function: it reads all ones from then on.
@@ -24,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import os
 import struct
 import threading
 from collections.abc import Callable
@@ -39,6 +37,8 @@ from minivmm.vmstate import VMSD, Field, VMStateError
 
 from .pci import (
     BAR0,
+    BAR_MEM_64,
+    BAR_PREFETCH,
     CAPABILITIES,
     COMMAND,
     CONFIG_SIZE,
@@ -49,8 +49,13 @@ from .pci import (
     Bar,
     PciFunction,
 )
+from .vfio_irqs import INTX, MSI, MSIX, Interrupts
 
 CAP_ID_MSIX = 0x11
+MSIX_CONTROL, MSIX_TABLE, MSIX_PBA = 2, 4, 8  # in the capability: message control, table and PBA offset/BIR
+MSIX_ENABLE, MSIX_MASKALL = 0x8000, 0x4000
+MSIX_ENTRY, MSIX_ENTRY_MASKED = 16, 1  # an entry: address (64-bit), data, vector control (bit 0: masked)
+MSIX_MAX_VECTORS = 2048
 ROM_ADDRESS = 0x30  # the expansion ROM BAR: not emulated, so it reads 0 (no ROM) in the shadow
 PAGE = mmap.PAGESIZE
 
@@ -82,23 +87,25 @@ class Transport(Protocol):
     def region_read(self, region: int, offset: int, count: int) -> bytes: ...
     def region_write(self, region: int, offset: int, data: bytes, posted: bool = False) -> None: ...
     def map_region(self, index: int, region: Region) -> mmap.mmap | None: ...
-    def set_irq_eventfd(self, index: int, fd: int | None) -> None: ...
+    def irq_count(self, index: int) -> int: ...
+    def set_irqs(self, index: int, action: int, fds: list[int] | None = None, count: int = 1) -> None: ...
     def reset(self) -> None: ...
     def close(self) -> None: ...
 
 
 @dataclass
 class Wiring:
-    """What the machine gives a function: the CPR table, guest RAM, its MSI GSI's plumbing, and a
+    """What the machine gives a function: the CPR table, guest RAM, its interrupts' plumbing, and a
     KVM memory slot for each BAR it maps (``map_memory(key, gpa or None, size, host address)``)."""
 
     fds: FdTable
     mappings: list  # memory.Mapping: the RAM a device may DMA into, at its guest-physical address
-    gsi: int  # the GSI the function's MSI is routed through
+    gsis: Callable[[int], list[int]]  # n GSIs of its own, for its MSI or MSI-X vectors
     set_route: Callable[[int, tuple[int, int] | None], None]  # (gsi, (address, data) or None)
-    add_irqfd: Callable[[int, int], None]  # (gsi, eventfd): bound now if the VM's irqfds are
-    remove_irqfd: Callable[[int], None]
+    add_irqfd: Callable[..., None]  # (gsi, eventfd[, INTx resample eventfd]): bound now if the VM's irqfds are
+    remove_irqfd: Callable[[int], None]  # (eventfd)
     map_memory: Callable[[str, int | None, int, int], None] = lambda key, gpa, size, host: None
+    intx: bool = True  # INTx can be wired (KVM's own IOAPIC, resampling irqfds)
 
 
 class Link:
@@ -133,24 +140,92 @@ class Link:
 
 
 class BarWindow(Device):
-    """One BAR of the function, trapped: accesses go to the device's region of the same index."""
+    """One BAR of the function, trapped: accesses go to the device's region of the same index, but
+    for the ranges emulated here (``local``: start, end, the Device answering there)."""
 
     name = "vfio-bar"
 
     def __init__(self, link: Link, region: int, size: int) -> None:
         self.link, self.region, self.size = link, region, size
+        self.local: list[tuple[int, int, Device]] = []
+
+    def _local(self, offset: int, size: int) -> tuple[int, Device] | None:
+        for start, end, device in self.local:
+            if start <= offset and offset + size <= end:
+                return offset - start, device
+        return None
 
     def read(self, offset: int, size: int) -> int:
         ones = (1 << (8 * size)) - 1
         if offset + size > self.size:  # past the BAR's end: nothing answers there
             return ones
+        if (here := self._local(offset, size)) is not None:
+            return here[1].read(here[0], size)
         data = self.link.call(lambda t: t.region_read(self.region, offset, size), b"")
         return int.from_bytes(data, "little") if len(data) == size else ones
 
     def write(self, offset: int, size: int, value: int) -> None:
-        if offset + size <= self.size:
-            data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
-            self.link.call(lambda t: t.region_write(self.region, offset, data, posted=True))
+        if offset + size > self.size:
+            return
+        if (here := self._local(offset, size)) is not None:
+            here[1].write(here[0], size, value)
+            return
+        data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        self.link.call(lambda t: t.region_write(self.region, offset, data, posted=True))
+
+
+@dataclass(frozen=True)
+class MsixLayout:
+    """Where a function's MSI-X capability puts its vectors: the table and the pending bits (PBA)."""
+
+    cap: int
+    vectors: int
+    table_bar: int
+    table_offset: int
+    pba_bar: int
+    pba_offset: int
+
+    @property
+    def table_size(self) -> int:
+        return self.vectors * MSIX_ENTRY
+
+    @property
+    def pba_size(self) -> int:
+        return -(-self.vectors // 64) * 8
+
+
+class MsixTable(Device):
+    """The table's entries as the guest wrote them; a write may change a vector's route."""
+
+    name = "msix-table"
+
+    def __init__(self, function: VfioFunction) -> None:
+        self.function = function
+
+    def read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.function.msix_table[offset : offset + size], "little")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        table = self.function.msix_table
+        table[offset : offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        self.function.sync_irqs()
+
+
+class MsixPba(Device):
+    """The pending bits, read-only: a masked vector its device has signalled."""
+
+    name = "msix-pba"
+
+    def __init__(self, function: VfioFunction) -> None:
+        self.function = function
+
+    def read(self, offset: int, size: int) -> int:
+        irqs, value = self.function.irqs, 0
+        for bit in range(8 * size):
+            n = 8 * offset + bit
+            if n < len(irqs.vectors) and irqs.mode == MSIX and irqs.pending(n):
+                value |= 1 << bit
+        return value
 
 
 class FunctionError(Exception):
@@ -165,7 +240,7 @@ def _check_msi(fields: dict) -> tuple[str, str] | None:
 
 VMSTATE = VMSD(
     "vfio-pci",
-    1,
+    2,
     1,
     (
         Field("config", "bytes", size=CONFIG_SIZE),
@@ -173,40 +248,66 @@ VMSTATE = VMSD(
         Field("msi_address", "u64"),
         Field("msi_data", "u32", max=0xFFFF),
         Field("ioas_id", "u32"),  # iommufd: the IOAS the device is attached to (0 otherwise)
+        Field("msix_table", "bytes", since=2, default=b"", max=MSIX_MAX_VECTORS * MSIX_ENTRY),
     ),
     check=_check_msi,
     optional=True,
 )
 
 
+def find_capability(config: bytes, cap_id: int) -> int:
+    """The offset of capability ``cap_id`` in the list (0: none). The list comes from the device,
+    so the walk is bounded and checked."""
+    if not config[STATUS] & STATUS_CAP_LIST:
+        return 0
+    at, seen = config[CAPABILITIES] & 0xFC, set()
+    while 0x40 <= at <= CONFIG_SIZE - 4 and at not in seen:
+        seen.add(at)
+        if config[at] == cap_id:
+            return at
+        at = config[at + 1] & 0xFC
+    return 0
+
+
 class VfioFunction(PciFunction):
-    """The shared model: configuration shadow, BARs, MSI as an irqfd, the vmstate section."""
+    """The shared model: configuration shadow, BARs, the MSI-X table, interrupts, the vmstate section."""
 
     name = "vfio-pci"
     vmstate = VMSTATE
 
-    def __init__(self, label: str, transport: Transport, wiring: Wiring, msi_key: tuple[str, str], kept: bool):
+    def __init__(self, label: str, transport: Transport, wiring: Wiring, fd_name: Callable[[str], str], kept: bool):
         """``transport`` is set up (a new one negotiated, reset and given DMA; a kept one as the
-        previous image left it); ``msi_key`` names the MSI eventfd in the CPR table."""
+        previous image left it); ``fd_name(kind)`` names its interrupt eventfds in the CPR table."""
         config, regions = self.probe(transport)
         super().__init__(0, 0, 0)
         self.wiring, self.label = wiring, label
         self.config[:] = config
         self.link = Link(label, transport)
         self.maps: list[mmap.mmap] = []
+        self.msix = self._find_msix(regions)
+        self.msix_table = bytearray()
+        wide = False
         for index, region in enumerate(regions):
+            if wide:  # the upper half of the 64-bit BAR before it
+                wide = False
+                continue
             if region.size:
-                self._add_bar(index, region, transport)
-        self.config[INTERRUPT_PIN] = 0  # INTx is not wired: the guest sees a function without it
+                wide = self._add_bar(index, region, transport)
+        if self.msix is not None:
+            self.msix_table = self._msix_reset_table()
+            self.wmask[self.msix.cap + MSIX_CONTROL + 1] = (MSIX_ENABLE | MSIX_MASKALL) >> 8
+            table, pba = self.bars[self.msix.table_bar].device, self.bars[self.msix.pba_bar].device
+            m = self.msix
+            table.local.append((m.table_offset, m.table_offset + m.table_size, MsixTable(self)))
+            pba.local.append((m.pba_offset, m.pba_offset + m.pba_size, MsixPba(self)))
         self.config[ROM_ADDRESS : ROM_ADDRESS + 4] = bytes(4)  # else a guest sizes the device's raw value
-        self.hide_capability(CAP_ID_MSIX)  # MSI-X is not emulated: the guest uses MSI
         if msi := self.find_msi():
             self.use_msi(msi)
-        # The MSI eventfd: made (or found, across CPR) once and kept, so the table never changes later.
-        self.msi_fd, _ = wiring.fds.open(*msi_key, _eventfd)
-        self.msi_route: tuple[int, int] | None = None
-        # A kept kernel device still signals this eventfd: the first route after a load needs no SET_IRQS.
-        self.irqs_kept = kept and transport.keeps_irqs
+        if not (wiring.intx and transport.irq_count(INTX)):
+            self.config[INTERRUPT_PIN] = 0  # INTx cannot be wired: the guest sees a function without it
+        vectors = self.msix.vectors if self.msix is not None else 1 if msi else 0
+        quiet = kept and transport.keeps_irqs  # a kept kernel device signals what the last image set up
+        self.irqs = Interrupts(wiring, self.link.call, lambda kind, n: (fd_name(kind), str(n)), vectors, quiet)
         self.kept = kept
         self.ioas_id = 0  # iommufd: the IOAS the device is attached to, kept in the state for the next image
         self.iommufd_id: str | None = None
@@ -223,17 +324,41 @@ class VfioFunction(PciFunction):
         regions = [transport.region(i) for i in range(NUM_BARS)]
         for index, region in enumerate(regions):
             raw = struct.unpack_from("<I", config, BAR0 + 4 * index)[0]
+            wide = not raw & 1 and raw & 0x6 == BAR_MEM_64
             if region.size and (region.size & (region.size - 1) or region.size > 1 << 31):
                 raise FunctionError(f"BAR{index} of {region.size:#x} bytes")
-            if region.size and raw & 0x7 == 0x4:
-                raise FunctionError(f"BAR{index} is 64-bit (minivmm maps 32-bit)")
+            if region.size and wide and index == NUM_BARS - 1:
+                raise FunctionError(f"BAR{index} is 64-bit, with no register after it")
         return config, regions
 
-    def _add_bar(self, index: int, region: Region, transport: Transport) -> None:
+    def _find_msix(self, regions: list[Region]) -> MsixLayout | None:
+        """The MSI-X capability, checked against the BARs it points into."""
+        cap = find_capability(self.config, CAP_ID_MSIX)
+        if not cap:
+            return None
+        control, table, pba = struct.unpack_from("<HII", self.config, cap + MSIX_CONTROL)
+        m = MsixLayout(cap, (control & 0x7FF) + 1, table & 7, table & ~7, pba & 7, pba & ~7)
+        for what, bar, start, size in (("table", m.table_bar, m.table_offset, m.table_size), ("PBA", *_pba(m))):
+            if bar >= NUM_BARS or start + size > regions[bar].size:
+                raise FunctionError(f"the MSI-X {what} ({size} bytes at {start:#x} in BAR{bar}) is outside the BAR")
+        return m
+
+    def _msix_reset_table(self) -> bytearray:
+        table = bytearray(self.msix.table_size)
+        for n in range(self.msix.vectors):
+            table[n * MSIX_ENTRY + 12] = MSIX_ENTRY_MASKED  # every vector masked, as at reset
+        return table
+
+    def _add_bar(self, index: int, region: Region, transport: Transport) -> bool:
+        """BAR ``index`` on the device's region; whether it is 64-bit (the next register its upper half)."""
         raw = struct.unpack_from("<I", self.config, BAR0 + 4 * index)[0]
         kind = "pio" if raw & 1 else "mmio"
-        bar = Bar(kind, region.size, BarWindow(self.link, index, region.size))
-        mapped = transport.map_region(index, region) if kind == "mmio" and region.size >= PAGE else None
+        wide = kind == "mmio" and raw & 0x6 == BAR_MEM_64
+        window = BarWindow(self.link, index, region.size)
+        bar = Bar(kind, region.size, window, wide=wide, prefetch=kind == "mmio" and bool(raw & BAR_PREFETCH))
+        emulated = self.msix is not None and index in (self.msix.table_bar, self.msix.pba_bar)
+        can_map = kind == "mmio" and region.size >= PAGE and not emulated
+        mapped = transport.map_region(index, region) if can_map else None
         if mapped is not None:  # the guest reaches the device's pages directly, through a memory slot
             anchor = ctypes.c_char.from_buffer(mapped)
             host = ctypes.addressof(anchor)
@@ -242,48 +367,45 @@ class VfioFunction(PciFunction):
             key = f"{self.label} BAR{index}"
             bar.place = lambda gpa: self.wiring.map_memory(key, gpa, region.size, host)
         self.add_bar(index, bar)
+        return wide
 
-    def hide_capability(self, cap_id: int) -> None:
-        """Unlink every capability ``cap_id`` from the shadow's list (the walk bounded, as find_msi's)."""
-        if not self.config[STATUS] & STATUS_CAP_LIST:
-            return
-        prev, at, seen = CAPABILITIES, self.config[CAPABILITIES] & 0xFC, set()
-        while 0x40 <= at <= CONFIG_SIZE - 2 and at not in seen:
-            seen.add(at)
-            nxt = self.config[at + 1] & 0xFC
-            if self.config[at] == cap_id:
-                self.config[prev] = nxt
-            else:
-                prev = at + 1
-            at = nxt
+    # --- interrupts ------------------------------------------------------------------------------
+    def plugged(self, intx_gsi: int | None) -> None:
+        """On the bus, INTx on ``intx_gsi`` (None: the function has no pin); a new device starts with
+        INTx on, as QEMU's, a kept one waits for its state."""
+        if intx_gsi is not None and self.config[INTERRUPT_PIN]:
+            self.irqs.wire_intx(intx_gsi)
+        if not self.kept:
+            self.sync_irqs()
+
+    def wanted_irqs(self) -> tuple[int | None, list]:
+        """What the guest's configuration turns on: (index, each vector's message or None if masked)."""
+        if self.msix is not None:
+            control = struct.unpack_from("<H", self.config, self.msix.cap + MSIX_CONTROL)[0]
+            if control & MSIX_ENABLE:
+                messages = []
+                for n in range(self.msix.vectors):
+                    address, data, vc_ = struct.unpack_from("<QII", self.msix_table, n * MSIX_ENTRY)
+                    masked = control & MSIX_MASKALL or vc_ & MSIX_ENTRY_MASKED
+                    messages.append(None if masked else (address, data))
+                return MSIX, messages
+        if (msi := self.msi_message()) is not None:
+            return MSI, [msi]
+        return (INTX if self.irqs.intx is not None else None), []
+
+    def sync_irqs(self) -> None:
+        self.irqs.sync(*self.wanted_irqs())
 
     # --- configuration space ---------------------------------------------------------------------
     def write_config(self, offset: int, size: int, value: int) -> None:
-        """The shadow (the MSI capability's writable bits among it), then the device's copy."""
+        """The shadow (the MSI and MSI-X capabilities' writable bits among it), the interrupts it
+        turns on, then the device's copy."""
         value &= (1 << (8 * size)) - 1
         super().write_config(offset, size, value)
-        self._msi_changed()
+        self.sync_irqs()
         if size:
             data = value.to_bytes(size, "little")
             self.link.call(lambda t: t.region_write(vc.VFIO_PCI_CONFIG_REGION_INDEX, offset, data))
-
-    def _msi_changed(self) -> None:
-        """Route the MSI GSI to what the guest wrote and give the device the eventfd when MSI comes
-        on; take both away when it goes off. A load (and a kept device) runs the same steps."""
-        route = self.msi_message()
-        if route == self.msi_route:
-            return
-        w = self.wiring
-        w.set_route(w.gsi, route)
-        if route is not None and self.msi_route is None:
-            w.add_irqfd(w.gsi, self.msi_fd)
-            if not self.irqs_kept:
-                self.link.call(lambda t: t.set_irq_eventfd(vc.VFIO_PCI_MSI_IRQ_INDEX, self.msi_fd))
-        elif route is None:
-            w.remove_irqfd(w.gsi)
-            self.link.call(lambda t: t.set_irq_eventfd(vc.VFIO_PCI_MSI_IRQ_INDEX, None))
-        self.irqs_kept = False
-        self.msi_route = route
 
     def push_command(self) -> None:
         """The shadow's command register to the device. The bus plays firmware in the shadow alone
@@ -294,35 +416,46 @@ class VfioFunction(PciFunction):
         self.link.call(lambda t: t.region_write(vc.VFIO_PCI_CONFIG_REGION_INDEX, COMMAND, data))
 
     def reset(self) -> None:
-        """The device resets; the shadow goes back to what firmware left, MSI off, and the device is
-        told the firmware's command register again."""
+        """The device resets with its interrupts off (as QEMU's pre-reset); the shadow goes back to
+        what firmware left, the MSI-X vectors masked, and the device is told the firmware's command
+        register again; INTx comes back on."""
+        self.irqs.sync(None, [])
         self.link.call(lambda t: t.reset())
-        super().reset()  # its re-read of the shadow turns MSI off
+        if self.msix is not None:
+            self.msix_table[:] = self._msix_reset_table()
+        super().reset()
         self.push_command()
 
     # --- state -----------------------------------------------------------------------------------
     def save_state(self) -> dict:
-        address, data = self.msi_route or (0, 0)
+        mode, messages = self.wanted_irqs()
+        address, data = messages[0] if mode == MSI else (0, 0)
         return {
             "config": bytes(self.config),
-            "msi_enabled": self.msi_route is not None,
+            "msi_enabled": mode == MSI,
             "msi_address": address,
             "msi_data": data,
             "ioas_id": self.ioas_id,
+            "msix_table": bytes(self.msix_table),
         }
 
     def load_state(self, state: dict) -> None:
-        """The shadow as the guest left it (the BARs mapped where they point), then the MSI route it
-        gives, which must be the one saved."""
+        """The shadow and the MSI-X table as the guest left them (the BARs mapped where they point),
+        then the interrupts they turn on; the MSI message must be the one saved."""
         ids = bytes(self.config[:4])
+        table = state["msix_table"]
+        if len(table) != len(self.msix_table):
+            raise VMStateError(f"vfio-pci/msix_table: {len(table)} bytes, the device's table {len(self.msix_table)}")
         self.config[:] = state["config"]
         self.config[:4] = ids  # the device is what this machine built, whatever the stream says
+        self.msix_table[:] = table
         self.write_config(COMMAND, 0, 0)
+        mode, messages = self.wanted_irqs()
+        got = messages[0] if mode == MSI else None
         saved = (state["msi_address"], state["msi_data"]) if state["msi_enabled"] else None
-        self.irqs_kept = False  # from here on every change of MSI goes to the device
         self.ioas_id = state["ioas_id"]
-        if self.msi_route != saved:
-            raise VMStateError(f"vfio-pci/msi_address: the configuration gives MSI {self.msi_route}, saved {saved}")
+        if got != saved:
+            raise VMStateError(f"vfio-pci/msi_address: the configuration gives MSI {got}, saved {saved}")
 
     def close(self) -> None:
         self.link.transport.close()
@@ -331,5 +464,5 @@ class VfioFunction(PciFunction):
         self.maps.clear()
 
 
-def _eventfd() -> int:
-    return os.eventfd(0, os.EFD_CLOEXEC)
+def _pba(m: MsixLayout) -> tuple[int, int, int]:
+    return m.pba_bar, m.pba_offset, m.pba_size

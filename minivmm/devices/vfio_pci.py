@@ -1,14 +1,14 @@
 """-device vfio-pci: a host PCI function assigned to the guest through its kernel VFIO device fd.
 
-The function is vfio_function.py's (the configuration shadow, BARs, MSI as a KVM irqfd), with
+The function is vfio_function.py's (the configuration shadow, BARs, interrupts as KVM irqfds), with
 the device fd as its transport: region info by VFIO_DEVICE_GET_REGION_INFO, accesses by
 pread/pwrite at the region's offset in the fd, BARs the kernel lets us map
 (VFIO_REGION_INFO_FLAG_MMAP, without a sparse-mmap capability) mmap'd and given to the guest as
-memory slots, the MSI eventfd by VFIO_DEVICE_SET_IRQS, and VFIO_DEVICE_RESET. How the fd was
+memory slots, the interrupt eventfds by VFIO_DEVICE_SET_IRQS, and VFIO_DEVICE_RESET. How the fd was
 reached (a container and group, or an iommufd and the device's cdev) is vfio/kernel.py's.
 
 A device found in the CPR table is the previous image's, running: it is not reset, and the
-eventfd it signals is the one in the table, so its first MSI route after the load needs no
+eventfds it signals are the ones in the table, so its interrupts after the load need no
 SET_IRQS (``keeps_irqs``).
 """
 
@@ -68,9 +68,15 @@ class KernelTransport:
         except OSError:
             return None  # trapped instead, as QEMU falls back
 
-    def set_irq_eventfd(self, index: int, fd: int | None) -> None:
+    def irq_count(self, index: int) -> int:
         try:
-            self.device.set_irq_eventfd(index, fd)
+            return self.device.irq_count(index)
+        except OSError:
+            return 0  # an index the device does not have
+
+    def set_irqs(self, index: int, action: int, fds: list[int] | None = None, count: int = 1) -> None:
+        try:
+            self.device.set_irqs(index, action, fds, count)
         except OSError as e:
             raise TransportError(f"VFIO_DEVICE_SET_IRQS: {e.strerror}") from None
 
@@ -94,4 +100,5 @@ class VfioPci(VfioFunction):
         transport = KernelTransport(device)
         if not device.kept:
             transport.reset()
-        super().__init__(f"vfio-pci '{dev_id}'", transport, wiring, (f"{device.name}_interrupt", "0"), device.kept)
+        name = device.name
+        super().__init__(f"vfio-pci '{dev_id}'", transport, wiring, lambda kind: f"{name}_{kind}", device.kept)

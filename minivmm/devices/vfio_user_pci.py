@@ -9,15 +9,16 @@ minivmm is the client:
   server reads and writes guest memory itself;
 - the PCI function is vfio_function.py's, shared with kernel VFIO: the
   configuration shadow (every write also goes to the server), BARs as
-  REGION_READ and REGION_WRITE (writes posted, as QEMU posts them), MSI as
-  an eventfd given with SET_IRQS and bound as a KVM irqfd. This module is
-  the transport: the vfio-user client.
+  REGION_READ and REGION_WRITE (writes posted, as QEMU posts them), INTx,
+  MSI and MSI-X as eventfds given with SET_IRQS and bound as KVM irqfds.
+  This module is the transport: the vfio-user client.
 
-Across cpr-exec and cpr-transfer the socket and the MSI eventfd are in the
-CPR fd table ("vfio-user" and "vfio-user-msi", by device id): the new image
-takes the very same connection (no new negotiation, no DMA_MAP: the server
-still maps the same memfds) and binds the same eventfd to its VM. The
-server never sees the update. A cpr-transfer target builds its VM while the
+Across cpr-exec and cpr-transfer the socket and the interrupt eventfds are
+in the CPR fd table ("vfio-user" by device id, "ID_interrupt" by vector,
+"ID_intx-interrupt", "ID_intx-unmask"): the new image takes the very same
+connection (no new negotiation, no DMA_MAP: the server still maps the same
+memfds), gives the server the same eventfds again and binds them to its VM.
+That SET_IRQS is all the server sees of the update. A cpr-transfer target builds its VM while the
 guest still runs in the source and asks the server about the device then:
 the source lends it the connection for that time (``Link.lend``; a vCPU
 touching the device there waits, and nothing that holds it waits for the
@@ -85,11 +86,18 @@ class VfioUserTransport:
     def map_region(self, index: int, region: Region) -> mmap.mmap | None:
         return None  # every access goes over the socket
 
-    def set_irq_eventfd(self, index: int, fd: int | None) -> None:
-        if fd is None:
-            self._do(lambda c: c.set_irqs(index, _DISABLE, count=0))
+    def irq_count(self, index: int) -> int:
+        try:
+            return self._do(lambda c: c.irq_info(index).count)
+        except TransportError:
+            return 0  # an index the server does not have
+
+    def set_irqs(self, index: int, action: int, fds: list[int] | None = None, count: int = 1) -> None:
+        if fds is None:
+            self._do(lambda c: c.set_irqs(index, vc.VFIO_IRQ_SET_DATA_NONE | action, count=count))
         else:
-            self._do(lambda c: c.set_eventfd(index, fd))
+            flags = vc.VFIO_IRQ_SET_DATA_EVENTFD | action
+            self._do(lambda c: c.set_irqs(index, flags, count=len(fds), fds=fds))
 
     def reset(self) -> None:
         self._do(lambda c: c.reset())
@@ -112,7 +120,8 @@ class VfioUserPci(VfioFunction):
             if not kept:
                 self._start(client, wiring)
             transport = VfioUserTransport(client)
-            super().__init__(f"vfio-user-pci '{dev_id}'", transport, wiring, ("vfio-user-msi", dev_id), kept)
+            label = f"vfio-user-pci '{dev_id}'"
+            super().__init__(label, transport, wiring, lambda kind: f"{dev_id}_{kind}", kept)
         except (FunctionError, TransportError, TransportGone) as e:
             sock.close()
             raise VfioUserError(f"vfio-user server at '{path}': {e}") from None
@@ -137,9 +146,6 @@ class VfioUserPci(VfioFunction):
                 client.dma_map(m.gpa, m.size, block.fd, m.offset, flags)
         except (*_BROKEN, ClientError) as e:
             raise VfioUserError(f"vfio-user server at '{self.path}': {e}") from None
-
-
-_DISABLE = vc.VFIO_IRQ_SET_DATA_NONE | vc.VFIO_IRQ_SET_ACTION_TRIGGER
 
 
 def _connect(path: str) -> int:

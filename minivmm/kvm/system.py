@@ -175,14 +175,19 @@ class Vm:
         msi = s.kvm_msi(address_lo=address & 0xFFFFFFFF, address_hi=address >> 32, data=data & 0xFFFFFFFF)
         return ioctl(self.fd, io.KVM_SIGNAL_MSI, byref(msi))
 
-    def irqfd(self, fd: int, gsi: int, assign: bool = True) -> None:
-        """Each write to eventfd ``fd`` becomes an edge on ``gsi``, injected by the kernel.
+    def irqfd(self, fd: int, gsi: int, assign: bool = True, resample: int | None = None) -> None:
+        """Each write to eventfd ``fd`` becomes an edge on ``gsi``, injected by the kernel; with
+        ``resample`` (an eventfd) it raises the level-triggered line instead, and the guest's EOI
+        lowers it and signals ``resample`` (a device's INTx, unmasked by that signal).
 
         An eventfd serves one VM at a time (EBUSY otherwise), so a CPR source lets go
         of it (``assign=False``) before the new VM binds it.
         """
         flags = 0 if assign else c.KVM_IRQFD_FLAG_DEASSIGN
-        ioctl(self.fd, io.KVM_IRQFD, byref(s.kvm_irqfd(fd=fd, gsi=gsi, flags=flags)))
+        if assign and resample is not None:
+            flags |= c.KVM_IRQFD_FLAG_RESAMPLE
+        arg = s.kvm_irqfd(fd=fd, gsi=gsi, flags=flags, resamplefd=resample if assign and resample is not None else 0)
+        ioctl(self.fd, io.KVM_IRQFD, byref(arg))
 
     def register_coalesced(self, addr: int, size: int, pio: bool) -> None:
         """Guest writes to [addr, addr+size) go to the coalesced ring instead of exiting (CoalescedRing)."""

@@ -39,7 +39,7 @@ from minivmm.devices.debug_exit import DebugExit
 from minivmm.devices.device import Device
 from minivmm.devices.i8042 import COMMAND as I8042_COMMAND
 from minivmm.devices.i8042 import I8042
-from minivmm.devices.pci import DmaSpace
+from minivmm.devices.pci import INTERRUPT_PIN, DmaSpace
 from minivmm.devices.postcode import PostCode
 from minivmm.devices.rtc import Rtc
 from minivmm.devices.serial import Serial
@@ -260,7 +260,8 @@ class DeviceManager:
         self.mmio = Bus("MMIO")
         self.chardevs: list[Chardev] = []
         self.irqfds: dict[int, int] = {}  # GSI -> eventfd for KVM_IRQFD: the ISA lines'
-        self.device_irqfds: dict[int, int] = {}  # and the PCI devices' MSI (their devices own the eventfds)
+        # and the PCI devices' (their devices own the eventfds): eventfd -> (GSI, INTx resample eventfd or None)
+        self.device_irqfds: dict[int, tuple[int, int | None]] = {}
         self.next_msi_gsi = ioapic.PINS  # GSIs past the IOAPIC's pins carry device MSIs
         self.irqfds_bound = False  # an incoming CPR binds them once the source has let go
         self.ram_ranges: list[tuple[int, int]] = []
@@ -449,20 +450,28 @@ class DeviceManager:
         """Bind the irqfds to this VM, or let them go (a CPR source, stopped, before the new VM binds them)."""
         if bind == self.irqfds_bound:
             return
-        for gsi, fd in [*self.irqfds.items(), *self.device_irqfds.items()]:
+        for gsi, fd in self.irqfds.items():
             self.vm.irqfd(fd, gsi, assign=bind)
+        for fd, (gsi, resample) in self.device_irqfds.items():
+            self.vm.irqfd(fd, gsi, assign=bind, resample=resample)
         self.irqfds_bound = bind
 
-    def add_irqfd(self, gsi: int, fd: int) -> None:
-        """A device's MSI eventfd on its GSI, bound now if this VM's irqfds are (else with them)."""
-        self.device_irqfds[gsi] = fd
+    def add_irqfd(self, gsi: int, fd: int, resample: int | None = None) -> None:
+        """A device's interrupt eventfd on its GSI (an MSI vector's; or INTx's, level-triggered, with
+        the eventfd KVM signals at its EOI), bound now if this VM's irqfds are (else with them)."""
+        self.device_irqfds[fd] = (gsi, resample)
         if self.irqfds_bound:
-            self.vm.irqfd(fd, gsi)
+            self.vm.irqfd(fd, gsi, resample=resample)
 
-    def remove_irqfd(self, gsi: int) -> None:
-        fd = self.device_irqfds.pop(gsi, None)
-        if fd is not None and self.irqfds_bound:
-            self.vm.irqfd(fd, gsi, assign=False)
+    def remove_irqfd(self, fd: int) -> None:
+        bound = self.device_irqfds.pop(fd, None)
+        if bound is not None and self.irqfds_bound:
+            self.vm.irqfd(fd, bound[0], assign=False)
+
+    def intx_by_irqfd(self) -> bool:
+        """Whether a device outside minivmm can have INTx: KVM's own IOAPIC and PIC, and irqfds that
+        lower the line at the guest's EOI (minivmm's split-irqchip IOAPIC cannot tell it the EOI)."""
+        return not self.irqchip.split and bool(self.kvm.check_extension(c.KVM_CAP_IRQFD_RESAMPLE))
 
     # --- -device ----------------------------------------------------------------------------------------
     def _add_model(self, dev: DeviceConfig) -> None:
@@ -513,19 +522,30 @@ class DeviceManager:
         self._plug(function, dev)
 
     def _wiring(self) -> vfio_function.Wiring:
-        """A new function's plumbing: the CPR table, guest RAM, its own MSI GSI, its BARs' memory slots."""
+        """A new function's plumbing: the CPR table, guest RAM, GSIs of its own for its MSI or MSI-X
+        vectors, its BARs' memory slots."""
         from minivmm.devices import vfio_function
 
-        gsi, self.next_msi_gsi = self.next_msi_gsi, self.next_msi_gsi + 1
         return vfio_function.Wiring(
             self.fds,
             self.memory.mappings,
-            gsi,
+            self._msi_gsis,
             self.irqchip.set_device_msi,
             self.add_irqfd,
             self.remove_irqfd,
             self.device_slots.place,
+            self.intx_by_irqfd(),
         )
+
+    def _msi_gsis(self, count: int) -> list[int]:
+        """``count`` GSIs past the IOAPIC's pins, in the order devices are built (the same in every image)."""
+        from minivmm.devices.vfio_function import FunctionError
+
+        first = self.next_msi_gsi
+        if first + count > c.KVM_MAX_IRQ_ROUTES:
+            raise FunctionError(f"{count} MSI-X vectors: more than KVM's {c.KVM_MAX_IRQ_ROUTES} GSI routes hold")
+        self.next_msi_gsi += count
+        return list(range(first, first + count))
 
     def _add_vfio_pci(self, dev: DeviceConfig) -> None:
         """A host device: its kernel side (container and group, or iommufd and cdev; its DMA; the KVM
@@ -556,6 +576,7 @@ class DeviceManager:
             raise MachineError(dev.option, str(e)) from None
         if not function.kept:
             function.push_command()
+        function.plugged(self.pci.irq_of(function) if function.config[INTERRUPT_PIN] else None)
 
     def cpr_release(self) -> None:
         """A CPR source, stopped: what the devices' kernel side must let go before another process takes

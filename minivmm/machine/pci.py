@@ -3,8 +3,9 @@ it, and what firmware would do before a direct kernel boot: a slot for
 each, its BARs given addresses and decoding enabled, its interrupt line set.
 
 Memory BARs come from PCI_MMIO_BASE up (in the 32-bit hole, below the
-IOAPIC), I/O BARs from PCI_IO_BASE up, each aligned to its size. A BAR the
-guest moves follows on the machine's buses (``remap``).
+IOAPIC; a 64-bit BAR too, as SeaBIOS places those that fit there), I/O BARs
+from PCI_IO_BASE up, each aligned to its size. A BAR the guest moves
+follows on the machine's buses (``remap``), a 64-bit one anywhere.
 
 The machine type decides the chipset: ``pc`` has the i440FX host bridge and
 the PIIX's INTx routing to IRQs 10 and 11; ``q35`` the MCH host bridge with
@@ -138,7 +139,7 @@ class PciBus:
             was = self.mapped.pop(id(bar.device), None)
             if was is not None:
                 bus.unregister(bar.device)
-            limit = 1 << 32 if bar.kind == "mmio" else 1 << 16
+            limit = 1 << 16 if bar.kind == "pio" else 1 << 64 if bar.wide else 1 << 32
             at = None
             if function.decoding(bar.kind) and bar.address and bar.address + bar.size <= limit:
                 try:
@@ -179,6 +180,6 @@ def describe(function: PciFunction) -> dict:
             region = {"bar": index, "type": "memory" if bar.kind == "mmio" else "io"}
             region.update(address=bar.address, size=bar.size)
             if bar.kind == "mmio":
-                region.update(prefetch=False, mem_type_64=False)
+                region.update(prefetch=bar.prefetch, mem_type_64=bar.wide)
             out["regions"].append(region)
     return out

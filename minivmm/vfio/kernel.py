@@ -175,16 +175,23 @@ class DeviceFd:
     def map(self, offset: int, size: int) -> mmap.mmap:
         return mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
 
-    def set_irq_eventfd(self, index: int, fd: int | None) -> None:
-        """Vector 0 of interrupt ``index`` signals ``fd``; None: the interrupt off (count 0)."""
-        if fd is None:
-            arg = s.sized(s.vfio_irq_set, index=index, count=0)
-            arg.flags = c.VFIO_IRQ_SET_DATA_NONE | c.VFIO_IRQ_SET_ACTION_TRIGGER
+    def irq_count(self, index: int) -> int:
+        """How many interrupts index ``index`` has (VFIO_DEVICE_GET_IRQ_INFO; 0 for none)."""
+        info = s.sized(s.vfio_irq_info, index=index)
+        ioctl(self.fd, io.VFIO_DEVICE_GET_IRQ_INFO, byref(info))
+        return info.count
+
+    def set_irqs(self, index: int, action: int, fds: list[int] | None = None, count: int = 1) -> None:
+        """VFIO_DEVICE_SET_IRQS from interrupt 0 of ``index``: with ``fds`` (-1 for none) each one's
+        eventfd for ``action``; without, ``action`` on ``count`` of them (TRIGGER on 0: the index off)."""
+        if fds is None:
+            arg = s.sized(s.vfio_irq_set, index=index, count=count)
+            arg.flags = c.VFIO_IRQ_SET_DATA_NONE | action
         else:
-            arg = s.irq_set_with(4)(index=index, start=0, count=1)
+            arg = s.irq_set_with(4 * len(fds))(index=index, start=0, count=len(fds))
             arg.argsz = sizeof(arg)
-            arg.flags = c.VFIO_IRQ_SET_DATA_EVENTFD | c.VFIO_IRQ_SET_ACTION_TRIGGER
-            ctypes.memmove(arg.data, byref(c_int32(fd)), 4)
+            arg.flags = c.VFIO_IRQ_SET_DATA_EVENTFD | action
+            ctypes.memmove(arg.data, (c_int32 * len(fds))(*fds), 4 * len(fds))
         ioctl(self.fd, io.VFIO_DEVICE_SET_IRQS, byref(arg))
 
     def reset(self) -> None:

@@ -2,8 +2,10 @@
 
 A PCI function ``1234:4d56`` (vendor 0x1234 is the id QEMU's own test devices
 use, edu's 1234:11e8 among them; 0x4d56 is "MV"), class 0x00ff00 (unclassified),
-INTx pin A and an MSI capability with one vector, and BAR0 of 4 KiB of 32-bit
-registers (little-endian):
+INTx pin A, an MSI capability with one vector (at 0x40), an MSI-X capability
+with two vectors (at 0x50: its table at offset 0 and its pending bits at 0x800
+of BAR2, a 64-bit memory BAR of 4 KiB the client emulates), and BAR0 of 4 KiB
+of 32-bit registers (little-endian):
 
 ======  ============  ===========================================================
 offset  name          meaning
@@ -23,9 +25,10 @@ offset  name          meaning
 ======  ============  ===========================================================
 
 A transfer copies DMA_LEN bytes from DMA_SRC to DMA_DST in guest memory, after
-the reply to the write that started it. The interrupt goes to MSI when the
-client gave an MSI eventfd, else to INTx (level, automasked as VFIO's is, so
-the client unmasks it after the guest's EOI).
+the reply to the write that started it. The interrupt goes to MSI-X when the
+client gave MSI-X eventfds (vector 0 for a transfer, 1 for IRQ_RAISE), else to
+MSI when it gave an MSI eventfd, else to INTx (level, automasked as VFIO's is,
+so the client unmasks it after the guest's EOI).
 """
 
 from __future__ import annotations
@@ -50,13 +53,15 @@ CMD_START, CMD_IRQ = 1 << 0, 1 << 1
 STATUS_OK, STATUS_FAULT, STATUS_TOO_LONG = 0, 1, 2
 IRQ_DMA, IRQ_SOFT = 1 << 0, 1 << 1
 DMA_MAX_LEN = 1 << 20
-MSI_CAP = 0x40
-PCI_STATUS_CAP_LIST, PCI_CAPABILITY_LIST, PCI_CAP_ID_MSI = 0x10, 0x34, 0x05
+MSI_CAP, MSIX_CAP = 0x40, 0x50
+PCI_STATUS_CAP_LIST, PCI_CAPABILITY_LIST, PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX = 0x10, 0x34, 0x05, 0x11
+MSIX_BAR, MSIX_BAR_SIZE, MSIX_VECTORS, MSIX_TABLE, MSIX_PBA = 2, 0x1000, 2, 0x000, 0x800
 
 
 class SampleDevice(s.Device):
     regions = {
         vc.VFIO_PCI_BAR0_REGION_INDEX: s.Region(BAR0_SIZE),
+        vc.VFIO_PCI_BAR0_REGION_INDEX + MSIX_BAR: s.Region(MSIX_BAR_SIZE),
         vc.VFIO_PCI_CONFIG_REGION_INDEX: s.Region(pci.CONFIG_SIZE),
     }
     irqs = {
@@ -64,17 +69,23 @@ class SampleDevice(s.Device):
             1, vc.VFIO_IRQ_INFO_EVENTFD | vc.VFIO_IRQ_INFO_MASKABLE | vc.VFIO_IRQ_INFO_AUTOMASKED
         ),
         vc.VFIO_PCI_MSI_IRQ_INDEX: s.Irq(1, vc.VFIO_IRQ_INFO_EVENTFD | vc.VFIO_IRQ_INFO_NORESIZE),
-        vc.VFIO_PCI_MSIX_IRQ_INDEX: s.Irq(0, 0),
+        vc.VFIO_PCI_MSIX_IRQ_INDEX: s.Irq(MSIX_VECTORS, vc.VFIO_IRQ_INFO_EVENTFD | vc.VFIO_IRQ_INFO_NORESIZE),
     }
 
     def __init__(self) -> None:
         self.config = pci.PciFunction(VENDOR_ID, DEVICE_ID, CLASS_CODE, revision=1, interrupt_pin=1)
         self.config.add_bar(0, pci.Bar("mmio", BAR0_SIZE, None))  # type: ignore[arg-type]  # served, not on a bus
+        self.config.add_bar(MSIX_BAR, pci.Bar("mmio", MSIX_BAR_SIZE, None, wide=True))  # type: ignore[arg-type]
+        self.config.set_bar_address(MSIX_BAR, 0)  # its type bits: 64-bit
         cfg = self.config.config
         cfg[pci.STATUS] |= PCI_STATUS_CAP_LIST
         cfg[PCI_CAPABILITY_LIST] = MSI_CAP
-        # MSI: id, next 0, message control: 64-bit capable, one vector; address and data follow
-        struct.pack_into("<BBH", cfg, MSI_CAP, PCI_CAP_ID_MSI, 0, 1 << 7)
+        # MSI: id, next MSI-X, message control: 64-bit capable, one vector; address and data follow
+        struct.pack_into("<BBH", cfg, MSI_CAP, PCI_CAP_ID_MSI, MSIX_CAP, 1 << 7)
+        # MSI-X: id, next 0, message control: table size - 1; table and PBA offsets with their BAR
+        struct.pack_into(
+            "<BBHII", cfg, MSIX_CAP, PCI_CAP_ID_MSIX, 0, MSIX_VECTORS - 1, MSIX_TABLE | MSIX_BAR, MSIX_PBA | MSIX_BAR
+        )
         self.config.initial = bytes(cfg)
         self.regs = bytearray(REGS_SIZE)
         self.server: s.Server | None = None
@@ -98,6 +109,8 @@ class SampleDevice(s.Device):
     def region_read(self, index: int, offset: int, count: int) -> bytes:
         if index == vc.VFIO_PCI_CONFIG_REGION_INDEX:
             return bytes(self.config.config[offset : offset + count])
+        if index != vc.VFIO_PCI_BAR0_REGION_INDEX:
+            return bytes(count)  # BAR2: the MSI-X table and PBA are the client's to emulate
         return bytes(self.regs[offset : offset + count]).ljust(count, b"\0")
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
@@ -105,6 +118,8 @@ class SampleDevice(s.Device):
             for at in range(0, len(data), 4):  # PciFunction takes accesses of at most 4 bytes
                 chunk = data[at : at + 4]
                 self.config.write_config(offset + at, len(chunk), int.from_bytes(chunk, "little"))
+            return
+        if index != vc.VFIO_PCI_BAR0_REGION_INDEX:
             return
         writes: dict[int, int] = {}
         for i, byte in enumerate(data):
@@ -150,7 +165,11 @@ class SampleDevice(s.Device):
             return
         self._set(IRQ_STATUS, self._reg(IRQ_STATUS) | bits)
         irqs = self.server.irqs
-        if (vc.VFIO_PCI_MSI_IRQ_INDEX, 0) in irqs.triggers:
+        if (vc.VFIO_PCI_MSIX_IRQ_INDEX, 0) in irqs.triggers:
+            for vector, bit in enumerate((IRQ_DMA, IRQ_SOFT)):
+                if bits & bit:
+                    irqs.signal(vc.VFIO_PCI_MSIX_IRQ_INDEX, vector)
+        elif (vc.VFIO_PCI_MSI_IRQ_INDEX, 0) in irqs.triggers:
             irqs.signal(vc.VFIO_PCI_MSI_IRQ_INDEX)
         else:
             self._intx()

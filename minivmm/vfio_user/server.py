@@ -243,8 +243,12 @@ class Server:
                 for key, fd in self.irqs.unmask_fds.items():
                     sel.register(fd, selectors.EVENT_READ, key)
                 ready = [] if self._pending else sel.select()
+                message_ready = any(sk.data is None for sk, _ in ready)
                 for sk, _ in ready:
-                    if sk.data is not None:  # a resample eventfd: the guest's EOI unmasks the INTx
+                    # A resample eventfd: the guest's EOI unmasks the INTx. A message already there
+                    # went before the EOI (a posted write acknowledging the device): it comes first,
+                    # and the eventfd, still readable, is seen next time.
+                    if sk.data is not None and not message_ready:
                         os.eventfd_read(sk.fd)
                         self._unmask(*sk.data)
                 for sk in list(sel.get_map().values()):
