@@ -10,7 +10,7 @@ from minivmm.arch.x86 import layout
 from minivmm.arch.x86.machine_types import Q35
 from minivmm.devices import pci, pci_testdev, q35
 from minivmm.devices.bus import UNCLAIMED, Bus, BusError
-from minivmm.machine.pci import PciBus
+from minivmm.machine.pci import PciBus, describe
 
 ENABLE = 0x80000000
 
@@ -44,6 +44,28 @@ def test_a_bar_is_sized_moved_and_unmapped_as_the_guest_writes_it():
     assert mmio.lookup(0xE8000000)[0] is UNCLAIMED and pio.lookup(0xD000)[0] is UNCLAIMED
     _config(pio, 1, 0x04, pci.CMD_MEMORY | pci.CMD_IO)
     assert mmio.lookup(0xE8000000)[0] is bar0.device and pio.lookup(0xD000)[0] is dev.bars[1].device
+
+
+def test_a_64_bit_bar_is_sized_in_both_halves_and_moves_above_4_gib():
+    """A 64-bit memory BAR (type bits 10) takes the next register as its upper half: firmware
+    places it below 4 GiB, sizing answers in both halves, and the guest may move it anywhere."""
+    pio, mmio = Bus("pio"), Bus("mmio")
+    bus = PciBus(pio, mmio, lambda irq, level: None)
+    fn, window = pci.PciFunction(0x1234, 0x5678, 0xFF00), pci_testdev.TestRegion("mmio")
+    fn.add_bar(2, pci.Bar("mmio", 0x4000, window, wide=True, prefetch=True))
+    bus.add(fn)
+    low = fn.bars[2].address
+    assert layout.PCI_MMIO_BASE <= low < 1 << 32 and mmio.lookup(low)[0] is window
+    assert _config(pio, 1, 0x18) == low | 0xC and _config(pio, 1, 0x1C) == 0  # 64-bit, prefetchable
+    assert _config(pio, 1, 0x18, 0xFFFFFFFF) == 0xFFFFC00C and _config(pio, 1, 0x1C, 0xFFFFFFFF) == 0xFFFFFFFF
+    _config(pio, 1, 0x18, 0x40000000)
+    _config(pio, 1, 0x1C, 0x1)  # 0x1_4000_0000: above 4 GiB
+    assert fn.bars[2].address == 0x140000000 and mmio.lookup(0x140000000)[0] is window
+    assert mmio.lookup(low)[0] is UNCLAIMED
+    region = next(r for r in describe(fn)["regions"] if r["bar"] == 2)
+    assert (region["address"], region["mem_type_64"], region["prefetch"]) == (0x140000000, True, True)
+    with pytest.raises(ValueError, match="BAR5: a 64-bit BAR"):
+        fn.add_bar(5, pci.Bar("mmio", 0x1000, window, wide=True))
 
 
 def test_empty_slots_and_other_buses_read_all_ones_and_the_latch_keeps_0xcf9_free():

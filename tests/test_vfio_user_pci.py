@@ -297,6 +297,96 @@ def test_the_functions_vmstate_carries_the_shadow_and_msi_to_the_next_image(serv
         block.close()
 
 
+def test_msix_table_pending_bits_and_function_mask_in_process(server):
+    """The MSI-X capability of the real server, in-process: the table (in BAR2, a 64-bit BAR) starts
+    masked; enabling MSI-X routes nothing until a vector is unmasked; an interrupt the device raises
+    on a masked vector sets its pending bit and nothing is bound; unmasking binds the vector's
+    irqfd on its own GSI with its message; the function mask unbinds every vector; the table goes
+    in the state and comes back in a second image, and a table of another size is refused."""
+    from minivmm.cpr.fdtable import FdTable
+    from minivmm.devices.vfio_function import MSIX_ENABLE, MSIX_MASKALL
+    from minivmm.devices.vfio_user_pci import VfioUserPci
+    from minivmm.memory import RamBlock
+    from minivmm.vfio_user import sample
+    from minivmm.vmstate import VMStateError
+
+    block, table = RamBlock.memfd("pc.ram", 1 << 20, shared=True), FdTable()
+    routes, irqfds = {}, {}
+    fn = VfioUserPci("vu0", server.socket, fake_wiring(table, block, routes, irqfds))
+    second = None
+    try:
+        m = fn.msix
+        assert (m.vectors, m.table_bar, m.table_offset, m.pba_bar, m.pba_offset) == (2, 2, 0, 2, 0x800)
+        assert fn.bars[2].wide and fn.bars[3] is None
+        bar2, bar0 = fn.bars[2].device, fn.bars[0].device
+        assert [bar2.read(16 * n + 12, 4) for n in range(2)] == [1, 1]  # vector control: masked
+        fn.write_config(m.cap + 2, 2, MSIX_ENABLE)
+        assert routes == {} and irqfds == {}
+        bar2.write(16, 8, 0xFEE00000)  # vector 1: address, data, still masked
+        bar2.write(24, 4, 0x61)
+        bar0.write(sample.IRQ_RAISE, 4, sample.IRQ_SOFT)  # the device raises vector 1
+        wait_for(lambda: bar2.read(0x800, 8) == 0b10, what="vector 1's pending bit")
+        assert irqfds == {}
+        bar2.write(28, 4, 0)  # unmasked: bound on its GSI, the waiting interrupt delivered by KVM then
+        vector1 = fn.irqs.vectors[1]
+        assert routes[25] == (0xFEE00000, 0x61) and irqfds == {vector1.fd: (25, None)}
+        assert bar2.read(0x800, 8) == 0  # bound: nothing pends in minivmm's view
+        state = fn.save_state()
+        assert state["msix_table"] == bytes(fn.msix_table) and not state["msi_enabled"]
+        fn.write_config(m.cap + 2, 2, MSIX_ENABLE | MSIX_MASKALL)
+        assert irqfds == {} and routes[25] is None
+        fn.close()
+        routes.clear(), irqfds.clear()
+        second = VfioUserPci("vu0", server.socket, fake_wiring(table, block, routes, irqfds))
+        second.load_state(state)
+        assert routes == {25: (0xFEE00000, 0x61)} and irqfds == {vector1.fd: (25, None)}
+        with pytest.raises(VMStateError, match="vfio-pci/msix_table: 16 bytes"):
+            second.load_state(dict(state, msix_table=bytes(16)))
+    finally:
+        (second or fn).close()
+        block.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_configuration_and_bar_accesses_leave_the_function_working(server, seed):
+    """A bounded fuzz of what a guest can do to the function, in-process on the real server: any
+    configuration write (BARs, command, MSI and MSI-X control), any access of any size to BAR0 and
+    to BAR2's MSI-X table and pending bits. Nothing raises, the connection stays, and afterwards the
+    device still answers and a reset brings the shadow back to firmware's."""
+    import random
+
+    from minivmm.cpr.fdtable import FdTable
+    from minivmm.devices.vfio_user_pci import VfioUserPci
+    from minivmm.memory import RamBlock
+
+    rng = random.Random(seed)
+    block, routes, irqfds = RamBlock.memfd("pc.ram", 1 << 20, shared=True), {}, {}
+    fn = VfioUserPci("vu0", server.socket, fake_wiring(FdTable(), block, routes, irqfds))
+    try:
+        initial = bytes(fn.config)
+        windows = [fn.bars[0].device, fn.bars[2].device]
+        for _ in range(2000):
+            size, value = rng.choice((1, 2, 4, 8)), rng.getrandbits(64)
+            if rng.random() < 0.4:
+                size = min(size, 4)
+                offset = rng.choice((rng.randrange(0, 256), fn.msix.cap + 2, fn.msi_cap + 2, 0x04, 0x18, 0x1C))
+                fn.write_config(offset, min(size, 256 - offset), value & ((1 << (8 * size)) - 1))
+            else:
+                window = rng.choice(windows)
+                offset = rng.choice((rng.randrange(0, 0x1010), rng.randrange(0, 32), 0x800))
+                if rng.random() < 0.5:
+                    window.read(offset, size)
+                else:  # a DMA it starts is checked against the 1 MiB mapped, as any
+                    window.write(offset, size, value & ((1 << (8 * size)) - 1))
+        assert not fn.link.dead
+        assert fn.bars[0].device.read(0, 4) == 0x4D565531
+        fn.reset()
+        assert bytes(fn.config) == initial and routes.get(24) is None and irqfds == {}
+    finally:
+        fn.close()
+        block.close()
+
+
 def test_the_device_is_told_the_command_register_the_bus_gave_it(server):
     """The bus plays firmware in the shadow (decoding and bus mastering on); a guest that reads them on
     never writes them, so the device must hear them from minivmm: at start-up and after each reset.
