@@ -26,6 +26,7 @@ EXT_CONFIG_SIZE = 4096  # a PCI Express function's, as ECAM addresses it
 VENDOR, DEVICE, COMMAND, STATUS, REVISION, CLASS_PROG = 0x00, 0x02, 0x04, 0x06, 0x08, 0x09
 HEADER_TYPE, BAR0, SUBSYS_VENDOR, SUBSYS_ID, INTERRUPT_LINE, INTERRUPT_PIN = 0x0E, 0x10, 0x2C, 0x2E, 0x3C, 0x3D
 CAPABILITIES = 0x34
+ROM_ADDRESS, ROM_ENABLE = 0x30, 0x1  # the expansion ROM BAR: address bits 31-11, enable bit 0
 CMD_IO, CMD_MEMORY, CMD_MASTER, CMD_INTX_DISABLE = 0x1, 0x2, 0x4, 0x400
 STATUS_CAP_LIST = 0x10
 # The MSI capability as QEMU's msi_init makes it for one vector, 64-bit, no per-vector masking:
@@ -69,6 +70,7 @@ class PciFunction:
         struct.pack_into("<HH", self.config, SUBSYS_VENDOR, *SUBSYSTEM)
         self.config[INTERRUPT_PIN] = interrupt_pin
         self.bars: list[Bar | None] = [None] * NUM_BARS
+        self.rom: Bar | None = None  # the expansion ROM, read-only, mapped while enabled and decoding memory
         self.wmask = bytearray(CONFIG_SIZE)  # writable bits of capability registers, by byte
         self.msi_cap = 0  # offset of the MSI capability, 0 without one
         self.initial = bytes(self.config)
@@ -88,6 +90,15 @@ class PciFunction:
         if bar.wide and (bar.kind != "mmio" or index + 1 >= NUM_BARS):
             raise ValueError(f"BAR{index}: a 64-bit BAR is memory, with a register after it")
         self.bars[index] = bar
+
+    def add_rom(self, bar: Bar) -> None:
+        """An expansion ROM of ``bar.size`` bytes (a power of two, at least 2 KiB) behind ROM_ADDRESS."""
+        if bar.kind != "mmio" or bar.size < 0x800 or bar.size & (bar.size - 1):
+            raise ValueError(f"an expansion ROM of {bar.size:#x} bytes")
+        self.rom = bar
+
+    def rom_enabled(self) -> bool:
+        return bool(self.rom is not None and self.config[ROM_ADDRESS] & ROM_ENABLE and self.decoding("mmio"))
 
     def _bar_at(self, register: int) -> tuple[Bar | None, bool]:
         """The BAR a BAR register belongs to, and whether the register is a 64-bit BAR's upper half."""
@@ -122,18 +133,22 @@ class PciFunction:
         self.wmask[offset + MSI_ADDRESS_HI : data] = b"\xff" * (data - offset - MSI_ADDRESS_HI)
         self.wmask[data : data + 2] = b"\xff\xff"
 
-    def find_msi(self) -> int:
-        """The offset of the MSI capability in the capability list (0: none). The list may come
-        from elsewhere (a vfio-user server), so the walk is bounded and checked."""
+    def find_capability(self, cap_id: int, size: int) -> int:
+        """The offset of capability ``cap_id`` of ``size`` bytes in the list (0: none, or one that
+        would run past the space). The list may come from elsewhere (a vfio-user server), so the
+        walk is bounded and checked."""
         if not self.config[STATUS] & STATUS_CAP_LIST:
             return 0
         at, seen = self.config[CAPABILITIES] & 0xFC, set()
-        while 0x40 <= at <= CONFIG_SIZE - MSI_SIZE and at not in seen:
+        while 0x40 <= at <= CONFIG_SIZE - 2 and at not in seen:
             seen.add(at)
-            if self.config[at] == CAP_ID_MSI:
-                return at
+            if self.config[at] == cap_id:
+                return at if at + size <= CONFIG_SIZE else 0
             at = self.config[at + 1] & 0xFC
         return 0
+
+    def find_msi(self) -> int:
+        return self.find_capability(CAP_ID_MSI, MSI_SIZE)
 
     def msi_message(self) -> tuple[int, int] | None:
         """(address, data) of the MSI the function sends when the guest enabled MSI, else None."""
@@ -145,6 +160,11 @@ class PciFunction:
             return lo | hi << 32, data
         lo, data = struct.unpack_from("<IH", self.config, at + MSI_ADDRESS_LO)
         return lo, data
+
+    def set_rom_address(self, address: int) -> None:
+        """Where firmware puts the ROM; it leaves it disabled, as SeaBIOS does once it has run it."""
+        self.rom.address = address & ~(self.rom.size - 1)
+        struct.pack_into("<I", self.config, ROM_ADDRESS, self.rom.address)
 
     def set_bar_address(self, index: int, address: int) -> None:
         bar = self.bars[index]
@@ -180,6 +200,13 @@ class PciFunction:
                 mask = (writable >> (8 * lane)) & 0xFF
                 self.config[at] = (self.config[at] & ~mask) | (byte & mask)
                 moved = True
+            elif ROM_ADDRESS <= at < ROM_ADDRESS + 4:
+                if self.rom is None:
+                    continue
+                writable = (~(self.rom.size - 1) & 0xFFFFF800) | ROM_ENABLE
+                mask = (writable >> (8 * (at - ROM_ADDRESS))) & 0xFF
+                self.config[at] = (self.config[at] & ~mask) | (byte & mask)
+                moved = True
             elif at in (INTERRUPT_LINE, 0x0C, 0x0D):  # interrupt line, cache line size, latency timer
                 self.config[at] = byte
             elif self.wmask[at]:
@@ -191,6 +218,8 @@ class PciFunction:
                     if bar.wide:
                         raw |= struct.unpack_from("<I", self.config, BAR0 + 4 * index + 4)[0] << 32
                     bar.address = raw & ~(0x3 if bar.kind == "pio" else 0xF)
+            if self.rom is not None:
+                self.rom.address = struct.unpack_from("<I", self.config, ROM_ADDRESS)[0] & ~0x7FF
             self.remap(self)
 
     def reset(self) -> None:

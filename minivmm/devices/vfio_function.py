@@ -10,6 +10,7 @@ What both share, here:
   a transport read or write), or, where the transport can map the region (a kernel VFIO region
   with VFIO_REGION_INFO_FLAG_MMAP), the region's pages given to the guest as a KVM memory slot
   that follows the BAR, so guest accesses never leave the CPU;
+- the expansion ROM, if the device has one, read through the transport where the ROM BAR points;
 - the MSI-X table and pending bits are emulated here, in the BAR the capability names (that BAR
   stays trapped), as QEMU emulates them: the device never sees the guest's messages;
 - INTx, MSI and MSI-X as eventfds the device signals and KVM injects (vfio_irqs.py);
@@ -39,13 +40,11 @@ from .pci import (
     BAR0,
     BAR_MEM_64,
     BAR_PREFETCH,
-    CAPABILITIES,
     COMMAND,
     CONFIG_SIZE,
     INTERRUPT_PIN,
     NUM_BARS,
-    STATUS,
-    STATUS_CAP_LIST,
+    ROM_ADDRESS,
     Bar,
     PciFunction,
 )
@@ -56,7 +55,6 @@ MSIX_CONTROL, MSIX_TABLE, MSIX_PBA = 2, 4, 8  # in the capability: message contr
 MSIX_ENABLE, MSIX_MASKALL = 0x8000, 0x4000
 MSIX_ENTRY, MSIX_ENTRY_MASKED = 16, 1  # an entry: address (64-bit), data, vector control (bit 0: masked)
 MSIX_MAX_VECTORS = 2048
-ROM_ADDRESS = 0x30  # the expansion ROM BAR: not emulated, so it reads 0 (no ROM) in the shadow
 PAGE = mmap.PAGESIZE
 
 
@@ -174,6 +172,15 @@ class BarWindow(Device):
         self.link.call(lambda t: t.region_write(self.region, offset, data, posted=True))
 
 
+class RomWindow(BarWindow):
+    """The device's expansion ROM, read where the ROM BAR points: writes go nowhere."""
+
+    name = "vfio-rom"
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class MsixLayout:
     """Where a function's MSI-X capability puts its vectors: the table and the pending bits (PBA)."""
@@ -255,20 +262,6 @@ VMSTATE = VMSD(
 )
 
 
-def find_capability(config: bytes, cap_id: int) -> int:
-    """The offset of capability ``cap_id`` in the list (0: none). The list comes from the device,
-    so the walk is bounded and checked."""
-    if not config[STATUS] & STATUS_CAP_LIST:
-        return 0
-    at, seen = config[CAPABILITIES] & 0xFC, set()
-    while 0x40 <= at <= CONFIG_SIZE - 4 and at not in seen:
-        seen.add(at)
-        if config[at] == cap_id:
-            return at
-        at = config[at + 1] & 0xFC
-    return 0
-
-
 class VfioFunction(PciFunction):
     """The shared model: configuration shadow, BARs, the MSI-X table, interrupts, the vmstate section."""
 
@@ -300,7 +293,13 @@ class VfioFunction(PciFunction):
             m = self.msix
             table.local.append((m.table_offset, m.table_offset + m.table_size, MsixTable(self)))
             pba.local.append((m.pba_offset, m.pba_offset + m.pba_size, MsixPba(self)))
-        self.config[ROM_ADDRESS : ROM_ADDRESS + 4] = bytes(4)  # else a guest sizes the device's raw value
+        self.config[ROM_ADDRESS : ROM_ADDRESS + 4] = bytes(4)  # the bus places the ROM, if there is one
+        rom = transport.region(vc.VFIO_PCI_ROM_REGION_INDEX).size
+        if rom:
+            try:
+                self.add_rom(Bar("mmio", rom, RomWindow(self.link, vc.VFIO_PCI_ROM_REGION_INDEX, rom)))
+            except ValueError as e:
+                raise FunctionError(str(e)) from None
         if msi := self.find_msi():
             self.use_msi(msi)
         if not (wiring.intx and transport.irq_count(INTX)):
@@ -333,7 +332,7 @@ class VfioFunction(PciFunction):
 
     def _find_msix(self, regions: list[Region]) -> MsixLayout | None:
         """The MSI-X capability, checked against the BARs it points into."""
-        cap = find_capability(self.config, CAP_ID_MSIX)
+        cap = self.find_capability(CAP_ID_MSIX, MSIX_PBA + 4)
         if not cap:
             return None
         control, table, pba = struct.unpack_from("<HII", self.config, cap + MSIX_CONTROL)

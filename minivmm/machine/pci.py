@@ -96,6 +96,10 @@ class PciBus:
                 self.next_io = -(-self.next_io // bar.size) * bar.size
                 function.set_bar_address(index, self.next_io)
                 self.next_io += bar.size
+        if function.rom is not None:
+            self.next_mmio = -(-self.next_mmio // function.rom.size) * function.rom.size
+            function.set_rom_address(self.next_mmio)
+            self.next_mmio += function.rom.size
         if self.next_mmio > layout.PCI_MMIO_END or self.next_io > layout.PCI_IO_END:
             raise BusError("the PCI BAR windows are full")
         if function.config[INTERRUPT_PIN]:
@@ -131,8 +135,9 @@ class PciBus:
                 pass  # over another device: the guest's choice leaves the window unreachable, as a BAR's
 
     def remap(self, function: PciFunction) -> None:
-        """Put each BAR's device where its BAR says, if decoding is on (else nowhere)."""
-        for bar in function.bars:
+        """Put each BAR's device where its BAR says, if decoding is on (else nowhere); the expansion
+        ROM too, while it is enabled."""
+        for bar in [*function.bars, function.rom]:
             if bar is None:
                 continue
             bus = self.mmio if bar.kind == "mmio" else self.pio
@@ -140,8 +145,9 @@ class PciBus:
             if was is not None:
                 bus.unregister(bar.device)
             limit = 1 << 16 if bar.kind == "pio" else 1 << 64 if bar.wide else 1 << 32
+            on = function.rom_enabled() if bar is function.rom else function.decoding(bar.kind)
             at = None
-            if function.decoding(bar.kind) and bar.address and bar.address + bar.size <= limit:
+            if on and bar.address and bar.address + bar.size <= limit:
                 try:
                     bus.register(bar.address, bar.size, bar.device)
                     self.mapped[id(bar.device)] = (bar.kind, bar.address)
@@ -182,4 +188,7 @@ def describe(function: PciFunction) -> dict:
             if bar.kind == "mmio":
                 region.update(prefetch=bar.prefetch, mem_type_64=bar.wide)
             out["regions"].append(region)
+    if function.rom is not None:  # QEMU lists the ROM as region 6
+        rom = function.rom
+        out["regions"].append({"bar": 6, "type": "memory", "address": rom.address, "size": rom.size})
     return out

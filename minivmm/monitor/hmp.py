@@ -189,7 +189,10 @@ def info_pci(machine, cpu_index: int) -> str:
             out.append(f"      IRQ {d['irq']}, pin {chr(ord('A') + d['irq_pin'] - 1)}\n")
         for r in d["regions"]:
             end = r["address"] + r["size"] - 1
-            what = "32 bit memory" if r["type"] == "memory" else "I/O"
+            bits = 64 if r.get("mem_type_64") else 32
+            what = (
+                f"{bits} bit{' prefetchable' if r.get('prefetch') else ''} memory" if r["type"] == "memory" else "I/O"
+            )
             out.append(f"      BAR{r['bar']}: {what} at {r['address']:#x} [{end:#x}].\n")
         out.append('      id ""\n')
     return "".join(out)

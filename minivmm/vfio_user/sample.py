@@ -4,8 +4,9 @@ A PCI function ``1234:4d56`` (vendor 0x1234 is the id QEMU's own test devices
 use, edu's 1234:11e8 among them; 0x4d56 is "MV"), class 0x00ff00 (unclassified),
 INTx pin A, an MSI capability with one vector (at 0x40), an MSI-X capability
 with two vectors (at 0x50: its table at offset 0 and its pending bits at 0x800
-of BAR2, a 64-bit memory BAR of 4 KiB the client emulates), and BAR0 of 4 KiB
-of 32-bit registers (little-endian):
+of BAR2, a 64-bit memory BAR of 4 KiB the client emulates), a 2 KiB expansion
+ROM (``ROM``: a PCI option ROM image for EFI, which a BIOS does not run), and
+BAR0 of 4 KiB of 32-bit registers (little-endian):
 
 ======  ============  ===========================================================
 offset  name          meaning
@@ -56,12 +57,43 @@ DMA_MAX_LEN = 1 << 20
 MSI_CAP, MSIX_CAP = 0x40, 0x50
 PCI_STATUS_CAP_LIST, PCI_CAPABILITY_LIST, PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX = 0x10, 0x34, 0x05, 0x11
 MSIX_BAR, MSIX_BAR_SIZE, MSIX_VECTORS, MSIX_TABLE, MSIX_PBA = 2, 0x1000, 2, 0x000, 0x800
+ROM_SIZE, ROM_TEXT = 0x800, b"minivmm-vfio-user sample ROM"
+
+
+def _rom() -> bytes:
+    """An option ROM image: the 0x55aa signature and its size, the PCI data structure ("PCIR": the
+    ids, the class, code type 3, EFI, the last image) at 0x20, and a line of text at 0x40."""
+    rom = bytearray(ROM_SIZE)
+    struct.pack_into("<BBB", rom, 0, 0x55, 0xAA, ROM_SIZE // 512)
+    struct.pack_into("<H", rom, 0x18, 0x20)
+    pcir = struct.pack(
+        "<4sHHHHB3sHHBBH",
+        b"PCIR",
+        VENDOR_ID,
+        DEVICE_ID,
+        0,
+        0x18,
+        3,
+        CLASS_CODE.to_bytes(3, "little"),
+        ROM_SIZE // 512,
+        0,
+        3,
+        0x80,
+        0,
+    )
+    rom[0x20 : 0x20 + len(pcir)] = pcir
+    rom[0x40 : 0x40 + len(ROM_TEXT)] = ROM_TEXT
+    return bytes(rom)
+
+
+ROM = _rom()
 
 
 class SampleDevice(s.Device):
     regions = {
         vc.VFIO_PCI_BAR0_REGION_INDEX: s.Region(BAR0_SIZE),
         vc.VFIO_PCI_BAR0_REGION_INDEX + MSIX_BAR: s.Region(MSIX_BAR_SIZE),
+        vc.VFIO_PCI_ROM_REGION_INDEX: s.Region(ROM_SIZE, vc.VFIO_REGION_INFO_FLAG_READ),
         vc.VFIO_PCI_CONFIG_REGION_INDEX: s.Region(pci.CONFIG_SIZE),
     }
     irqs = {
@@ -109,6 +141,8 @@ class SampleDevice(s.Device):
     def region_read(self, index: int, offset: int, count: int) -> bytes:
         if index == vc.VFIO_PCI_CONFIG_REGION_INDEX:
             return bytes(self.config.config[offset : offset + count])
+        if index == vc.VFIO_PCI_ROM_REGION_INDEX:
+            return ROM[offset : offset + count]
         if index != vc.VFIO_PCI_BAR0_REGION_INDEX:
             return bytes(count)  # BAR2: the MSI-X table and PBA are the client's to emulate
         return bytes(self.regs[offset : offset + count]).ljust(count, b"\0")
