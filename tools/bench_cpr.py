@@ -11,7 +11,10 @@ is the time from its last progress before the update to its first progress
 after (for a file migration: from the source's last progress to the target's
 first, the target's start-up included). Runs alternate between the two VMMs,
 so load on the machine falls on both; medians of --runs runs per cell, and
-the ratio minivmm / QEMU.
+the ratio minivmm / QEMU. ``--device`` attaches minivmm's sample vfio-user
+device (one ``minivmm-vfio-user`` server for the whole run) to both VMMs: the
+walker does not touch it, so the pause is what keeping the device costs (a
+file migration is refused with it, as by QEMU: not measured then).
 
 QEMU is a QEMU 11 qemu-system-x86_64 with KVM (--qemu, default
 /tmp/qemu-peer/qemu-system-x86_64); without it only minivmm is measured.
@@ -32,6 +35,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +49,7 @@ SIZES = {"256M": 256, "1G": 1024, "4G": 4096}
 MiB = 1 << 20
 UNLIMITED = 1 << 40  # bytes/s: max-bandwidth for both VMMs (QEMU's default throttles at 128 MiB/s)
 STATE_DIR = ""  # --state-dir: where file migration writes (tmpfs measures the VMMs, not the disk)
+DEVICE_SOCKET = ""  # --device: the sample vfio-user server's socket
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ class Vmm:
             f"{ram}M",
             "-serial",
             "null",
+            *(["-device", f"vfio-user-pci,socket.type=unix,socket.path={DEVICE_SOCKET}"] if DEVICE_SOCKET else []),
         ]
 
     def start(self, workdir: str, name: str, ram: int, *extra: str) -> VmProcess:
@@ -182,6 +189,29 @@ def compiled_source() -> list[str]:
     return MINIVMM
 
 
+@contextmanager
+def device_server(workdir: str, wanted: bool) -> Iterator[None]:
+    """The sample vfio-user server, for --device (its process group killed at the end)."""
+    global DEVICE_SOCKET
+    if not wanted:
+        yield
+        return
+    sock = os.path.join(workdir, "dev.sock")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "minivmm.vfio_user.sample", sock], start_new_session=True, stderr=subprocess.DEVNULL
+    )
+    try:
+        while not os.path.exists(sock):
+            if server.poll() is not None:
+                raise RuntimeError("the sample vfio-user server did not start")
+            time.sleep(0.01)
+        DEVICE_SOCKET = sock
+        yield
+    finally:
+        DEVICE_SOCKET = ""
+        kill_group(server)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="256M,1G,4G")
@@ -190,12 +220,15 @@ def main() -> None:
     ap.add_argument("--qemu", default="/tmp/qemu-peer/qemu-system-x86_64", help="the peer; '' to skip it")
     ap.add_argument("--state-dir", default="/dev/shm", help="file migration's directory ('' for a scratch one)")
     ap.add_argument("--minivmm", choices=("installed", "source"), default="installed", help="see above")
+    ap.add_argument("--device", action="store_true", help="with the sample vfio-user device attached")
     args = ap.parse_args()
-    global STATE_DIR
+    global STATE_DIR, DEVICE_SOCKET
     STATE_DIR = args.state_dir
     sizes, modes = args.sizes.split(","), args.modes.split(",")
+    if args.device:
+        modes = [m for m in modes if m != "file"]
     runs: dict[tuple[str, str, str], list[float]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-cpr-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="bench-cpr-") as workdir, device_server(workdir, args.device):
         vmms = [Vmm("minivmm", install(workdir) if args.minivmm == "installed" else compiled_source())]
         if args.qemu and os.access(args.qemu, os.X_OK):
             vmms.append(Vmm("QEMU", [args.qemu]))
@@ -211,7 +244,8 @@ def main() -> None:
                     got = ", ".join(f"{r:.1f}" for r in runs[(vmm.name, mode, size)])
                     print(f"{mode} {size} {vmm.name}: {got} ms", file=sys.stderr)
     median = {key: statistics.median(v) for key, v in runs.items()}
-    print(f"guest-visible pause of the A-B walker, median of {args.runs} runs, ms")
+    device = ", the sample vfio-user device attached" if args.device else ""
+    print(f"guest-visible pause of the A-B walker{device}, median of {args.runs} runs, ms")
     header = f"{'mode':>13} {'RAM':>5} | " + " | ".join(f"{v.name:>8}" for v in vmms)
     print(header + (" | minivmm/QEMU" if len(vmms) > 1 else ""))
     for mode in modes:

@@ -337,7 +337,8 @@ class VfioFunction(PciFunction):
             return None
         control, table, pba = struct.unpack_from("<HII", self.config, cap + MSIX_CONTROL)
         m = MsixLayout(cap, (control & 0x7FF) + 1, table & 7, table & ~7, pba & 7, pba & ~7)
-        for what, bar, start, size in (("table", m.table_bar, m.table_offset, m.table_size), ("PBA", *_pba(m))):
+        parts = (("table", m.table_bar, m.table_offset, m.table_size), ("PBA", m.pba_bar, m.pba_offset, m.pba_size))
+        for what, bar, start, size in parts:
             if bar >= NUM_BARS or start + size > regions[bar].size:
                 raise FunctionError(f"the MSI-X {what} ({size} bytes at {start:#x} in BAR{bar}) is outside the BAR")
         return m
@@ -384,8 +385,8 @@ class VfioFunction(PciFunction):
             if control & MSIX_ENABLE:
                 messages = []
                 for n in range(self.msix.vectors):
-                    address, data, vc_ = struct.unpack_from("<QII", self.msix_table, n * MSIX_ENTRY)
-                    masked = control & MSIX_MASKALL or vc_ & MSIX_ENTRY_MASKED
+                    address, data, vector_control = struct.unpack_from("<QII", self.msix_table, n * MSIX_ENTRY)
+                    masked = control & MSIX_MASKALL or vector_control & MSIX_ENTRY_MASKED
                     messages.append(None if masked else (address, data))
                 return MSIX, messages
         if (msi := self.msi_message()) is not None:
@@ -461,7 +462,3 @@ class VfioFunction(PciFunction):
         for m in self.maps:
             m.close()
         self.maps.clear()
-
-
-def _pba(m: MsixLayout) -> tuple[int, int, int]:
-    return m.pba_bar, m.pba_offset, m.pba_size
