@@ -388,6 +388,38 @@ def test_random_configuration_and_bar_accesses_leave_the_function_working(server
         block.close()
 
 
+def test_a_route_kvm_refuses_is_one_line_and_the_function_works_on(server, capsys):
+    """Whatever message the guest programs, a refusal of its route (KVM's EINVAL here) costs that
+    vector alone: the configuration write returns, one line names the function and the vector, and
+    the next message the guest writes is routed."""
+    import errno
+
+    from minivmm.cpr.fdtable import FdTable
+    from minivmm.devices.vfio_user_pci import VfioUserPci
+    from minivmm.memory import RamBlock
+
+    block, routes, irqfds = RamBlock.memfd("pc.ram", 1 << 20, shared=True), {}, {}
+    wiring = fake_wiring(FdTable(), block, routes, irqfds)
+
+    def set_route(gsi, route):
+        if route is not None and route[0] == 0xBAD00000:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        routes[gsi] = route
+
+    wiring.set_route = set_route
+    fn = VfioUserPci("vu0", server.socket, wiring)
+    try:
+        msi = fn.msi_cap
+        fn.write_config(msi + 4, 4, 0xBAD00000)
+        fn.write_config(msi + 2, 2, 1)
+        assert irqfds == {} and "vfio-user-pci 'vu0': vector 0 (GSI 24)" in capsys.readouterr().err
+        fn.write_config(msi + 4, 4, 0xFEE00000)
+        assert routes[24] == (0xFEE00000, 0) and irqfds == {fn.irqs.vectors[0].fd: (24, None)}
+    finally:
+        fn.close()
+        block.close()
+
+
 def test_the_expansion_rom_is_sized_enabled_and_read_where_the_guest_puts_it(server):
     """The device's ROM region behind the ROM BAR: firmware gives it an address and leaves it off;
     sizing answers its 2 KiB; enabled (with memory decoding), the machine's memory bus reads the

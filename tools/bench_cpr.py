@@ -11,10 +11,11 @@ is the time from its last progress before the update to its first progress
 after (for a file migration: from the source's last progress to the target's
 first, the target's start-up included). Runs alternate between the two VMMs,
 so load on the machine falls on both; medians of --runs runs per cell, and
-the ratio minivmm / QEMU. ``--device`` attaches minivmm's sample vfio-user
-device (one ``minivmm-vfio-user`` server for the whole run) to both VMMs: the
-walker does not touch it, so the pause is what keeping the device costs (a
-file migration is refused with it, as by QEMU: not measured then).
+the ratio minivmm / QEMU. ``--device`` measures each VMM twice more, with
+minivmm's sample vfio-user device attached (one ``minivmm-vfio-user`` server
+for the whole run; the walker does not touch it), and gives the ratio with /
+without: what keeping the device costs a live update (a file migration is
+refused with it, as by QEMU: not measured then).
 
 QEMU is a QEMU 11 qemu-system-x86_64 with KVM (--qemu, default
 /tmp/qemu-peer/qemu-system-x86_64); without it only minivmm is measured.
@@ -29,6 +30,7 @@ finder, about 10 ms, to every start-up).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -56,6 +58,11 @@ DEVICE_SOCKET = ""  # --device: the sample vfio-user server's socket
 class Vmm:
     name: str
     program: list[str]
+    device: bool = False  # the sample vfio-user device attached
+
+    @property
+    def label(self) -> str:
+        return self.name + ("+device" if self.device else "")
 
     def args(self, ram: int) -> list[str]:
         return [
@@ -70,8 +77,12 @@ class Vmm:
             f"{ram}M",
             "-serial",
             "null",
-            *(["-device", f"vfio-user-pci,socket.type=unix,socket.path={DEVICE_SOCKET}"] if DEVICE_SOCKET else []),
+            *(["-device", self.device_json()] if self.device else []),
         ]
+
+    @staticmethod
+    def device_json() -> str:
+        return json.dumps({"driver": "vfio-user-pci", "socket": {"type": "unix", "path": DEVICE_SOCKET}})
 
     def start(self, workdir: str, name: str, ram: int, *extra: str) -> VmProcess:
         return VmProcess(workdir, name, [*self.args(ram), *extra], program=self.program, ram_bytes=ram * MiB)
@@ -222,7 +233,7 @@ def main() -> None:
     ap.add_argument("--minivmm", choices=("installed", "source"), default="installed", help="see above")
     ap.add_argument("--device", action="store_true", help="with the sample vfio-user device attached")
     args = ap.parse_args()
-    global STATE_DIR, DEVICE_SOCKET
+    global STATE_DIR
     STATE_DIR = args.state_dir
     sizes, modes = args.sizes.split(","), args.modes.split(",")
     if args.device:
@@ -234,31 +245,40 @@ def main() -> None:
             vmms.append(Vmm("QEMU", [args.qemu]))
         elif args.qemu:
             print(f"no QEMU at {args.qemu} (give one with --qemu): minivmm only", file=sys.stderr)
+        if args.device:
+            vmms = [v for vmm in vmms for v in (vmm, Vmm(vmm.name, vmm.program, device=True))]
         for size in sizes:
             for mode in modes:
                 for _ in range(args.runs):
-                    for vmm in vmms:  # alternating: load on the machine falls on both
+                    for vmm in vmms:  # alternating: load on the machine falls on all
                         ms = MODES[mode](vmm, workdir, SIZES[size])
-                        runs.setdefault((vmm.name, mode, size), []).append(ms)
+                        runs.setdefault((vmm.label, mode, size), []).append(ms)
                 for vmm in vmms:
-                    got = ", ".join(f"{r:.1f}" for r in runs[(vmm.name, mode, size)])
-                    print(f"{mode} {size} {vmm.name}: {got} ms", file=sys.stderr)
-    median = {key: statistics.median(v) for key, v in runs.items()}
-    device = ", the sample vfio-user device attached" if args.device else ""
-    print(f"guest-visible pause of the A-B walker{device}, median of {args.runs} runs, ms")
-    header = f"{'mode':>13} {'RAM':>5} | " + " | ".join(f"{v.name:>8}" for v in vmms)
-    print(header + (" | minivmm/QEMU" if len(vmms) > 1 else ""))
+                    got = ", ".join(f"{r:.1f}" for r in runs[(vmm.label, mode, size)])
+                    print(f"{mode} {size} {vmm.label}: {got} ms", file=sys.stderr)
+    report(vmms, modes, sizes, args.runs, {key: statistics.median(v) for key, v in runs.items()})
+
+
+def report(vmms: list[Vmm], modes: list[str], sizes: list[str], count: int, median: dict) -> None:
+    """The medians, minivmm / QEMU without the device and with it, and with / without for each VMM."""
+    names = list(dict.fromkeys(v.name for v in vmms))
+    ratios = [(f"{names[0]}/{names[1]}", names[0], names[1])] if len(names) > 1 else []
+    if any(v.device for v in vmms):
+        ratios = [(f"{a}/{b}+dev", a + "+device", b + "+device") for _, a, b in ratios] + ratios
+        ratios += [(f"{n} dev/none", n + "+device", n) for n in names]
+    print(f"guest-visible pause of the A-B walker, median of {count} runs, ms")
+    columns = [f"{v.label:>14}" for v in vmms] + [f"{r[0]:>16}" for r in ratios]
+    print(f"{'mode':>13} {'RAM':>5} | " + " | ".join(columns))
     for mode in modes:
         for size in sizes:
-            cells = [median[(v.name, mode, size)] for v in vmms]
-            line = f"{mode:>13} {size:>5} | " + " | ".join(f"{c:8.1f}" for c in cells)
-            if len(vmms) > 1:
-                line += f" | {cells[0] / cells[1]:11.2f}x"
+            line = f"{mode:>13} {size:>5} | " + " | ".join(f"{median[(v.label, mode, size)]:14.1f}" for v in vmms)
+            for _, a, b in ratios:
+                line += f" | {median[(a, mode, size)] / median[(b, mode, size)]:15.2f}x"
             print(line)
     for vmm in vmms:
         if "cpr-exec" in modes and len(sizes) > 1:
-            growth = median[(vmm.name, "cpr-exec", sizes[-1])] / median[(vmm.name, "cpr-exec", sizes[0])]
-            print(f"{vmm.name} cpr-exec pause at {sizes[-1]} / at {sizes[0]}: {growth:.2f}x")
+            growth = median[(vmm.label, "cpr-exec", sizes[-1])] / median[(vmm.label, "cpr-exec", sizes[0])]
+            print(f"{vmm.label} cpr-exec pause at {sizes[-1]} / at {sizes[0]}: {growth:.2f}x")
 
 
 if __name__ == "__main__":

@@ -306,7 +306,7 @@ class VfioFunction(PciFunction):
             self.config[INTERRUPT_PIN] = 0  # INTx cannot be wired: the guest sees a function without it
         vectors = self.msix.vectors if self.msix is not None else 1 if msi else 0
         quiet = kept and transport.keeps_irqs  # a kept kernel device signals what the last image set up
-        self.irqs = Interrupts(wiring, self.link.call, lambda kind, n: (fd_name(kind), str(n)), vectors, quiet)
+        self.irqs = Interrupts(label, wiring, self.link.call, fd_name, vectors, quiet)
         self.kept = kept
         self.ioas_id = 0  # iommufd: the IOAS the device is attached to, kept in the state for the next image
         self.iommufd_id: str | None = None

@@ -25,6 +25,7 @@ import select
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from minivmm.log import message as say
 from minivmm.vfio import constants as vc
 
 INTX, MSI, MSIX = vc.VFIO_PCI_INTX_IRQ_INDEX, vc.VFIO_PCI_MSI_IRQ_INDEX, vc.VFIO_PCI_MSIX_IRQ_INDEX
@@ -48,10 +49,12 @@ class Intx:
 
 class Interrupts:
     """One function's interrupt wiring. ``call(fn)`` runs ``fn(transport)`` on the device (a failure
-    fails that call alone); ``key(name, n)`` is the CPR table's key of one of its eventfds."""
+    fails that call alone); ``fd_name(kind)`` names its eventfds in the CPR table (by vector). A route
+    or irqfd KVM refuses is one line naming the function and the vector, which stays undelivered:
+    whatever the guest writes, the guest runs on."""
 
-    def __init__(self, wiring, call: Callable, key: Callable[[str, int], tuple[str, str]], vectors: int, quiet: bool):
-        self.wiring, self.call, self.key = wiring, call, key
+    def __init__(self, label: str, wiring, call: Callable, fd_name: Callable[[str], str], vectors: int, quiet: bool):
+        self.label, self.wiring, self.call, self.fd_name = label, wiring, call, fd_name
         gsis = wiring.gsis(vectors)
         self.vectors = [Vector(self._eventfd("interrupt", n), gsi) for n, gsi in enumerate(gsis)]
         self.intx: Intx | None = None
@@ -59,7 +62,7 @@ class Interrupts:
         self.quiet = quiet
 
     def _eventfd(self, name: str, n: int = 0) -> int:
-        fd, _ = self.wiring.fds.open(*self.key(name, n), lambda: os.eventfd(0, os.EFD_CLOEXEC))
+        fd, _ = self.wiring.fds.open(self.fd_name(name), str(n), lambda: os.eventfd(0, os.EFD_CLOEXEC))
         return fd
 
     def wire_intx(self, gsi: int) -> None:
@@ -97,7 +100,10 @@ class Interrupts:
         index = self.mode
         if index == INTX:  # as QEMU: the irqfd, the device's trigger and unmask eventfds, then an unmask
             i = self.intx
-            self.wiring.add_irqfd(i.gsi, i.fd, i.unmask)
+            try:
+                self.wiring.add_irqfd(i.gsi, i.fd, i.unmask)
+            except OSError as e:
+                say(f"{self.label}: INTx on GSI {i.gsi}: {e}")
             self._device(lambda t: t.set_irqs(INTX, TRIGGER, [i.fd]))
             self._device(lambda t: t.set_irqs(INTX, UNMASK, [i.unmask]))
             self.call(lambda t: t.set_irqs(INTX, UNMASK))  # also after an update: an edge may have been lost
@@ -110,14 +116,19 @@ class Interrupts:
         if message == vector.route:
             return
         w = self.wiring
-        if message is None:
-            w.remove_irqfd(vector.fd)
-            w.set_route(vector.gsi, None)
-        else:
-            w.set_route(vector.gsi, message)
-            if vector.route is None:
-                w.add_irqfd(vector.gsi, vector.fd)  # a signal that waited while masked is delivered now
-        vector.route = message
+        try:
+            if message is None:
+                w.remove_irqfd(vector.fd)
+                w.set_route(vector.gsi, None)
+            else:
+                w.set_route(vector.gsi, message)
+                if vector.route is None:
+                    w.add_irqfd(vector.gsi, vector.fd)  # a signal that waited while masked is delivered now
+            vector.route = message
+        except OSError as e:
+            n = self.vectors.index(vector)
+            say(f"{self.label}: vector {n} (GSI {vector.gsi}) to {message}: {e}")
+            vector.route = None
 
     def pending(self, n: int) -> bool:
         """MSI-X's pending bit: vector ``n`` is masked (its irqfd unbound) and its device has signalled it."""
