@@ -242,6 +242,9 @@ def device_help() -> str:
     return "\n".join(lines) + "\n"
 
 
+MAX_GSI_ROUTES = 4096  # KVM_MAX_IRQ_ROUTES, the kernel's own (not in its uapi headers): what KVM_SET_GSI_ROUTING takes
+
+
 class DeviceManager:
     def __init__(
         self,
@@ -542,8 +545,8 @@ class DeviceManager:
         from minivmm.devices.vfio_function import FunctionError
 
         first = self.next_msi_gsi
-        if first + count > c.KVM_MAX_IRQ_ROUTES:
-            raise FunctionError(f"{count} MSI-X vectors: more than KVM's {c.KVM_MAX_IRQ_ROUTES} GSI routes hold")
+        if first + count > MAX_GSI_ROUTES:
+            raise FunctionError(f"{count} MSI-X vectors: more than KVM's {MAX_GSI_ROUTES} GSI routes hold")
         self.next_msi_gsi += count
         return list(range(first, first + count))
 
