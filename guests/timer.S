@@ -397,10 +397,7 @@ ioapic_test:
 	cli
 	cmpl $LEVEL_IRQS, level_irqs
 	jb 1b
-	sti				/* room for an interrupt that should not come */
-	mov $20000, %ecx
-1:	loop 1b
-	cli
+	call irq_window			/* room for an interrupt that should not come */
 	PRINT("timer: ioapic level irqs=")
 	mov level_irqs, %eax
 	call putdec
@@ -464,6 +461,17 @@ pit2_latch:
 	movzbl %al, %eax
 	shl $8, %eax
 	or %edx, %eax
+	ret
+
+/* irq_window: interrupts enabled for 20000 loop iterations, then disabled
+ * again: room for an interrupt a test says must not come. */
+irq_window:
+	push %ecx
+	mov $20000, %ecx
+	sti
+1:	loop 1b
+	cli
+	pop %ecx
 	ret
 
 /* ioapic_route: IOAPIC pin ecx's entry = eax (low half), destination APIC 0. */
@@ -688,10 +696,7 @@ vu_msix:				/* MSI-X vector 0: its table entry, then enable */
 1:	mov VU_COUNTER(%edi), %eax	/* until the device has done it */
 	test %eax, %eax
 	jz 1b
-	sti				/* room for an interrupt that must not come */
-	mov $20000, %ecx
-2:	loop 2b
-	cli
+	call irq_window			/* room for an interrupt that must not come */
 	PRINT("timer: vfiouser msix pending=")
 	mov vu_msix_pba, %eax
 	mov (%eax), %eax
