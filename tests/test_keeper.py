@@ -52,7 +52,7 @@ def test_the_guest_runs_in_the_keeper_and_comes_back_to_the_vcpu_threads(machine
     assert _frozen(fd)
     block = keeper.prepare(m)
     assert m.fds.find(*keeper.ENTRY) == block  # it goes through the exec with the other fds
-    keeper.start(block)
+    keeper.start(block, m)
     still_walking(fd)  # the guest walks, and not in the VMM's threads: they are parked
     assert all(t.paused for t in m.vcpus)
     keeper.take_back(m, block)  # as after a failed exec
@@ -73,7 +73,7 @@ def test_what_the_guest_printed_in_the_keeper_reaches_the_serial_port_once(machi
     walking(fd, more_than=3)
     m.control.vm_stop()
     block = keeper.prepare(m)
-    keeper.start(block)
+    keeper.start(block, m)
     time.sleep(0.3)
     keeper.take_back(m, block)
     m.control.vm_start()
@@ -83,6 +83,45 @@ def test_what_the_guest_printed_in_the_keeper_reaches_the_serial_port_once(machi
     passes = read_status(fd).passes
     printed = log.read_text().count("B")
     assert passes - 1 <= printed <= passes, (passes, printed)  # the last pass's "B" may be on its way
+
+
+@pytest.mark.parametrize("spoiled", [False, True])
+def test_an_idle_uarts_line_status_is_answered_in_the_keeper(machine, tmp_path, monkeypatch, spoiled):
+    """The walker prints a "B" every pass, reading the UART's line status before each: the old image
+    answers that read in advance (idle: 0x60) and the keeper answers it, so the guest walks on through
+    the keeper instead of waiting for the VMM at its first print. With a rule that any write to THR
+    spoils the answer, the first "B" spoils it and the next read waits for the VMM: the guest stops."""
+    from minivmm.arch.x86 import layout
+    from minivmm.devices import serial
+    from minivmm.devices.device import StableRead
+
+    if spoiled:
+        rule = [StableRead(serial.LSR, 1, 0x60, serial.RBR_THR_DLL, 0xFF)]
+        monkeypatch.setattr(serial.Serial, "stable_reads", lambda self: rule)
+    log = tmp_path / "serial.log"
+    m = machine(ChardevConfig("serial0", "file", path=str(log)), aux_ram_share=True, append="every=1")
+    fd = m.memory.blocks[0].fd
+    m.start()
+    walking(fd, more_than=3)
+    m.control.vm_stop()
+    com1 = layout.COM_PORTS[0][0]
+    if not spoiled:
+        assert keeper.stable_reads(m) == [(com1 + serial.LSR, 1, 0x60, com1 + serial.MCR, serial.MCR_LOOP)]
+    block = keeper.prepare(m)
+    keeper.start(block, m)
+    if spoiled:
+        time.sleep(0.2)
+        assert _frozen(fd)  # parked at the second status read
+    else:
+        still_walking(fd, by=20)  # prints and all, in the keeper
+    keeper.take_back(m, block)
+    m.control.vm_start()
+    still_walking(fd, by=3)
+    m.control.vm_stop()
+    time.sleep(0.1)
+    passes = read_status(fd).passes
+    printed = log.read_text().count("B")
+    assert passes - 1 <= printed <= passes, (passes, printed)  # each once, the answered ones too
 
 
 def test_a_machine_the_keeper_cannot_serve_says_why(machine):

@@ -86,7 +86,7 @@ class CprExec(CprOutgoing):
             with channels.connect(self.addr, self.manager.named_fd) as out:
                 self._write_state(out)
             if kept >= 0:
-                loop.call_and_wait(lambda: keeper.start(kept))
+                loop.call_and_wait(lambda: keeper.start(kept, self.machine))
                 self.times["kept"] = time.monotonic_ns()
             loop.call_and_wait(lambda: self._exec(watchdog, kept >= 0))  # returns only if exec failed
         finally:  # still here: exec failed, or the migration did

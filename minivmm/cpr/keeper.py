@@ -22,8 +22,10 @@ loads that in place of the state file's, which is older. So:
   VM lets go of the irqfds, so the new one can bind them.
 
 The userspace devices do not change while the keeper runs: a write to one
-is logged and made by the new image, in order, before anything else; any
-other exit that needs one stops its vCPU until the new image is there. Machines the keeper
+is logged and made by the new image, in order, before anything else; a port
+read a device answered in advance (``stable_reads``: an idle UART's line
+status, which a guest printing polls) is answered by the keeper; any other
+exit that needs one stops its vCPU until the new image is there. Machines the keeper
 cannot serve stop for the whole update as before (``unusable``).
 """
 
@@ -271,11 +273,15 @@ def prepare(machine) -> int:
     return fd
 
 
-def start(fd: int) -> None:
+def start(fd: int, machine) -> None:
     """The vCPUs (stopped, their state written) run again, in the keeper's tasks; their Python threads
     stay parked, and die with the exec. CprError if the tasks cannot start."""
     block = _kept[fd]
     k = block.k
+    reads = stable_reads(machine)[: runloop.lib.MINIVMM_KEEPER_READS]
+    k.nreads = len(reads)
+    for r, (port, size, value, spoil_port, spoil_mask) in zip(k.read, reads):
+        r.port, r.size, r.value, r.spoil_port, r.spoil_mask, r.live = port, size, value, spoil_port, spoil_mask, 1
     # Nobody took over (everything after the exec died): the vCPUs stop when the watchdog would have
     # given up, and the tasks end when a holder would have.
     k.run_until = time.monotonic_ns() + int((exec_timeout() + 30) * 1e9)
@@ -285,6 +291,18 @@ def start(fd: int) -> None:
         block.end()
         raise CprError(f"cpr-exec: the keeper's tasks did not start: {os.strerror(-err)}")
     block.wait(lambda: all(v.tid for v in block.vcpus()), "start")
+
+
+def stable_reads(machine) -> list[tuple[int, int, int, int, int]]:
+    """(port, size, value, spoiling port, spoiling bits) of every port read the devices can answer in
+    advance, now that they are stopped: the tasks answer them while the VMM is away."""
+    found = []
+    for r in machine.devices.pio.ranges:
+        for s in r.device.stable_reads():
+            if r.offset <= s.offset < r.offset + r.length:
+                base = r.base - r.offset
+                found.append((base + s.offset, s.size, s.value, base + s.spoil_offset, s.spoil_mask))
+    return found
 
 
 def take_back(machine, fd: int) -> None:

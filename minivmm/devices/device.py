@@ -9,14 +9,29 @@ migration code rely on, declared rather than guessed.
 - ``latch``, optional: for a device whose writes only store the value and
   count it (the post-code port), those registers, so the C run loop does
   the writes without returning to Python.
+- ``stable_reads``, optional: registers whose value cannot change while the
+  VMM is away (a cpr-exec's keeper answers them, cpr/keeper.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from minivmm.kvm.runloop import Latch
 from minivmm.vmstate import VMSD
+
+
+@dataclass(frozen=True)
+class StableRead:
+    """A read of ``size`` bytes at ``offset`` that gives ``value`` as long as no write to ``spoil_offset``
+    has a bit of ``spoil_mask`` set (nothing else the guest can do changes it, and nothing arrives)."""
+
+    offset: int
+    size: int
+    value: int
+    spoil_offset: int
+    spoil_mask: int
 
 
 class Device:
@@ -32,6 +47,10 @@ class Device:
 
     def reset(self) -> None:
         """Nothing to do for a device without state."""
+
+    def stable_reads(self) -> list[StableRead]:
+        """Reads a keeper may answer while the VMM is away (the device is stopped: nothing arrives)."""
+        return []
 
     def save_state(self) -> Any:
         raise NotImplementedError(f"{self.name} has no state to save")

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from minivmm.devices.device import StableRead
 from minivmm.devices.state import LockedState
 from minivmm.vmstate import VMSD, Field, as_dict
 
@@ -201,6 +202,14 @@ class Serial(LockedState):
             self._update_irq()
         if out is not None:
             self.output(out)  # outside the lock: the chardev may block briefly
+
+    def stable_reads(self) -> list[StableRead]:
+        """An idle UART's line status (THR empty, nothing received, no error) stays 0x60 while nothing
+        arrives: a byte written goes out at once, and only loopback (MCR bit 4) would bring one back in."""
+        with self.lock:
+            if self.s.lsr == LSR_THRE | LSR_TEMT and not self.s.mcr & MCR_LOOP:
+                return [StableRead(LSR, 1, self.s.lsr, MCR, MCR_LOOP)]
+        return []
 
     # --- the chardev's side ---------------------------------------------------
     def capacity(self) -> int:

@@ -14,7 +14,10 @@
  * A keeper task runs no Python and calls nothing but syscalls: it cannot
  * emulate a device. A write (an OUT, an MMIO write) goes into a log, after
  * the coalesced ring's writes before it, and the vCPU runs on; the new image
- * makes the logged writes on its devices first, in order. Any other exit to
+ * makes the logged writes on its devices first, in order. A port read the
+ * old image answered in advance (read[]: a register whose value cannot change
+ * while the VMM is away, such as an idle UART's line status) is answered from
+ * there, until a logged write the answer names spoils it. Any other exit to
  * the VMM waits there ("parked", its kvm_run copied out) until the new image
  * has done the access with its own devices and sent the result back;
  * KVM_RUN with immediate_exit then completes it, as KVM's API asks before
@@ -39,6 +42,7 @@
 
 #define MINIVMM_KEEPER_VCPUS 64
 #define MINIVMM_KEEPER_OPS 1024
+#define MINIVMM_KEEPER_READS 16
 #define MINIVMM_KEEPER_STACK (64 * 1024)
 
 /* vCPU status, written by its task */
@@ -53,6 +57,18 @@ struct minivmm_keeper_op {
     uint64_t request;
     uint32_t size;
     int32_t ret;      /* the ioctl's result, -errno on failure */
+};
+
+/* An IN the keeper answers itself: ``size`` bytes at ``port`` read ``value`` while ``live``; a logged
+ * OUT to ``spoil_port`` with a bit of ``spoil_mask`` set ends that (the register may change then). */
+struct minivmm_keeper_read {
+    uint16_t port;
+    uint8_t size;
+    volatile uint8_t live;
+    uint32_t value;
+    uint16_t spoil_port;
+    uint8_t spoil_mask;
+    uint8_t pad;
 };
 
 struct minivmm_keeper_vcpu {
@@ -84,7 +100,8 @@ struct minivmm_keeper {
     volatile uint32_t log_used;
     volatile uint32_t log_lock;
     volatile int32_t saved;  /* KEEPER_SAVE: the ops done (task 0), -1 while not */
-    uint32_t pad;
+    uint32_t nreads;
+    struct minivmm_keeper_read read[MINIVMM_KEEPER_READS];
     struct minivmm_keeper_vcpu vcpu[MINIVMM_KEEPER_VCPUS];
     struct minivmm_keeper_op op[MINIVMM_KEEPER_OPS];
     uint8_t data[];
@@ -164,8 +181,12 @@ static void keep_only_kvm_fds(void)
 static int log_append(uint64_t addr, uint32_t len, uint32_t pio, const uint8_t *data)
 {
     struct kvm_coalesced_mmio *e;
+    uint32_t i;
     if (keeper->log_used == keeper->log_cap || len > sizeof e->data)
         return 0;
+    for (i = 0; pio && i < keeper->nreads && i < MINIVMM_KEEPER_READS; i++)
+        if (keeper->read[i].spoil_port == addr && data[0] & keeper->read[i].spoil_mask)
+            keeper->read[i].live = 0;
     e = (struct kvm_coalesced_mmio *)(keeper->data + keeper->log_at) + keeper->log_used;
     e->phys_addr = addr;
     e->len = len;
@@ -212,6 +233,22 @@ static int log_write(const struct kvm_run *run)
     return ok;
 }
 
+/* An IN answered in advance (read[]): its data put where KVM_RUN takes it. 1 when answered. */
+static int answer_read(struct kvm_run *run)
+{
+    uint32_t i;
+    if (run->exit_reason != KVM_EXIT_IO || run->io.direction != KVM_EXIT_IO_IN || run->io.count != 1)
+        return 0;
+    for (i = 0; i < keeper->nreads && i < MINIVMM_KEEPER_READS; i++) {
+        struct minivmm_keeper_read *r = &keeper->read[i];
+        if (r->port == run->io.port && r->size == run->io.size && r->live) {
+            memcpy((uint8_t *)run + run->io.data_offset, &r->value, r->size);
+            return 1;
+        }
+    }
+    return 0;
+}
+
 static int task(void *arg)
 {
     struct minivmm_keeper_vcpu *v = arg;
@@ -249,8 +286,8 @@ static int task(void *arg)
             v->status = KEEPER_FAILED;
             break;
         }
-        if (log_write(run))
-            continue; /* KVM_RUN completes the write and goes on */
+        if (log_write(run) || answer_read(run))
+            continue; /* KVM_RUN completes the access and goes on */
         /* An exit only the VMM can finish: hand it over and wait. */
         memcpy(keeper->data + v->run_copy, run, v->run_size);
         v->status = KEEPER_PARKED;
