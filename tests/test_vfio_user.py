@@ -9,6 +9,7 @@ import errno
 import os
 import random
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -279,6 +280,33 @@ def test_intx_through_an_eventfd_is_automasked(client):
             client.set_eventfd(INTX, _memfd(4096))  # not an eventfd
     finally:
         os.close(efd)
+
+
+def test_a_write_before_the_eoi_is_taken_before_the_unmask(server, client):
+    """The guest acknowledges the device (a posted write) and then EOIs, which KVM turns into a signal
+    on the resample eventfd. When both wait for the server together (it is stopped here while they
+    come), it takes the write first: the unmask then finds nothing asserted and nothing fires again."""
+    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    resample = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    proc = server[1]
+    try:
+        client.set_eventfd(INTX, efd)
+        client.set_eventfd(INTX, resample, vc.VFIO_IRQ_SET_ACTION_UNMASK)
+        client.write32(BAR0, sample.IRQ_RAISE, sample.IRQ_SOFT)
+        assert _eventfd_count(efd) == 1  # fired, and automasked
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            client.write32(BAR0, sample.IRQ_ACK, sample.IRQ_SOFT, posted=True)
+            os.eventfd_write(resample, 1)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert _eventfd_count(efd, 0.3) == 0
+        assert client.read32(BAR0, sample.IRQ_STATUS) == 0
+        client.write32(BAR0, sample.IRQ_RAISE, sample.IRQ_SOFT)  # unmasked: the next one fires
+        assert _eventfd_count(efd) == 1
+    finally:
+        os.close(efd)
+        os.close(resample)
 
 
 def test_msi_on_dma_completion(client):

@@ -183,10 +183,9 @@ class Vm:
         An eventfd serves one VM at a time (EBUSY otherwise), so a CPR source lets go
         of it (``assign=False``) before the new VM binds it.
         """
-        flags = 0 if assign else c.KVM_IRQFD_FLAG_DEASSIGN
-        if assign and resample is not None:
-            flags |= c.KVM_IRQFD_FLAG_RESAMPLE
-        arg = s.kvm_irqfd(fd=fd, gsi=gsi, flags=flags, resamplefd=resample if assign and resample is not None else 0)
+        resampling = assign and resample is not None
+        flags = (0 if assign else c.KVM_IRQFD_FLAG_DEASSIGN) | (c.KVM_IRQFD_FLAG_RESAMPLE if resampling else 0)
+        arg = s.kvm_irqfd(fd=fd, gsi=gsi, flags=flags, resamplefd=resample if resampling else 0)
         ioctl(self.fd, io.KVM_IRQFD, byref(arg))
 
     def register_coalesced(self, addr: int, size: int, pio: bool) -> None:
