@@ -239,7 +239,11 @@ def fake_wiring(table, block, routes: dict, irqfds: dict):
         irqfds[fd] = (gsi, resample)
 
     ram = [Mapping(0, 1 << 20, block, 0)]
-    return Wiring(table, ram, lambda n: list(range(24, 24 + n)), routes.__setitem__, add_irqfd, irqfds.pop)
+
+    def remove_irqfd(fd):
+        irqfds.pop(fd, None)
+
+    return Wiring(table, ram, lambda n: list(range(24, 24 + n)), routes.__setitem__, add_irqfd, remove_irqfd)
 
 
 def test_odd_guest_accesses_neither_raise_nor_detach_the_device(server):

@@ -14,8 +14,10 @@ loads that in place of the state file's, which is older. So:
 - **old image** (``Keeper``): after the state file, before the exec. The
   control block (a memfd, in the CPR table as "cpr-keeper") names the old
   vCPU and VM fds, the vCPUs' kvm_run and the coalesced-write ring.
-- **new image** (``take_over``): after its machine is built and the state
-  file read, before the load. It records the ioctls that read the state by
+- **new image** (``take_over``): after its machine is built, the state file
+  read and the devices' state loaded from it, before the vCPU and VM state
+  are. It plays the keeper's logged writes and the accesses it left waiting
+  on those devices, then records the ioctls that read the state by
   running its own reading code (arch/x86/vcpu_state.py, vm_state.py) against
   stand-in fds, has the keeper make them on the old fds, then runs the same
   code again, answered from what the keeper wrote. First in the list, the old
@@ -251,7 +253,8 @@ def prepare(machine) -> int:
     devices = machine.devices
     threads = list(machine.vcpus)
     run_size = devices.run_size
-    data_size = len(threads) * (run_size + READS_PER_VCPU) + LOG_ENTRIES * LOG_ENTRY.size + READS_PER_VM
+    reads_size = runloop.lib.MINIVMM_KEEPER_READS * runloop.ffi.sizeof("struct minivmm_keeper_read")
+    data_size = reads_size + len(threads) * (run_size + READS_PER_VCPU) + LOG_ENTRIES * LOG_ENTRY.size + READS_PER_VM
     irqfds = [efd for _, efd in _irqfds(machine)]
     if len(irqfds) > runloop.lib.MINIVMM_KEEPER_VCPUS:  # vectors the guest enabled since ``unusable``
         raise CprError(f"cpr-exec: {len(irqfds)} irqfds, more than the keeper holds")
@@ -261,13 +264,18 @@ def prepare(machine) -> int:
     k.magic, k.nvcpus, k.data_size, k.vm_fd = MAGIC, len(threads), data_size, machine.vm.fd
     if devices.coalesced is not None:
         k.ring, k.ring_size = devices.coalesced.address, devices.coalesced.size
-    k.log_at, k.log_cap = len(threads) * run_size, LOG_ENTRIES
+    k.log_at, k.log_cap = reads_size + len(threads) * run_size, LOG_ENTRIES  # data[]: answered reads first
     k.nkeep = len(irqfds)
     for i, efd in enumerate(irqfds):
         k.keep[i] = efd
     for i, t in enumerate(threads):
         v = k.vcpu[i]
-        v.fd, v.run, v.run_size, v.run_copy = t.vcpu.fd, ctypes.addressof(t.vcpu.run), run_size, i * run_size
+        v.fd, v.run, v.run_size, v.run_copy = (
+            t.vcpu.fd,
+            ctypes.addressof(t.vcpu.run),
+            run_size,
+            reads_size + i * run_size,
+        )
     machine.fds.save(*ENTRY, fd)
     _kept[fd] = block
     return fd
@@ -280,7 +288,9 @@ def start(fd: int, machine) -> None:
     k = block.k
     reads = stable_reads(machine)[: runloop.lib.MINIVMM_KEEPER_READS]
     k.nreads = len(reads)
-    for r, (port, size, value, spoil_port, spoil_mask) in zip(k.read, reads):
+    table = runloop.ffi.cast("struct minivmm_keeper_read *", k.data)
+    for i, (port, size, value, spoil_port, spoil_mask) in enumerate(reads):
+        r = table[i]
         r.port, r.size, r.value, r.spoil_port, r.spoil_mask, r.live = port, size, value, spoil_port, spoil_mask, 1
     # Nobody took over (everything after the exec died): the vCPUs stop when the watchdog would have
     # given up, and the tasks end when a holder would have.

@@ -278,7 +278,7 @@ class VfioFunction(PciFunction):
         self.link = Link(label, transport)
         self.maps: list[mmap.mmap] = []
         self.msix = self._find_msix(regions)
-        self.msix_table = bytearray()
+        self.msix_table = self._msix_reset_table()
         wide = False
         for index, region in enumerate(regions):
             if wide:  # the upper half of the 64-bit BAR before it
@@ -287,7 +287,6 @@ class VfioFunction(PciFunction):
             if region.size:
                 wide = self._add_bar(index, region, transport)
         if self.msix is not None:
-            self.msix_table = self._msix_reset_table()
             self.wmask[self.msix.cap + MSIX_CONTROL + 1] = (MSIX_ENABLE | MSIX_MASKALL) >> 8
             table, pba = self.bars[self.msix.table_bar].device, self.bars[self.msix.pba_bar].device
             m = self.msix
@@ -344,6 +343,8 @@ class VfioFunction(PciFunction):
         return m
 
     def _msix_reset_table(self) -> bytearray:
+        if self.msix is None:
+            return bytearray()
         table = bytearray(self.msix.table_size)
         for n in range(self.msix.vectors):
             table[n * MSIX_ENTRY + 12] = MSIX_ENTRY_MASKED  # every vector masked, as at reset
@@ -391,7 +392,8 @@ class VfioFunction(PciFunction):
                 return MSIX, messages
         if (msi := self.msi_message()) is not None:
             return MSI, [msi]
-        return (INTX if self.irqs.intx is not None else None), []
+        intx = self.irqs.intx is not None and self.config[INTERRUPT_PIN]  # a loaded shadow may have none
+        return (INTX if intx else None), []
 
     def sync_irqs(self) -> None:
         self.irqs.sync(*self.wanted_irqs())
@@ -421,8 +423,7 @@ class VfioFunction(PciFunction):
         register again; INTx comes back on."""
         self.irqs.sync(None, [])
         self.link.call(lambda t: t.reset())
-        if self.msix is not None:
-            self.msix_table[:] = self._msix_reset_table()
+        self.msix_table[:] = self._msix_reset_table()
         super().reset()
         self.push_command()
 
@@ -443,7 +444,7 @@ class VfioFunction(PciFunction):
         """The shadow and the MSI-X table as the guest left them (the BARs mapped where they point),
         then the interrupts they turn on; the MSI message must be the one saved."""
         ids = bytes(self.config[:4])
-        table = state["msix_table"]
+        table = state["msix_table"] or self._msix_reset_table()  # none from a version 1 stream: MSI-X was hidden
         if len(table) != len(self.msix_table):
             raise VMStateError(f"vfio-pci/msix_table: {len(table)} bytes, the device's table {len(self.msix_table)}")
         self.config[:] = state["config"]

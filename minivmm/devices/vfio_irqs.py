@@ -128,9 +128,14 @@ class Interrupts:
         except OSError as e:
             n = self.vectors.index(vector)
             say(f"{self.label}: vector {n} (GSI {vector.gsi}) to {message}: {e}")
+            w.remove_irqfd(vector.fd)  # unbound, as a masked vector: the next message the guest writes binds it
             vector.route = None
 
     def pending(self, n: int) -> bool:
         """MSI-X's pending bit: vector ``n`` is masked (its irqfd unbound) and its device has signalled it."""
         vector = self.vectors[n]
-        return vector.route is None and bool(select.select([vector.fd], [], [], 0)[0])
+        if vector.route is not None:
+            return False
+        poll = select.poll()  # not select(): a device's eventfds can be past fd 1024
+        poll.register(vector.fd, select.POLLIN)
+        return bool(poll.poll(0))

@@ -95,9 +95,11 @@ class VfioUserTransport:
     def set_irqs(self, index: int, action: int, fds: list[int] | None = None, count: int = 1) -> None:
         if fds is None:
             self._do(lambda c: c.set_irqs(index, vc.VFIO_IRQ_SET_DATA_NONE | action, count=count))
-        else:
-            flags = vc.VFIO_IRQ_SET_DATA_EVENTFD | action
-            self._do(lambda c: c.set_irqs(index, flags, count=len(fds), fds=fds))
+        else:  # in batches of what the server takes in one message (1 unless it said; a kept connection says nothing)
+            flags, batch = vc.VFIO_IRQ_SET_DATA_EVENTFD | action, max(1, self.client.caps.get("max_msg_fds", 1))
+            for at in range(0, len(fds), batch):
+                part = fds[at : at + batch]
+                self._do(lambda c, at=at, part=part: c.set_irqs(index, flags, start=at, count=len(part), fds=part))
 
     def reset(self) -> None:
         self._do(lambda c: c.reset())

@@ -100,8 +100,7 @@ struct minivmm_keeper {
     volatile uint32_t log_used;
     volatile uint32_t log_lock;
     volatile int32_t saved;  /* KEEPER_SAVE: the ops done (task 0), -1 while not */
-    uint32_t nreads;
-    struct minivmm_keeper_read read[MINIVMM_KEEPER_READS];
+    uint32_t nreads;      /* answered reads: the first entries of data[] (this slot was padding before) */
     struct minivmm_keeper_vcpu vcpu[MINIVMM_KEEPER_VCPUS];
     struct minivmm_keeper_op op[MINIVMM_KEEPER_OPS];
     uint8_t data[];
@@ -178,6 +177,13 @@ static void keep_only_kvm_fds(void)
 
 #define RING_MAX ((4096 - sizeof(struct kvm_coalesced_mmio_ring)) / sizeof(struct kvm_coalesced_mmio))
 
+/* The answered reads. They live in data[], not in the fields above, so that the block's fields keep
+ * their places from one minivmm to the next: a new image takes over an older one's block. */
+static struct minivmm_keeper_read *reads(void)
+{
+    return (struct minivmm_keeper_read *)keeper->data;
+}
+
 static int log_append(uint64_t addr, uint32_t len, uint32_t pio, const uint8_t *data)
 {
     struct kvm_coalesced_mmio *e;
@@ -185,8 +191,8 @@ static int log_append(uint64_t addr, uint32_t len, uint32_t pio, const uint8_t *
     if (keeper->log_used == keeper->log_cap || len > sizeof e->data)
         return 0;
     for (i = 0; pio && i < keeper->nreads && i < MINIVMM_KEEPER_READS; i++)
-        if (keeper->read[i].spoil_port == addr && data[0] & keeper->read[i].spoil_mask)
-            keeper->read[i].live = 0;
+        if (reads()[i].spoil_port == addr && data[0] & reads()[i].spoil_mask)
+            reads()[i].live = 0;
     e = (struct kvm_coalesced_mmio *)(keeper->data + keeper->log_at) + keeper->log_used;
     e->phys_addr = addr;
     e->len = len;
@@ -240,7 +246,7 @@ static int answer_read(struct kvm_run *run)
     if (run->exit_reason != KVM_EXIT_IO || run->io.direction != KVM_EXIT_IO_IN || run->io.count != 1)
         return 0;
     for (i = 0; i < keeper->nreads && i < MINIVMM_KEEPER_READS; i++) {
-        struct minivmm_keeper_read *r = &keeper->read[i];
+        struct minivmm_keeper_read *r = &reads()[i];
         if (r->port == run->io.port && r->size == run->io.size && r->live) {
             memcpy((uint8_t *)run + run->io.data_offset, &r->value, r->size);
             return 1;

@@ -40,7 +40,7 @@ struct minivmm_keeper {
     int32_t vm_fd; uint32_t ring_size; uint64_t ring; uint32_t nkeep; int32_t keep[64];
     uint64_t run_until; uint64_t exit_after;
     uint32_t log_at; uint32_t log_cap; volatile uint32_t log_used; volatile uint32_t log_lock;
-    volatile int32_t saved; uint32_t nreads; struct minivmm_keeper_read read[16];
+    volatile int32_t saved; uint32_t nreads;
     struct minivmm_keeper_vcpu vcpu[64];
     struct minivmm_keeper_op op[1024];
     uint8_t data[];

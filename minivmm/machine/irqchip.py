@@ -16,7 +16,8 @@ cannot yet.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from minivmm.arch.x86 import layout
 from minivmm.devices import i8254, i8259, ioapic
@@ -64,8 +65,7 @@ class KernelIrqchip:
 
     def set_device_msi(self, gsi: int, route: tuple[int, int] | None) -> None:
         """Route ``gsi`` (past the IOAPIC's pins) to a device's MSI (address, data), or nowhere."""
-        with self.routes_lock:  # the table goes to KVM whole: one writer at a time
-            _update(self.device_msi, gsi, route)
+        with self.routes_lock, _updated(self.device_msi, gsi, route):  # the table goes to KVM whole: one writer
             self.vm.set_gsi_routing(irqchip_routes=pc_routes(), msi_routes=self.device_msi)
 
     def add_devices(self, pio: Bus, mmio: Bus, loop: MainLoop) -> None:
@@ -113,8 +113,7 @@ class SplitIrqchip:
 
     def set_device_msi(self, gsi: int, route: tuple[int, int] | None) -> None:
         """Route ``gsi`` (past the IOAPIC's pins) to a device's MSI (address, data), or nowhere."""
-        with self.routes_lock:
-            _update(self.device_msi, gsi, route)
+        with self.routes_lock, _updated(self.device_msi, gsi, route):
             self.vm.set_gsi_routing(msi_routes={**self.pin_routes, **self.device_msi})
 
     def set_irq(self, gsi: int, level: int) -> None:
@@ -192,11 +191,23 @@ class SplitIrqchip:
         return vector
 
 
-def _update(routes: dict[int, tuple[int, int]], gsi: int, route: tuple[int, int] | None) -> None:
+@contextmanager
+def _updated(routes: dict[int, tuple[int, int]], gsi: int, route: tuple[int, int] | None) -> Iterator[None]:
+    """``routes`` with ``gsi`` routed to ``route`` (None: not routed); put back as it was if the body
+    raises (KVM refused the table), so one refused route does not spoil every later update."""
+    before = routes.get(gsi)
     if route is None:
         routes.pop(gsi, None)
     else:
         routes[gsi] = route
+    try:
+        yield
+    except BaseException:
+        if before is None:
+            routes.pop(gsi, None)
+        else:
+            routes[gsi] = before
+        raise
 
 
 def create(vm: Vm, mode: str, pit: bool, pit_reinject: bool) -> KernelIrqchip | SplitIrqchip:

@@ -107,9 +107,9 @@ class Incoming:
     # --- main thread -------------------------------------------------------------------
     def _complete(self, loaded: machine_state.Loaded) -> None:
         m, control = self.machine, self.machine.control
-        taken = self._take_over()
+        taken = self._take_over(loaded)
         if taken is not None:  # the guest ran on in the old image's keeper: its state is newer than the file's
-            loaded = replace(loaded, vcpus=taken.vcpus, vm=taken.vm)
+            loaded = replace(loaded, vcpus=taken.vcpus, vm=taken.vm, devices=[])  # the devices are loaded
         machine_state.apply(m, loaded)
         m.devices.cpr_resume()  # assigned devices' DMA mappings: this process's addresses from now on
         m.devices.bind_irqfds()  # a CPR source let go of them when it stopped
@@ -130,15 +130,18 @@ class Incoming:
             keeper.after(m, taken, self.manager.cpr_state.table)
         self.manager.cpr_state = None  # the next update starts from this table
 
-    def _take_over(self):
-        """A cpr-exec whose old image left its vCPUs running in the keeper (cpr/keeper.py): stop them and
-        read their state; None otherwise."""
+    def _take_over(self, loaded: machine_state.Loaded):
+        """A cpr-exec whose old image left its vCPUs running in the keeper (cpr/keeper.py): the file's
+        device state loaded first (what the writes the keeper logged, and the accesses it left
+        waiting, act on, in the order the guest made them), then the vCPUs stopped and their state
+        read; None otherwise."""
         cpr = self.manager.cpr_state
         fd = cpr.table.find(*fdtable.KEEPER) if cpr is not None else -1
         if fd < 0:
             return None  # before the import: the keeper and its C module cost a cpr-transfer ~9 ms here
         from minivmm.cpr import keeper
 
+        machine_state.apply_devices(self.machine, loaded)
         self.take_ns = time.monotonic_ns()
         return keeper.take_over(self.machine, fd)
 

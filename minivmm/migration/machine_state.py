@@ -176,5 +176,10 @@ def apply(machine, loaded: Loaded) -> None:
         vm_state.restore(machine.vm, loaded.vm, machine.kvm.check_extension(c.KVM_CAP_ADJUST_CLOCK))
     except KvmError as e:
         raise VMStateError(f"kvm-pit, kvmclock or kvm-irqchip: KVM refused the state: {e}") from None
+    apply_devices(machine, loaded)
+
+
+def apply_devices(machine, loaded: Loaded) -> None:
+    """The userspace devices' part of ``apply`` (a cpr-exec keeper's take-over runs it first)."""
     for device, state in loaded.devices:
         device.load_state(state)
