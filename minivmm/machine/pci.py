@@ -190,5 +190,6 @@ def describe(function: PciFunction) -> dict:
             out["regions"].append(region)
     if function.rom is not None:  # QEMU lists the ROM as region 6
         rom = function.rom
-        out["regions"].append({"bar": 6, "type": "memory", "address": rom.address, "size": rom.size})
+        region = {"bar": 6, "type": "memory", "address": rom.address, "size": rom.size}
+        out["regions"].append(region | {"prefetch": False, "mem_type_64": False})
     return out
