@@ -53,7 +53,7 @@ from .vfio_irqs import INTX, MSI, MSIX, Interrupts
 CAP_ID_MSIX = 0x11
 MSIX_CONTROL, MSIX_TABLE, MSIX_PBA = 2, 4, 8  # in the capability: message control, table and PBA offset/BIR
 MSIX_ENABLE, MSIX_MASKALL = 0x8000, 0x4000
-MSIX_ENTRY, MSIX_ENTRY_MASKED = 16, 1  # an entry: address (64-bit), data, vector control (bit 0: masked)
+MSIX_ENTRY, MSIX_VECTOR_CONTROL, MSIX_ENTRY_MASKED = 16, 12, 1  # an entry: address, data, control (bit 0: masked)
 MSIX_MAX_VECTORS = 2048
 PAGE = mmap.PAGESIZE
 
@@ -215,7 +215,7 @@ class MsixTable(Device):
     def write(self, offset: int, size: int, value: int) -> None:
         table = self.function.msix_table
         table[offset : offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
-        self.function.sync_irqs()
+        self.function.msix_written(range(offset // MSIX_ENTRY, (offset + size - 1) // MSIX_ENTRY + 1))
 
 
 class MsixPba(Device):
@@ -228,9 +228,11 @@ class MsixPba(Device):
 
     def read(self, offset: int, size: int) -> int:
         irqs, value = self.function.irqs, 0
+        if irqs.mode != MSIX:
+            return 0
         for bit in range(8 * size):
             n = 8 * offset + bit
-            if n < len(irqs.vectors) and irqs.mode == MSIX and irqs.pending(n):
+            if n < len(irqs.vectors) and irqs.pending(n):
                 value |= 1 << bit
         return value
 
@@ -268,9 +270,9 @@ class VfioFunction(PciFunction):
     name = "vfio-pci"
     vmstate = VMSTATE
 
-    def __init__(self, label: str, transport: Transport, wiring: Wiring, fd_name: Callable[[str], str], kept: bool):
+    def __init__(self, label: str, transport: Transport, wiring: Wiring, fd_prefix: str, kept: bool):
         """``transport`` is set up (a new one negotiated, reset and given DMA; a kept one as the
-        previous image left it); ``fd_name(kind)`` names its interrupt eventfds in the CPR table."""
+        previous image left it); ``fd_prefix`` begins its interrupt eventfds' names in the CPR table."""
         config, regions = self.probe(transport)
         super().__init__(0, 0, 0)
         self.wiring, self.label = wiring, label
@@ -305,7 +307,7 @@ class VfioFunction(PciFunction):
             self.config[INTERRUPT_PIN] = 0  # INTx cannot be wired: the guest sees a function without it
         vectors = self.msix.vectors if self.msix is not None else 1 if msi else 0
         quiet = kept and transport.keeps_irqs  # a kept kernel device signals what the last image set up
-        self.irqs = Interrupts(label, wiring, self.link.call, fd_name, vectors, quiet)
+        self.irqs = Interrupts(label, wiring, self.link.call, fd_prefix, vectors, quiet)
         self.kept = kept
         self.ioas_id = 0  # iommufd: the IOAS the device is attached to, kept in the state for the next image
         self.iommufd_id: str | None = None
@@ -347,7 +349,7 @@ class VfioFunction(PciFunction):
             return bytearray()
         table = bytearray(self.msix.table_size)
         for n in range(self.msix.vectors):
-            table[n * MSIX_ENTRY + 12] = MSIX_ENTRY_MASKED  # every vector masked, as at reset
+            table[n * MSIX_ENTRY + MSIX_VECTOR_CONTROL] = MSIX_ENTRY_MASKED  # every vector masked, as at reset
         return table
 
     def _add_bar(self, index: int, region: Region, transport: Transport) -> bool:
@@ -374,22 +376,32 @@ class VfioFunction(PciFunction):
     def plugged(self, intx_gsi: int | None) -> None:
         """On the bus, INTx on ``intx_gsi`` (None: the function has no pin); a new device starts with
         INTx on, as QEMU's, a kept one waits for its state."""
-        if intx_gsi is not None and self.config[INTERRUPT_PIN]:
+        if intx_gsi is not None:
             self.irqs.wire_intx(intx_gsi)
         if not self.kept:
             self.sync_irqs()
 
+    def _msix_control(self) -> int:
+        return struct.unpack_from("<H", self.config, self.msix.cap + MSIX_CONTROL)[0] if self.msix is not None else 0
+
+    def _msix_message(self, n: int, control: int) -> tuple[int, int] | None:
+        """Vector ``n``'s (address, data), None while it or the function is masked."""
+        address, data, vector_control = struct.unpack_from("<QII", self.msix_table, n * MSIX_ENTRY)
+        return None if control & MSIX_MASKALL or vector_control & MSIX_ENTRY_MASKED else (address, data)
+
+    def msix_written(self, vectors: range) -> None:
+        """The guest wrote these table entries: only their routes can change (a table of 2048 vectors
+        is written entry by entry, so this is not a whole ``sync_irqs``)."""
+        if self.irqs.mode == MSIX:
+            control = self._msix_control()
+            for n in vectors:
+                self.irqs.route(n, self._msix_message(n, control))
+
     def wanted_irqs(self) -> tuple[int | None, list]:
         """What the guest's configuration turns on: (index, each vector's message or None if masked)."""
-        if self.msix is not None:
-            control = struct.unpack_from("<H", self.config, self.msix.cap + MSIX_CONTROL)[0]
-            if control & MSIX_ENABLE:
-                messages = []
-                for n in range(self.msix.vectors):
-                    address, data, vector_control = struct.unpack_from("<QII", self.msix_table, n * MSIX_ENTRY)
-                    masked = control & MSIX_MASKALL or vector_control & MSIX_ENTRY_MASKED
-                    messages.append(None if masked else (address, data))
-                return MSIX, messages
+        control = self._msix_control()
+        if control & MSIX_ENABLE:
+            return MSIX, [self._msix_message(n, control) for n in range(self.msix.vectors)]
         if (msi := self.msi_message()) is not None:
             return MSI, [msi]
         intx = self.irqs.intx is not None and self.config[INTERRUPT_PIN]  # a loaded shadow may have none

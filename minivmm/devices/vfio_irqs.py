@@ -49,12 +49,12 @@ class Intx:
 
 class Interrupts:
     """One function's interrupt wiring. ``call(fn)`` runs ``fn(transport)`` on the device (a failure
-    fails that call alone); ``fd_name(kind)`` names its eventfds in the CPR table (by vector). A route
+    fails that call alone); its eventfds are ``<fd_prefix>_<kind>`` in the CPR table, by vector. A route
     or irqfd KVM refuses is one line naming the function and the vector, which stays undelivered:
     whatever the guest writes, the guest runs on."""
 
-    def __init__(self, label: str, wiring, call: Callable, fd_name: Callable[[str], str], vectors: int, quiet: bool):
-        self.label, self.wiring, self.call, self.fd_name = label, wiring, call, fd_name
+    def __init__(self, label: str, wiring, call: Callable, fd_prefix: str, vectors: int, quiet: bool):
+        self.label, self.wiring, self.call, self.fd_prefix = label, wiring, call, fd_prefix
         gsis = wiring.gsis(vectors)
         self.vectors = [Vector(self._eventfd("interrupt", n), gsi) for n, gsi in enumerate(gsis)]
         self.intx: Intx | None = None
@@ -62,7 +62,7 @@ class Interrupts:
         self.quiet = quiet
 
     def _eventfd(self, name: str, n: int = 0) -> int:
-        fd, _ = self.wiring.fds.open(self.fd_name(name), str(n), lambda: os.eventfd(0, os.EFD_CLOEXEC))
+        fd, _ = self.wiring.fds.open(f"{self.fd_prefix}_{name}", str(n), lambda: os.eventfd(0, os.EFD_CLOEXEC))
         return fd
 
     def wire_intx(self, gsi: int) -> None:
@@ -111,6 +111,10 @@ class Interrupts:
             count = 1 if index == MSI else len(self.vectors)
             fds = [v.fd for v in self.vectors[:count]]
             self._device(lambda t: t.set_irqs(index, TRIGGER, fds))
+
+    def route(self, n: int, message: Message | None) -> None:
+        """Vector ``n`` alone to ``message`` (None: masked), its mode being on."""
+        self._route(self.vectors[n], message)
 
     def _route(self, vector: Vector, message: Message | None) -> None:
         if message == vector.route:

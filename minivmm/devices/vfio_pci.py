@@ -100,5 +100,4 @@ class VfioPci(VfioFunction):
         transport = KernelTransport(device)
         if not device.kept:
             transport.reset()
-        name = device.name
-        super().__init__(f"vfio-pci '{dev_id}'", transport, wiring, lambda kind: f"{name}_{kind}", device.kept)
+        super().__init__(f"vfio-pci '{dev_id}'", transport, wiring, device.name, device.kept)

@@ -122,8 +122,7 @@ class VfioUserPci(VfioFunction):
             if not kept:
                 self._start(client, wiring)
             transport = VfioUserTransport(client)
-            label = f"vfio-user-pci '{dev_id}'"
-            super().__init__(label, transport, wiring, lambda kind: f"{dev_id}_{kind}", kept)
+            super().__init__(f"vfio-user-pci '{dev_id}'", transport, wiring, dev_id, kept)
         except (FunctionError, TransportError, TransportGone) as e:
             sock.close()
             raise VfioUserError(f"vfio-user server at '{path}': {e}") from None

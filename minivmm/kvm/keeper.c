@@ -15,9 +15,10 @@
  * emulate a device. A write (an OUT, an MMIO write) goes into a log, after
  * the coalesced ring's writes before it, and the vCPU runs on; the new image
  * makes the logged writes on its devices first, in order. A port read the
- * old image answered in advance (read[]: a register whose value cannot change
- * while the VMM is away, such as an idle UART's line status) is answered from
- * there, until a logged write the answer names spoils it. Any other exit to
+ * old image answered in advance (a table at the start of data[]: a register
+ * whose value cannot change while the VMM is away, such as an idle UART's line
+ * status) is answered from there, until a logged write the answer names
+ * spoils it. Any other exit to
  * the VMM waits there ("parked", its kvm_run copied out) until the new image
  * has done the access with its own devices and sent the result back;
  * KVM_RUN with immediate_exit then completes it, as KVM's API asks before
@@ -239,7 +240,7 @@ static int log_write(const struct kvm_run *run)
     return ok;
 }
 
-/* An IN answered in advance (read[]): its data put where KVM_RUN takes it. 1 when answered. */
+/* An IN answered in advance (reads()): its data put where KVM_RUN takes it. 1 when answered. */
 static int answer_read(struct kvm_run *run)
 {
     uint32_t i;
